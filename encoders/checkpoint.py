@@ -1,0 +1,159 @@
+"""Finding the model folder (local, or downloaded from Hugging Face) and reading its
+safetensors checkpoint: only the tensors asked for, never through pickle.
+
+The published folder (`lion-ai/MedImageInsights`, `2024.09.27/`):
+    config.yaml
+    vision_model/medimageinsigt-v1.0.0.pt         safetensors despite the name
+    language_model/clip_tokenizer_4.16.2/          CLIP tokenizer files
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import struct
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "lion-ai/MedImageInsights"
+MODEL_ENV = "MI_MODEL"
+CHECKPOINT_NAMES = ("medimageinsigt-v1.0.0.pt", "medimageinsight-v1.0.0.pt")
+TOKENIZER_DIR = "clip_tokenizer_4.16.2"
+_HOW_TO_FIX = (
+    f"Download the weights with `huggingface-cli download {DEFAULT_MODEL}` (2.46 GB) where the internet is "
+    f"reachable, then point --model or the {MODEL_ENV} environment variable at the folder."
+)
+
+
+class ModelError(Exception):
+    """Base class: the model cannot be used. The message says how to fix it."""
+
+
+class ModelNotFoundError(ModelError):
+    """No model folder at the given place, and it could not be downloaded."""
+
+
+class CheckpointError(ModelError):
+    """The checkpoint is not safetensors, or lacks tensors, or has wrong shapes."""
+
+
+def is_model_folder(path: Path) -> bool:
+    return (path / "config.yaml").is_file() and (path / "vision_model").is_dir()
+
+
+def find_model_folder(path: Path) -> Path:
+    """`path` itself, or the published `2024.09.27/` (or another model folder) inside it."""
+    if is_model_folder(path):
+        return path
+    if path.is_dir():
+        inside = sorted(p for p in path.iterdir() if p.is_dir() and is_model_folder(p))
+        if inside:
+            return inside[-1]  # dated folder names: the newest
+    raise ModelNotFoundError(
+        f"{path} is not a MedImageInsight model folder (expected config.yaml and vision_model/ in it, "
+        f"or a 2024.09.27/ folder holding them). {_HOW_TO_FIX}"
+    )
+
+
+def resolve_model_source(source: str | os.PathLike | None = None) -> Path:
+    """A local folder, or a Hugging Face repo id (downloaded once, then cached) -> the model folder.
+
+    Default: the MI_MODEL environment variable, else lion-ai/MedImageInsights."""
+    source = source if source not in (None, "") else os.environ.get(MODEL_ENV) or DEFAULT_MODEL
+    path = Path(source).expanduser()
+    if path.exists():
+        return find_model_folder(path)
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)) or str(source).startswith("."):
+        raise ModelNotFoundError(f"no model folder at {path}. {_HOW_TO_FIX}")
+    return find_model_folder(_download(str(source)))
+
+
+def _download(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
+        raise ModelNotFoundError(f"cannot download {repo_id}: huggingface_hub is not installed. {_HOW_TO_FIX}")
+    patterns = ["*config.yaml", "*vision_model/*", "*language_model/*"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))  # shows progress bars
+    except RepositoryNotFoundError:
+        raise ModelNotFoundError(f"no model {repo_id!r} on Hugging Face, and no local folder of that name. "
+                                 f"{_HOW_TO_FIX}") from None
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+        offline = os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0")
+        why = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else \
+            f"the download failed ({type(e).__name__})"
+        raise ModelNotFoundError(f"cannot get model {repo_id!r}: {why}. {_HOW_TO_FIX}") from None
+
+
+def checkpoint_path(folder: Path) -> Path:
+    for name in CHECKPOINT_NAMES:
+        if (folder / "vision_model" / name).is_file():
+            return folder / "vision_model" / name
+    found = sorted((folder / "vision_model").glob("*.safetensors"))
+    if found:
+        return found[0]
+    raise ModelNotFoundError(f"{folder}/vision_model/ holds no checkpoint ({CHECKPOINT_NAMES[0]}). {_HOW_TO_FIX}")
+
+
+def tokenizer_folder(folder: Path) -> Path:
+    path = folder / "language_model" / TOKENIZER_DIR
+    if not (path / "vocab.json").is_file():
+        raise ModelNotFoundError(f"{path} is missing (tokenizer vocab.json, merges.txt). {_HOW_TO_FIX}")
+    return path
+
+
+class SafetensorsFile:
+    """Reads single tensors from a safetensors file by memory map; refuses anything else."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.header_bytes = _read_header(self.path)
+        header = json.loads(self.header_bytes)
+        header.pop("__metadata__", None)
+        self.shapes = {k: tuple(v["shape"]) for k, v in header.items()}
+        from safetensors import safe_open
+        self._file = safe_open(str(self.path), framework="pt", device="cpu")
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._file.get_tensor(key)
+
+    def fingerprint(self) -> str:
+        """Identity of the checkpoint without reading 2.5 GB: its header (names, shapes,
+        dtypes, offsets), its size and 16 blocks of 64 KiB spread over the data."""
+        digest = hashlib.sha256(self.header_bytes)
+        size = self.path.stat().st_size
+        digest.update(str(size).encode())
+        with open(self.path, "rb") as f:
+            for i in range(16):
+                f.seek(size * i // 16)
+                digest.update(f.read(65536))
+        return digest.hexdigest()[:32]
+
+
+def _read_header(path: Path) -> bytes:
+    not_safetensors = CheckpointError(
+        f"{path} is not a safetensors file (a pickled PyTorch checkpoint?). Only safetensors weights are "
+        f"loaded, never pickle, since unpickling can run arbitrary code. {_HOW_TO_FIX}"
+    )
+    try:
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise not_safetensors
+            (length,) = struct.unpack("<Q", prefix)
+            if length > min(path.stat().st_size - 8, 100 << 20):
+                raise not_safetensors
+            header = f.read(length)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror}") from None
+    if not header.lstrip().startswith(b"{"):
+        raise not_safetensors
+    try:
+        json.loads(header)
+    except ValueError:
+        raise not_safetensors from None
+    return header

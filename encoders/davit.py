@@ -1,0 +1,198 @@
+"""The image tower: DaViT (Dual Attention Vision Transformer), as MedImageInsight trained it.
+
+Read top to bottom: the building blocks first, the tower last. Module names mirror the
+checkpoint's keys under `image_encoder.` (see MODEL.md), so loading is a strict 1:1 copy.
+
+Tokens travel as (B, H, W, C), contiguous: the same memory as the reference's
+(B, H*W, C) plus its spatial size, so LayerNorm and Linear act on the last axis as
+there, while the depthwise convolutions see a channels-last (B, C, H, W) view for free.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ImageTowerConfig
+
+
+class DepthWiseConv(nn.Module):
+    """`conv1` / `conv2`: x + dw(x), a 3x3 depthwise convolution as a position encoding."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dw = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (B, H, W, C) -> channels-last view (B, C, H, W) -> back, no copies
+        return self.dw(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+class Residual(nn.Module):
+    """x + fn(norm(x)); `norm` is None for the depthwise convolutions (key `convN.fn.dw`)."""
+
+    def __init__(self, fn: nn.Module, norm: nn.Module | None = None):
+        super().__init__()
+        self.norm = norm
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fn(self.norm(x) if self.norm is not None else x)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.net = nn.Sequential()
+        self.net.add_module("fc1", nn.Linear(dim, hidden))
+        self.net.add_module("act", nn.GELU())  # exact (erf) GELU
+        self.net.add_module("fc2", nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class WindowAttention(nn.Module):
+    """Multi-head self-attention inside non-overlapping windows.
+
+    Zero padding on the right and bottom up to a multiple of the window size; the padded
+    tokens are NOT masked (they pass through qkv and join the softmax), as in training.
+    """
+
+    def __init__(self, dim: int, heads: int, window_size: int):
+        super().__init__()
+        self.heads = heads
+        self.window_size = window_size
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        ws, h = self.window_size, self.heads
+        pad_b, pad_r = (-H) % ws, (-W) % ws
+        if pad_b or pad_r:
+            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+        Hp, Wp = H + pad_b, W + pad_r
+        # (B, Hp, Wp, C) -> (B * nWindows, ws*ws, C)
+        x = x.view(B, Hp // ws, ws, Wp // ws, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, C)
+        # (B_, N, 3C) -> 3 x (B_, h, N, C/h)
+        q, k, v = self.qkv(x).view(x.shape[0], ws * ws, 3, h, C // h).permute(2, 0, 3, 1, 4).unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v, scale=(C // h) ** -0.5)
+        x = self.proj(x.transpose(1, 2).reshape(-1, ws * ws, C))
+        # (B_, N, C) -> (B, Hp, Wp, C), then crop the padding away
+        x = x.view(B, Hp // ws, Wp // ws, ws, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(B, Hp, Wp, C)
+        if pad_b or pad_r:
+            x = x[:, :H, :W, :].contiguous()
+        return x
+
+
+class ChannelAttention(nn.Module):
+    """Attention across channels, in groups: a (C/g x C/g) attention matrix per group.
+
+    The scale is N^-0.5 with N the number of tokens, not the channel width.
+    """
+
+    def __init__(self, dim: int, groups: int):
+        super().__init__()
+        self.groups = groups
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        N, g = H * W, self.groups
+        # (B, N, 3C) -> 3 x (B, g, N, C/g)
+        q, k, v = self.qkv(x.view(B, N, C)).view(B, N, 3, g, C // g).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = ((q * N ** -0.5).transpose(-1, -2) @ k).softmax(dim=-1)  # (B, g, C/g, C/g)
+        x = (attn @ v.transpose(-1, -2)).transpose(-1, -2)             # (B, g, N, C/g)
+        x = x.transpose(1, 2).reshape(B, N, C)
+        return self.proj(x).view(B, H, W, C)
+
+
+class SpatialBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, window_size: int, mlp_ratio: float):
+        super().__init__()
+        self.conv1 = Residual(DepthWiseConv(dim))
+        self.window_attn = Residual(WindowAttention(dim, heads, window_size), nn.LayerNorm(dim))
+        self.conv2 = Residual(DepthWiseConv(dim))
+        self.ffn = Residual(Mlp(dim, int(dim * mlp_ratio)), nn.LayerNorm(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ffn(self.conv2(self.window_attn(self.conv1(x))))
+
+
+class ChannelBlock(nn.Module):
+    def __init__(self, dim: int, groups: int, mlp_ratio: float):
+        super().__init__()
+        self.conv1 = Residual(DepthWiseConv(dim))
+        self.channel_attn = Residual(ChannelAttention(dim, groups), nn.LayerNorm(dim))
+        self.conv2 = Residual(DepthWiseConv(dim))
+        self.ffn = Residual(Mlp(dim, int(dim * mlp_ratio)), nn.LayerNorm(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ffn(self.conv2(self.channel_attn(self.conv1(x))))
+
+
+class DualBlock(nn.Module):
+    """`blocks.i.j`: a spatial (window) block, then a channel block."""
+
+    def __init__(self, dim: int, heads: int, groups: int, window_size: int, mlp_ratio: float):
+        super().__init__()
+        self.spatial_block = SpatialBlock(dim, heads, window_size, mlp_ratio)
+        self.channel_block = ChannelBlock(dim, groups, mlp_ratio)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.channel_block(self.spatial_block(x))
+
+
+class PatchEmbed(nn.Module):
+    """`convs.i`: a strided convolution between stages.
+
+    With `prenorm` the LayerNorm (over C_in) runs on the incoming tokens before the
+    convolution; otherwise (stage 0, fed pixels) over C_out after it.
+    """
+
+    def __init__(self, in_dim: int, dim: int, kernel: int, stride: int, padding: int, prenorm: bool):
+        super().__init__()
+        self.prenorm = prenorm
+        self.proj = nn.Conv2d(in_dim, dim, kernel_size=kernel, stride=stride, padding=padding)
+        self.norm = nn.LayerNorm(in_dim if prenorm else dim)
+
+    def forward(self, x: torch.Tensor, is_pixels: bool) -> torch.Tensor:
+        if is_pixels:
+            x = self.proj(x)                      # pixels (B, 3, H, W)
+        else:
+            if self.prenorm:
+                x = self.norm(x)
+            x = self.proj(x.permute(0, 3, 1, 2))  # (B, H, W, C_in) -> channels-last (B, C_in, H, W)
+        x = x.permute(0, 2, 3, 1)                 # (B, C, H', W') -> (B, H', W', C)
+        if not self.prenorm:
+            x = self.norm(x)
+        return x.contiguous()
+
+
+class DaViT(nn.Module):
+    """Pixels (B, 3, H, W), normalised -> image features (B, dims[-1])."""
+
+    def __init__(self, cfg: ImageTowerConfig):
+        super().__init__()
+        in_dims = (3,) + cfg.dims[:-1]
+        self.convs = nn.ModuleList(
+            PatchEmbed(in_dims[i], cfg.dims[i], cfg.patch_size[i], cfg.patch_stride[i],
+                       cfg.patch_padding[i], cfg.patch_prenorm[i])
+            for i in range(len(cfg.dims))
+        )
+        self.blocks = nn.ModuleList(
+            nn.Sequential(*[
+                DualBlock(cfg.dims[i], cfg.heads[i], cfg.groups[i], cfg.window_size, cfg.mlp_ratio)
+                for _ in range(cfg.depths[i])
+            ])
+            for i in range(len(cfg.dims))
+        )
+        self.norms = nn.LayerNorm(cfg.dims[-1])
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = pixels
+        for i, (conv, stage) in enumerate(zip(self.convs, self.blocks)):
+            x = stage(conv(x, is_pixels=i == 0))   # (B, H_i, W_i, C_i)
+        return self.norms(x.mean(dim=(1, 2)))      # mean over tokens -> (B, C_last)

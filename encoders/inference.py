@@ -1,0 +1,151 @@
+"""The public surface: `load_model(...)` -> an encoder that turns images and texts into
+L2-normalised numpy vectors in one joint space (inner product = cosine similarity)."""
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import ModelError, SafetensorsFile, checkpoint_path, resolve_model_source, tokenizer_folder
+from .config import ConfigError, load_config
+from .model import TOWERS, MedImageInsightNet, build_from_checkpoint
+from .preprocess import ImagePreprocessor
+from .tokenizer import ClipTokenizer
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError("device cuda was asked for, but PyTorch sees no CUDA GPU here (use --device cpu)")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """Default: float32 on CPU (exact), bfloat16 autocast on CUDA."""
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower().removeprefix("torch.")]
+    except KeyError:
+        raise ModelError(f"unknown dtype {dtype!r}; choose one of float32, bfloat16, float16") from None
+
+
+class MedImageInsight:
+    """Images and texts -> np.float32 (N, dim) unit vectors. Load with `load_model`."""
+
+    def __init__(self, net: MedImageInsightNet, *, preprocess: ImagePreprocessor, tokenizer: ClipTokenizer | None,
+                 dim: int, device: torch.device, dtype: torch.dtype, fingerprint: str, source: str,
+                 towers: tuple[str, ...]):
+        self.net = net
+        self.preprocess = preprocess
+        self._tokenizer = tokenizer
+        self.dim = dim
+        self.device = device
+        self.dtype = dtype
+        self.fingerprint = fingerprint
+        self.source = source
+        self.towers = towers
+        self.logit_scale = float(net.logit_scale.float().exp())
+
+    def __repr__(self) -> str:
+        return (f"MedImageInsight(source={self.source!r}, towers={self.towers}, dim={self.dim}, "
+                f"device={self.device}, dtype={self.dtype})")
+
+    def _autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def _need(self, tower: str) -> None:
+        if tower not in self.towers:
+            raise ModelError(f"the {tower} tower was not loaded; load_model(..., towers=({tower!r},)) loads it")
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        """texts -> {"input_ids": int64 (N, 77), "attention_mask": int64 (N, 77)}."""
+        self._need("text")
+        return self._tokenizer(list(texts))
+
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        """list[str] -> np.float32 (N, dim). Each batch runs only up to its longest text
+        (padding can be cut: MODEL.md), and texts are batched by length."""
+        self._need("text")
+        texts = list(texts)
+        bad = [type(t).__name__ for t in texts if not isinstance(t, str)]
+        if bad:
+            raise ValueError(f"encode_texts takes strings, got {bad[0]}")
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        if not texts:
+            return out
+        tokens = self._tokenizer(texts)
+        lengths = tokens["attention_mask"].sum(axis=1)
+        order = np.argsort(-lengths, kind="stable")
+        with torch.inference_mode(), self._autocast():
+            for start in range(0, len(texts), batch_size):
+                rows = order[start:start + batch_size]
+                length = int(lengths[rows].max())
+                ids = torch.from_numpy(tokens["input_ids"][rows, :length]).to(self.device)
+                mask = torch.from_numpy(tokens["attention_mask"][rows, :length]).to(self.device)
+                out[rows] = self.net.encode_text(ids, mask).float().cpu().numpy()
+        return out
+
+    def encode_pixels(self, pixels: torch.Tensor) -> np.ndarray:
+        """(B, 3, H, W) tensors from `preprocess` -> np.float32 (B, dim)."""
+        self._need("image")
+        if pixels.shape[0] == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        with torch.inference_mode(), self._autocast():
+            pixels = pixels.to(self.device, non_blocking=True)
+            return self.net.encode_image(pixels).float().cpu().numpy()
+
+    def encode_images(self, images: Sequence, batch_size: int | None = None) -> np.ndarray:
+        """PIL images or HxW / HxWx3 arrays (any size, any bit depth; see `preprocess`)
+        -> np.float32 (N, dim)."""
+        self._need("image")
+        images = list(images)
+        batch_size = batch_size or (32 if self.device.type == "cuda" else 4)
+        parts = [np.zeros((0, self.dim), dtype=np.float32)]
+        for start in range(0, len(images), batch_size):
+            pixels = torch.stack([self.preprocess(im) for im in images[start:start + batch_size]])
+            parts.append(self.encode_pixels(pixels))
+        return np.concatenate(parts)
+
+
+def load_model(source: str | os.PathLike | None = None, *, device: str | torch.device | None = None,
+               dtype: str | torch.dtype | None = None, towers: Sequence[str] = TOWERS) -> MedImageInsight:
+    """Load MedImageInsight from a local folder or a Hugging Face repo id.
+
+    source: the published `2024.09.27/` folder, a folder holding it, or a repo id;
+        default the MI_MODEL environment variable, else lion-ai/MedImageInsights.
+    device: default CUDA when available, else CPU.
+    dtype: default float32 on CPU, bfloat16 autocast on CUDA.
+    towers: ("image", "text"), or one of them: only that tower's tensors are read.
+    """
+    requested = (towers,) if isinstance(towers, str) else tuple(towers)
+    if not requested or set(requested) - set(TOWERS):
+        raise ValueError(f"towers must name 'image' and/or 'text', got {requested}")
+    towers = tuple(t for t in TOWERS if t in requested)
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    folder = resolve_model_source(source)
+    try:
+        cfg = load_config(folder / "config.yaml")
+    except ConfigError as e:
+        raise ModelError(str(e)) from None
+    checkpoint = SafetensorsFile(checkpoint_path(folder))
+    net = build_from_checkpoint(cfg, checkpoint, towers).to(device)
+    tokenizer = ClipTokenizer(tokenizer_folder(folder), cfg.text.context_length) if "text" in towers else None
+    preprocess = ImagePreprocessor(cfg.image.image_size, cfg.image.mean, cfg.image.std)
+    return MedImageInsight(net, preprocess=preprocess, tokenizer=tokenizer, dim=cfg.embed_dim, device=device,
+                           dtype=dtype, fingerprint=checkpoint.fingerprint(), source=str(Path(folder).resolve()),
+                           towers=towers)

@@ -1,0 +1,74 @@
+"""One image -> the normalised (3, H, W) tensor the image tower was trained on.
+
+The steps are the published inference transform (MODEL.md): grey to RGB before
+resizing, a bicubic resize to exactly 480 x 480 (aspect ratio not kept, no crop),
+/255, then per-channel mean/std. Images that are not 8-bit are mapped to 8 bits first
+by `to_uint8`, our choice since the original code just clips them.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+_EIGHT_BIT_MODES = {"L", "LA", "RGB", "RGBA", "RGBX", "P", "PA", "1", "CMYK", "YCbCr", "LAB", "HSV"}
+
+
+def to_uint8(array: np.ndarray) -> np.ndarray:
+    """Map a 16-bit, 32-bit or float image to 0..255 linearly, its minimum to 0 and its
+    maximum to 255 (a constant image becomes 0); NaN and inf count as the minimum.
+
+    This is the fallback for raw arrays. Callers that know better (DICOM windowing, in
+    the indexer) map to 8 bits themselves before handing images over.
+    """
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == bool:
+        return array.astype(np.uint8) * 255
+    values = array.astype(np.float64)
+    finite = np.isfinite(values)
+    if not finite.any():
+        return np.zeros(array.shape, dtype=np.uint8)
+    lo, hi = values[finite].min(), values[finite].max()
+    values = np.where(finite, values, lo)
+    if hi <= lo:
+        return np.zeros(array.shape, dtype=np.uint8)
+    return np.round((values - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+
+
+def to_rgb_image(image) -> Image.Image:
+    """A PIL image or an HxW / HxWx1 / HxWx3 / HxWx4 array -> an 8-bit RGB PIL image."""
+    if isinstance(image, Image.Image):
+        if image.mode in _EIGHT_BIT_MODES:
+            return image if image.mode == "RGB" else image.convert("RGB")
+        image = np.asarray(image)  # I;16, I, F: more than 8 bits per pixel
+    if not isinstance(image, np.ndarray):
+        raise ValueError(f"expected a PIL image or a numpy array, got {type(image).__name__}")
+    if image.ndim == 3 and image.shape[2] in (1, 3, 4):
+        image = image[:, :, 0] if image.shape[2] == 1 else image[:, :, :3]
+    if image.ndim not in (2, 3) or min(image.shape[:2]) == 0:
+        raise ValueError(f"expected an HxW or HxWx3 image array, got shape {image.shape}")
+    if not (np.issubdtype(image.dtype, np.number) or image.dtype == bool):
+        raise ValueError(f"expected a numeric image array, got dtype {image.dtype}")
+    pixels = np.ascontiguousarray(to_uint8(image))
+    return Image.fromarray(pixels, "L" if pixels.ndim == 2 else "RGB").convert("RGB")
+
+
+class ImagePreprocessor:
+    """Callable image -> (3, H, W) float32 tensor. Plain data, so it pickles into
+    DataLoader worker processes."""
+
+    def __init__(self, size: tuple[int, int], mean: tuple[float, ...], std: tuple[float, ...]):
+        self.size = tuple(size)  # (H, W)
+        self.mean = tuple(mean)
+        self.std = tuple(std)
+
+    def __call__(self, image) -> torch.Tensor:
+        rgb = to_rgb_image(image).resize((self.size[1], self.size[0]), Image.BICUBIC)
+        x = torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1).float().div(255)
+        mean = torch.tensor(self.mean, dtype=torch.float32)[:, None, None]
+        std = torch.tensor(self.std, dtype=torch.float32)[:, None, None]
+        return x.sub_(mean).div_(std).contiguous()
+
+    def __repr__(self) -> str:
+        return f"ImagePreprocessor(size={self.size}, mean={self.mean}, std={self.std})"
