@@ -1,28 +1,148 @@
 """Vectors -> FAISS index, and id-filtered top-k search over it.
 
 The FAISS index is a cache of the embeddings stored in SQLite; ids are SQLite row ids.
+Vectors are L2-normalised, so inner product is cosine similarity.
+
+Index type grows with the collection (measured in benchmarks/bench_search.py, 2 CPU cores, D=1024):
+
+- up to FLAT_MAX_VECTORS (100,000) rows: exact search, `IndexIDMap2(IndexFlatIP)`. A query scans
+  every vector: ~1-2 ms at 10k, tens of ms at 100k; results are exact.
+- above it: `IndexIVFScalarQuantizer` (fp16 storage, half the memory of float32, inner product,
+  spherical k-means with about 4*sqrt(N) lists). A query scans `nprobe` lists (DEFAULT_NPROBE).
+  fp16 changes scores by ~1e-4, far below the gap between neighbours.
+
+Filters are applied *inside* the scan through an IDSelector, never after the top-k cut, so
+`k` filtered hits come back whenever `k` rows pass the filter. For IVF the number of probed lists
+is scaled by 1/(fraction of rows allowed), so a selective filter scans more lists (up to all of
+them, which is exact search over the allowed rows) and the recall is the same as unfiltered.
+
+GPU: `to_gpu(index)` clones a flat index onto the GPU when faiss was built with GPU support and a
+GPU is present; filtered searches stay on the CPU copy (GPU indexes take no IDSelector).
 """
 from __future__ import annotations
+
+import logging
+import math
 
 import faiss
 import numpy as np
 
+log = logging.getLogger(__name__)
 
-def build_faiss_index(vectors: np.ndarray, ids: np.ndarray) -> faiss.Index:
-    """An inner-product index over L2-normalised `vectors` (N, D) with int64 `ids`."""
+FLAT_MAX_VECTORS = 100_000  # above this many rows, build an IVF (ANN) index
+DEFAULT_NPROBE = 32         # lists scanned per query in an IVF index (see bench_search.py)
+_BITMAP_MAX_ID = 1 << 30    # ids below this use a bitmap selector (O(1) membership, max_id/8 bytes)
+
+
+def ivf_lists(n: int) -> int:
+    """Number of IVF lists for `n` vectors: about 4*sqrt(n), a power of two, 256..16384."""
+    return int(min(16384, max(256, 2 ** round(math.log2(4 * math.sqrt(max(n, 1)))))))
+
+
+def build_faiss_index(vectors: np.ndarray, ids: np.ndarray, *, kind: str = "auto",
+                      nlist: int | None = None, train_size: int | None = None) -> faiss.Index:
+    """An inner-product index over L2-normalised `vectors` (N, D) with int64 `ids`.
+
+    kind: "auto" (flat up to FLAT_MAX_VECTORS rows, else "ivf"), "flat" (exact) or "ivf"."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    index = faiss.IndexIDMap2(faiss.IndexFlatIP(vectors.shape[1]))
-    if len(vectors):
-        index.add_with_ids(vectors, np.ascontiguousarray(ids, dtype=np.int64))
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    if vectors.ndim != 2 or len(vectors) != len(ids):
+        raise ValueError(f"vectors must be (N, D) with N ids; got {vectors.shape} and {ids.shape}")
+    n, dim = vectors.shape
+    if kind == "auto":
+        kind = "flat" if n <= FLAT_MAX_VECTORS else "ivf"
+    if kind == "flat":
+        index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+    elif kind == "ivf":
+        index = _trained_ivf(vectors, nlist or ivf_lists(n), train_size)
+    else:
+        raise ValueError(f"unknown index kind {kind!r}; use 'auto', 'flat' or 'ivf'")
+    if n:
+        index.add_with_ids(vectors, ids)
     return index
 
 
-def search(index: faiss.Index, queries: np.ndarray, k: int, allowed_ids: np.ndarray | None = None
-           ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k (scores, ids), each (Q, k); ids -1 where fewer than k exist. `allowed_ids` restricts
-    the search before the cut, so k filtered hits come back when k exist."""
-    queries = np.ascontiguousarray(queries, dtype=np.float32)
-    params = None
-    if allowed_ids is not None:
-        params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(np.ascontiguousarray(allowed_ids, dtype=np.int64)))
-    return index.search(queries, k, params=params)
+def _trained_ivf(vectors: np.ndarray, nlist: int, train_size: int | None) -> faiss.Index:
+    n, dim = vectors.shape
+    if n < nlist:
+        raise ValueError(f"an IVF index with {nlist} lists needs at least {nlist} vectors, got {n}")
+    quantizer = faiss.IndexFlatIP(dim)
+    index = faiss.IndexIVFScalarQuantizer(quantizer, dim, nlist, faiss.ScalarQuantizer.QT_fp16,
+                                          faiss.METRIC_INNER_PRODUCT)
+    index.cp.spherical = True     # centroids on the unit sphere, like the data
+    index.cp.niter = 10
+    # k-means on a sample: 32 points per list is plenty for coarse lists and keeps 1M builds short.
+    sample = min(n, train_size or 32 * nlist)
+    rows = np.random.default_rng(0).choice(n, size=sample, replace=False) if sample < n else slice(None)
+    index.train(vectors[rows])
+    index.own_fields = True
+    index.quantizer = quantizer
+    quantizer.this.disown()       # owned by the IVF index now
+    return index
+
+
+def index_kind(index: faiss.Index) -> str:
+    """'flat', 'ivf' or the FAISS class name."""
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+    if isinstance(inner, faiss.IndexFlat):
+        return "flat"
+    if isinstance(faiss.downcast_index(inner), faiss.IndexIVF):
+        return "ivf"
+    return type(inner).__name__
+
+
+def search(index: faiss.Index, queries: np.ndarray, k: int, allowed_ids: np.ndarray | None = None,
+           *, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k (scores, ids), each (Q, k), best first; ids -1 where fewer than k exist.
+
+    `allowed_ids` restricts the search before the cut, so k filtered hits come back when k exist;
+    an empty `allowed_ids` gives no hits. `nprobe` overrides DEFAULT_NPROBE for IVF indexes."""
+    queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+    k = int(k)
+    if k <= 0 or index.ntotal == 0 or (allowed_ids is not None and len(allowed_ids) == 0):
+        return (np.full((len(queries), max(k, 0)), -np.inf, dtype=np.float32),
+                np.full((len(queries), max(k, 0)), -1, dtype=np.int64))
+    sel = _selector(allowed_ids) if allowed_ids is not None else None
+    ivf = _as_ivf(index)
+    if ivf is not None:
+        nprobe = nprobe or DEFAULT_NPROBE
+        if allowed_ids is not None:  # keep the expected number of allowed rows scanned constant
+            nprobe = math.ceil(nprobe * index.ntotal / max(len(allowed_ids), 1))
+        params = faiss.SearchParametersIVF(nprobe=min(ivf.nlist, nprobe), sel=sel)
+    else:
+        params = faiss.SearchParameters(sel=sel) if sel is not None else None
+    scores, ids = index.search(queries, k, params=params)
+    scores[ids < 0] = -np.inf
+    return scores, ids
+
+
+def _as_ivf(index: faiss.Index) -> faiss.IndexIVF | None:
+    index = faiss.downcast_index(index)
+    return index if isinstance(index, faiss.IndexIVF) else None
+
+
+def _selector(allowed_ids: np.ndarray) -> faiss.IDSelector:
+    allowed = np.ascontiguousarray(allowed_ids, dtype=np.int64)
+    top = int(allowed.max())
+    if int(allowed.min()) >= 0 and top < _BITMAP_MAX_ID:
+        bits = np.zeros(top + 1, dtype=bool)
+        bits[allowed] = True
+        bitmap = np.packbits(bits, bitorder="little")
+        sel = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))  # n: bytes, not bits
+        sel.referenced_bitmap = bitmap  # the selector holds a raw pointer: keep the array alive
+        return sel
+    return faiss.IDSelectorBatch(allowed)
+
+
+def to_gpu(index: faiss.Index) -> faiss.Index:
+    """The index on GPU 0 when this faiss has GPU support and a GPU is present, else `index`."""
+    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
+        return index
+    try:
+        resources = faiss.StandardGpuResources()
+        gpu_index = faiss.index_cpu_to_gpu(resources, 0, index)
+        gpu_index.referenced_resources = resources
+        return gpu_index
+    except RuntimeError as error:  # an index type without a GPU version: stay on the CPU
+        log.info("keeping the FAISS index on the CPU: %s", error)
+        return index

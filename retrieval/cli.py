@@ -1,0 +1,148 @@
+"""`mi-search`: search an index built by mi-index, by text, by example image, or both."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+EPILOG = """\b
+Queries:
+  mi-search "pleural effusion"                  text
+  mi-search ./case12.dcm                        image (an existing file)
+  mi-search "pleural effusion" + ./case12.dcm   both: their embeddings are added
+  mi-search ./case12.dcm - "pacemaker"          like case 12, away from pacemakers
+  mi-search "2:pleural effusion" + "cardiomegaly"   WEIGHT:QUERY weighs a term
+  mi-search pleural effusion                    unquoted words are one text
+Each term's embedding is normalised, weighted (+ or -, times WEIGHT), summed and normalised again.
+--text or --image reads every term as a text or as an image file.
+
+\b
+Filters apply before the top-k cut, so -k 10 --modality CR gives 10 CR images when 10 exist:
+  mi-search "lumbar spine fracture" -k 20 --modality CR --since 2020-01-01 --under ./archive
+
+\b
+Output: a table on a terminal; tab-separated lines (rank, score, path, modality, body part,
+view, study date) when piped; --paths for paths only (mi-search ... --paths | xargs open);
+--json for a list of objects (rank, score, id, path and the stored metadata).
+--labels "normal,pneumothorax" adds zero-shot probabilities for each hit.
+"""
+
+COLUMNS = [("modality", "modality"), ("body part", "body_part"), ("view", "view_position"),
+           ("study date", "study_date")]
+
+
+@click.command(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("query", nargs=-1, required=True)
+@click.option("--index", "index_dir", envvar="MI_INDEX", type=click.Path(file_okay=False, path_type=Path),
+              help="Index folder. [default: MI_INDEX, else the per-user folder mi-index uses]")
+@click.option("--model", envvar="MI_MODEL", metavar="SRC",
+              help="Model folder or Hugging Face id. [default: MI_MODEL, else the index's model]")
+@click.option("--device", metavar="cpu|cuda", help="Device for the model. [default: cuda if available]")
+@click.option("-k", "--top", "k", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Number of hits.")
+@click.option("--modality", help="Only this DICOM Modality (CR, DX, CT, ...).")
+@click.option("--body-part", help="Only this BodyPartExamined (CHEST, ...).")
+@click.option("--view", help="Only this ViewPosition (PA, AP, LL, ...).")
+@click.option("--since", type=click.DateTime(["%Y-%m-%d"]), metavar="YYYY-MM-DD",
+              help="Only studies on or after this date.")
+@click.option("--until", type=click.DateTime(["%Y-%m-%d"]), metavar="YYYY-MM-DD",
+              help="Only studies on or before this date.")
+@click.option("--under", type=click.Path(path_type=Path), help="Only files under this folder.")
+@click.option("--min-score", type=float, help="Drop hits below this cosine similarity.")
+@click.option("--labels", help='Comma-separated labels for zero-shot probabilities, e.g. "normal,pneumonia".')
+@click.option("--multilabel", is_flag=True, help="Score --labels independently (sigmoid), not as a softmax.")
+@click.option("--text", "force", flag_value="text", help="Read every QUERY as text.")
+@click.option("--image", "force", flag_value="image", help="Read every QUERY as an image file.")
+@click.option("--json", "as_json", is_flag=True, help="Print the hits as a JSON list.")
+@click.option("--paths", "paths_only", is_flag=True, help="Print only the paths, one per line.")
+@click.version_option(package_name="medimageinsight-search", prog_name="mi-search")
+def main(query: tuple[str, ...], index_dir: Path | None, model: str | None, device: str | None, k: int,
+         modality: str | None, body_part: str | None, view: str | None, since: Any, until: Any,
+         under: Path | None, min_score: float | None, labels: str | None, multilabel: bool,
+         force: str | None, as_json: bool, paths_only: bool) -> None:
+    """Search an index of X-rays and DICOM files by text, by example image, or both.
+
+    QUERY is a text or an image file (PNG, JPEG, TIFF, BMP, DICOM); several are combined
+    with + and - (see below). Build the index first with mi-index.
+    """
+    from .search import Searcher
+
+    try:
+        with Searcher(index=index_dir, model=model, device=device) as searcher:
+            hits = searcher.search(
+                list(query), k=k, force=force, modality=modality, body_part=body_part, view=view,
+                since=since.date() if since else None, until=until.date() if until else None,
+                under=under, min_score=min_score, labels=labels, multilabel=multilabel)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as error:  # only the expected, typed errors become one line
+        if not _is_user_error(error):
+            raise
+        raise click.ClickException(_message(error, index_dir)) from None
+
+    if as_json:
+        click.echo(json.dumps([hit.to_dict() for hit in hits], indent=2, default=str))
+    elif paths_only:
+        for hit in hits:
+            click.echo(hit.path)
+    elif not hits:
+        click.echo("No hits: nothing in the index matches the filters.", err=True)
+    elif sys.stdout.isatty():
+        _print_table(hits)
+    else:
+        for hit in hits:
+            fields = [str(hit.rank), f"{hit.score:.4f}", hit.path] + [_text(hit.metadata.get(key)) for _, key in COLUMNS]
+            click.echo("\t".join(fields))
+
+
+def _is_user_error(error: Exception) -> bool:
+    """Typed errors of our libraries, and the OS saying a file cannot be read or written."""
+    from .errors import SearchError
+
+    kinds: list[type] = [SearchError, OSError]
+    for module, name in [("indexer.store", "StoreError"), ("encoders", "ModelError")]:
+        loaded = sys.modules.get(module)  # if it was never imported it cannot have raised
+        if loaded is not None and hasattr(loaded, name):
+            kinds.append(getattr(loaded, name))
+    return isinstance(error, tuple(kinds))
+
+
+def _message(error: Exception, index_dir: Path | None) -> str:
+    message = " ".join(str(error).split()) or type(error).__name__  # one line
+    if type(error).__name__ == "IndexNotFoundError" and "mi-index" not in message:
+        where = f" --index {index_dir}" if index_dir else ""
+        message += f"; build it first with `mi-index PATH{where}`"
+    return message
+
+
+def _text(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+def _print_table(hits: list) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold")
+    table.add_column("#", justify="right")
+    table.add_column("score", justify="right")
+    table.add_column("path", overflow="fold", min_width=min(60, max(len(hit.path) for hit in hits)))
+    for title, _ in COLUMNS:
+        table.add_column(title, overflow="ellipsis")
+    with_labels = any(hit.labels for hit in hits)
+    if with_labels:
+        table.add_column("labels")
+    for hit in hits:
+        cells = [str(hit.rank), f"{hit.score:.3f}", hit.path] + [_text(hit.metadata.get(key)) for _, key in COLUMNS]
+        if with_labels:
+            best = sorted((hit.labels or {}).items(), key=lambda item: -item[1])
+            cells.append(", ".join(f"{label} {p:.2f}" for label, p in best))
+        table.add_row(*cells)
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()

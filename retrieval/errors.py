@@ -1,0 +1,19 @@
+"""Typed errors of the retrieval API. Each message says what went wrong and how to fix it;
+`mi-search` prints it as one line."""
+from __future__ import annotations
+
+
+class SearchError(Exception):
+    """Base class of the errors the retrieval API raises on purpose."""
+
+
+class QueryError(SearchError, ValueError):
+    """A query that cannot be run: bad syntax, an unreadable query image, an empty combination."""
+
+
+class EmptyIndexError(SearchError):
+    """The index exists but holds no images yet."""
+
+
+class ModelMismatchError(SearchError):
+    """The query model is not the model the index was built with."""

@@ -1,0 +1,269 @@
+"""The retrieval API: queries -> hits, over an index built by `mi-index`.
+
+    from retrieval import Searcher
+    with Searcher() as s:                                   # default index and model, as mi-search
+        hits = s.search("lumbar spine fracture", k=10, modality="CR")
+        hits = s.search(image="case.dcm", k=10)
+        hits = s.search(["2:pleural effusion", "+", "case12.dcm", "-", "pacemaker"])
+        s.classify("case.dcm", ["normal", "pneumothorax"])  # {"normal": 0.8, "pneumothorax": 0.2}
+
+Each model tower is loaded at most once per Searcher, and only when a query needs it: a text query
+loads the text tower, an image query the image tower. The model is the one given (`model=` or
+MI_MODEL), else the one recorded in the index, else the encoder's default; a model whose
+fingerprint differs from the index's is refused.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import labels as zero_shot
+from .errors import EmptyIndexError, ModelMismatchError, QueryError
+from .query import QueryTerm, combine, parse_query
+
+log = logging.getLogger(__name__)
+
+MODEL_ENV = "MI_MODEL"   # as in encoders; repeated here so that importing this module stays light
+INDEX_ENV = "MI_INDEX"
+
+
+@dataclass
+class Hit:
+    """One search result. `metadata` holds the stored fields of the row (path, frame, modality,
+    body_part, view_position, study_date, ...); `labels` the zero-shot probabilities if asked."""
+
+    rank: int
+    score: float
+    id: int
+    path: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+    labels: dict[str, float] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A flat, JSON-ready dict: rank, score, id, path, the metadata fields, labels if any."""
+        row = {"rank": self.rank, "score": round(self.score, 6), "id": self.id, "path": self.path}
+        row.update({key: _jsonable(value) for key, value in self.metadata.items() if key not in row})
+        if self.labels is not None:
+            row["labels"] = {label: round(p, 6) for label, p in self.labels.items()}
+        return row
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (dt.date, dt.datetime)):
+        return value.isoformat()
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, bytes):
+        return value.hex()
+    return value
+
+
+class Searcher:
+    """Search one index. `index`: the index folder (default: MI_INDEX, else the per-user folder
+    that mi-index uses). `model`: a model folder or Hugging Face id, or an already loaded encoder
+    (default: MI_MODEL, else the model recorded in the index). `device`: "cpu", "cuda" or None.
+
+    Raises indexer.store's IndexNotFoundError / IndexFormatError when there is no usable index,
+    EmptyIndexError when it holds no images."""
+
+    def __init__(self, index: str | Path | None = None, model: Any = None,
+                 device: str | None = None) -> None:
+        from indexer.store import IndexStore, default_index_dir
+
+        self.index_dir = Path(index or os.environ.get(INDEX_ENV) or default_index_dir()).expanduser()
+        self.device = device
+        self._store = IndexStore.open(self.index_dir, readonly=True)
+        self._faiss = None
+        self._towers: dict[str, Any] = {}
+        self._loaded_model = model if hasattr(model, "encode_texts") else None
+        self._model_source = None if self._loaded_model else (model or os.environ.get(MODEL_ENV))
+        if self._store.count() == 0:
+            self._store.close()
+            raise EmptyIndexError(f"the index at {self.index_dir} is empty: add images with "
+                                  f"`mi-index PATH --index {self.index_dir}`")
+
+    # ------------------------------------------------------------------ lifecycle
+    def close(self) -> None:
+        self._store.close()
+
+    def __enter__(self) -> Searcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def model_info(self) -> dict[str, Any]:
+        """What the index records about its model: fingerprint, dim, source."""
+        return dict(self._store.model_info or {})
+
+    def __len__(self) -> int:
+        return self._store.count()
+
+    # ------------------------------------------------------------------ models
+    def encoder(self, tower: str) -> Any:
+        """The encoder with `tower` ("text" or "image") loaded, loading it on first use."""
+        if self._loaded_model is not None:
+            self._check_model(self._loaded_model)
+            return self._loaded_model
+        if tower not in self._towers:
+            from encoders import load_model
+
+            source = self._model_source or self.model_info.get("source") or None
+            log.info("loading the %s tower of %s", tower, source or "the default model")
+            model = load_model(source, device=self.device, towers=(tower,))
+            self._check_model(model)
+            self._towers[tower] = model
+        return self._towers[tower]
+
+    def _check_model(self, model: Any) -> None:
+        info = self.model_info
+        same_dim = info.get("dim") in (None, model.dim)
+        if same_dim and info.get("fingerprint") in (None, model.fingerprint):
+            return
+        raise ModelMismatchError(
+            f"the index at {self.index_dir} was built with the model {info.get('source')!s} "
+            f"(fingerprint {str(info.get('fingerprint'))[:12]}, dim {info.get('dim')}), not with "
+            f"{model.source} (fingerprint {str(model.fingerprint)[:12]}, dim {model.dim}): search "
+            f"with --model {info.get('source')} or rebuild the index with mi-index --model")
+
+    def embed(self, query: str | Sequence[str] | Sequence[QueryTerm] | None = None, *,
+              image: str | Path | None = None, force: str | None = None) -> np.ndarray:
+        """The unit query vector (D,) of a query (see `parse_query`) and/or a query image."""
+        terms = _terms(query, force) + ([QueryTerm("image", str(image))] if image is not None else [])
+        if not terms:
+            raise QueryError("nothing to search for: give a text query or an image")
+        vectors = np.zeros((len(terms), 0), dtype=np.float32)
+        texts = [i for i, term in enumerate(terms) if term.kind == "text"]
+        images = [i for i, term in enumerate(terms) if term.kind == "image"]
+        rows: dict[int, np.ndarray] = {}
+        if texts:
+            encoded = self.encoder("text").encode_texts([terms[i].value for i in texts])
+            rows.update(zip(texts, encoded))
+        if images:
+            pictures = [load_query_image(terms[i].value) for i in images]
+            encoded = self.encoder("image").encode_images(pictures)
+            rows.update(zip(images, encoded))
+        vectors = np.stack([rows[i] for i in range(len(terms))])
+        return combine(vectors, [term.weight for term in terms])
+
+    # ------------------------------------------------------------------ search
+    def search(self, query: str | Sequence[str] | Sequence[QueryTerm] | None = None, *,
+               image: str | Path | None = None, vector: np.ndarray | None = None, k: int = 10,
+               modality: str | None = None, body_part: str | None = None, view: str | None = None,
+               since: str | dt.date | None = None, until: str | dt.date | None = None,
+               under: str | Path | None = None, min_score: float | None = None,
+               labels: str | Sequence[str] | None = None, multilabel: bool = False,
+               force: str | None = None) -> list[Hit]:
+        """The k best hits for a query, best first.
+
+        query: a text, an image path, or CLI-style tokens with + / - and WEIGHT:QUERY
+        (see `retrieval.query`); image: an image file; vector: a ready unit query vector (D,).
+        Filters (modality, body_part, view: exact DICOM values, case-insensitive as the store
+        does; since/until: study dates YYYY-MM-DD; under: a folder) apply before the top-k cut.
+        min_score drops hits below a cosine similarity; labels adds zero-shot probabilities."""
+        if k < 1:
+            raise QueryError(f"k must be at least 1, not {k}")
+        label_list = zero_shot.parse_labels(labels) if labels is not None else None
+        if vector is None:
+            vector = self.embed(query, image=image, force=force)
+        elif query is not None or image is not None:
+            raise QueryError("give either a query vector or a query, not both")
+        allowed = self._store.filter_ids(modality=modality, body_part=body_part, view=view,
+                                         since=_date(since, "since"), until=_date(until, "until"),
+                                         under=str(Path(under).expanduser().resolve()) if under else None)
+        scores, ids = self._vector_search(np.asarray(vector, np.float32)[None], k, allowed)
+        found = [(float(s), int(i)) for s, i in zip(scores[0], ids[0])
+                 if i >= 0 and (min_score is None or s >= min_score)]
+        rows = self._store.rows([i for _, i in found])
+        hits = [Hit(rank, score, row_id, str(rows[row_id].get("path")), dict(rows[row_id]))
+                for rank, (score, row_id) in enumerate(found, start=1) if row_id in rows]
+        if label_list and hits:
+            probabilities = self._label_probabilities(self._stored_vectors([h.id for h in hits]),
+                                                      label_list, multilabel)
+            for hit, row in zip(hits, probabilities):
+                hit.labels = dict(zip(label_list, map(float, row)))
+        return hits
+
+    def _vector_search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None
+                       ) -> tuple[np.ndarray, np.ndarray]:
+        from indexer import vectors
+
+        if self._faiss is None:
+            self._faiss = self._store.load_faiss()
+            self._faiss_gpu = vectors.to_gpu(self._faiss)
+        if queries.shape[1] != self._faiss.d:
+            raise QueryError(f"query vectors have {queries.shape[1]} dimensions, the index {self._faiss.d}")
+        index = self._faiss_gpu if allowed is None else self._faiss  # GPU indexes take no IDSelector
+        return vectors.search(index, queries, k, allowed)
+
+    def _stored_vectors(self, ids: list[int]) -> np.ndarray:
+        stored = self._store.vectors(ids)
+        if isinstance(stored, dict):
+            return np.stack([np.asarray(stored[i], np.float32) for i in ids])
+        return np.asarray(stored, np.float32)
+
+    # ------------------------------------------------------------------ zero-shot labels
+    def classify(self, image: str | Path | Any, labels: str | Sequence[str], *,
+                 multilabel: bool = False) -> dict[str, float]:
+        """Zero-shot probabilities of `labels` for one image (a file path, or a PIL image /
+        array): softmax over the labels with the model's logit scale, or one sigmoid per label
+        with `multilabel` (see retrieval.labels)."""
+        label_list = zero_shot.parse_labels(labels)
+        picture = load_query_image(image) if isinstance(image, (str, Path)) else image
+        vector = self.encoder("image").encode_images([picture])
+        probabilities = self._label_probabilities(vector, label_list, multilabel)[0]
+        return dict(zip(label_list, map(float, probabilities)))
+
+    def _label_probabilities(self, image_vectors: np.ndarray, label_list: list[str],
+                             multilabel: bool) -> np.ndarray:
+        text = self.encoder("text")
+        label_vectors = text.encode_texts(label_list)
+        if not multilabel:
+            if len(label_list) < 2:
+                raise QueryError("a softmax needs at least two labels (or use multilabel)")
+            return zero_shot.softmax_probabilities(image_vectors, label_vectors, text.logit_scale)
+        negations = text.encode_texts([zero_shot.NEGATION_TEMPLATE.format(label) for label in label_list])
+        return zero_shot.contrast_probabilities(image_vectors, label_vectors, negations, text.logit_scale)
+
+
+def _terms(query: Any, force: str | None) -> list[QueryTerm]:
+    if query is None:
+        return []
+    if isinstance(query, QueryTerm):
+        return [query]
+    if not isinstance(query, (str, Path)) and query and all(isinstance(t, QueryTerm) for t in query):
+        return list(query)
+    return parse_query(query, force=force)
+
+
+def _date(value: str | dt.date | None, name: str) -> dt.date | None:
+    if value is None or isinstance(value, dt.date):
+        return value
+    try:
+        return dt.date.fromisoformat(str(value))
+    except ValueError:
+        raise QueryError(f"{name} must be a date as YYYY-MM-DD, not {value!r}") from None
+
+
+def load_query_image(path: str | Path) -> Any:
+    """A query image decoded exactly as the indexer decodes files (DICOM windowing included;
+    multi-frame files give their middle frame). Raises QueryError when it cannot be read."""
+    from indexer.decode import DecodeError, decode_file
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise QueryError(f"query image not found: {path}")
+    try:
+        decoded = decode_file(path)
+    except DecodeError as error:
+        raise QueryError(f"cannot read the query image {path}: {error}") from None
+    if not decoded.frames:
+        raise QueryError(f"cannot read the query image {path}: no image in it")
+    return decoded.frames[0][1]
