@@ -71,6 +71,7 @@ def _trained_ivf(vectors: np.ndarray, nlist: int, train_size: int | None) -> fai
                                           faiss.METRIC_INNER_PRODUCT)
     index.cp.spherical = True     # centroids on the unit sphere, like the data
     index.cp.niter = 10
+    index.cp.min_points_per_centroid = 16  # we sample 32 per list on purpose: no warning
     # k-means on a sample: 32 points per list is plenty for coarse lists and keeps 1M builds short.
     sample = min(n, train_size or 32 * nlist)
     rows = np.random.default_rng(0).choice(n, size=sample, replace=False) if sample < n else slice(None)

@@ -1,0 +1,122 @@
+"""indexer.vectors: exact and IVF indexes, filtered top-k that applies the filter before the cut."""
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import pytest
+
+from indexer import vectors
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def clustered() -> tuple[np.ndarray, np.ndarray]:
+    """3000 unit vectors in 40 clusters (like embeddings), ids 101, 104, 107, ... (not 0..N-1)."""
+    rng = np.random.default_rng(0)
+    centres = unit(rng.standard_normal((40, 32)))
+    data = unit(centres[rng.integers(0, 40, 3000)] + 0.5 * unit(rng.standard_normal((3000, 32))))
+    return data, 101 + 3 * np.arange(3000, dtype=np.int64)
+
+
+def exact_top(data, ids, query, k, allowed=None):
+    scores = data @ query
+    if allowed is not None:
+        scores = np.where(np.isin(ids, allowed), scores, -np.inf)
+    order = np.argsort(-scores)[:k]
+    return ids[order[np.isfinite(scores[order])]]
+
+
+def test_flat_equals_brute_force(clustered):
+    data, ids = clustered
+    index = vectors.build_faiss_index(data, ids)
+    assert vectors.index_kind(index) == "flat"
+    scores, found = vectors.search(index, data[:5], 7)
+    for row in range(5):
+        assert list(found[row]) == list(exact_top(data, ids, data[row], 7))
+        assert scores[row, 0] == pytest.approx(1.0, abs=1e-5)  # itself
+    assert np.all(np.diff(scores, axis=1) <= 1e-6)  # best first
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+@pytest.mark.parametrize("fraction", [0.3, 0.01])
+def test_filter_applies_before_the_cut(clustered, kind, fraction):
+    data, ids = clustered
+    index = vectors.build_faiss_index(data, ids, kind=kind, nlist=64)
+    rng = np.random.default_rng(1)
+    allowed = rng.choice(ids, size=int(len(ids) * fraction), replace=False)
+    queries = data[rng.choice(len(data), 10, replace=False)]
+    _, found = vectors.search(index, queries, 10, allowed_ids=allowed)
+    assert np.isin(found, allowed).all()  # only allowed rows, and k of them (>= k exist)
+    matches = [len(set(f) & set(exact_top(data, ids, q, 10, allowed))) / 10 for f, q in zip(found, queries)]
+    # flat is exact; for IVF a selective filter widens nprobe to every list, which is exact too
+    assert np.mean(matches) >= (1.0 if kind == "flat" or fraction == 0.01 else 0.9)
+
+
+def test_fewer_allowed_than_k_and_no_allowed(clustered):
+    data, ids = clustered
+    index = vectors.build_faiss_index(data, ids)
+    scores, found = vectors.search(index, data[:1], 5, allowed_ids=ids[[3, 9]])
+    assert sorted(found[0][:2]) == sorted(ids[[3, 9]]) and list(found[0][2:]) == [-1, -1, -1]
+    assert np.isneginf(scores[0][2:]).all()
+    _, found = vectors.search(index, data[:1], 5, allowed_ids=np.array([], dtype=np.int64))
+    assert (found == -1).all()
+
+
+def test_huge_ids_use_a_batch_selector(clustered):
+    data, ids = clustered
+    big = ids + (1 << 40)  # beyond the bitmap selector's range
+    index = vectors.build_faiss_index(data, big)
+    _, found = vectors.search(index, data[:3], 4, allowed_ids=big[::2])
+    assert np.isin(found, big[::2]).all() and (found >= 0).all()
+
+
+def test_ivf_recall_and_exactness_with_all_lists(clustered):
+    data, ids = clustered
+    ivf = vectors.build_faiss_index(data, ids, kind="ivf", nlist=64)
+    assert vectors.index_kind(ivf) == "ivf"
+    queries = unit(data[:50] + 0.3 * unit(np.random.default_rng(2).standard_normal((50, 32))))
+    truth = [exact_top(data, ids, q, 10) for q in queries]
+    _, every_list = vectors.search(ivf, queries, 10, nprobe=64)
+    for found, query in zip(every_list, queries):  # exact up to fp16 storage: compare true scores
+        true_scores = data[np.searchsorted(ids, found)] @ query
+        best_scores = data[np.searchsorted(ids, exact_top(data, ids, query, 10))] @ query
+        np.testing.assert_allclose(np.sort(true_scores), np.sort(best_scores), atol=2e-3)
+    _, default = vectors.search(ivf, queries, 10)
+    recall = np.mean([len(set(f) & set(t)) / 10 for f, t in zip(default, truth)])
+    assert recall >= 0.9
+
+
+def test_auto_switches_to_ivf_above_the_threshold(clustered, monkeypatch):
+    data, ids = clustered
+    monkeypatch.setattr(vectors, "FLAT_MAX_VECTORS", len(data) - 1)
+    index = vectors.build_faiss_index(data, ids)
+    assert vectors.index_kind(index) == "ivf" and index.ntotal == len(data)
+
+
+def test_ivf_survives_serialisation(clustered):
+    """The store keeps the index as a file: a written and read IVF index searches the same."""
+    data, ids = clustered
+    ivf = vectors.build_faiss_index(data, ids, kind="ivf", nlist=64)
+    copy = faiss.deserialize_index(faiss.serialize_index(ivf))
+    allowed = ids[::7]
+    for index in (ivf, copy):
+        _, found = vectors.search(index, data[:3], 5, allowed_ids=allowed)
+        assert np.isin(found, allowed).all()
+    assert np.array_equal(vectors.search(ivf, data[:3], 5)[1], vectors.search(copy, data[:3], 5)[1])
+
+
+def test_empty_index_and_bad_input():
+    index = vectors.build_faiss_index(np.zeros((0, 8), np.float32), np.zeros(0, np.int64))
+    assert index.ntotal == 0
+    assert (vectors.search(index, np.ones((1, 8), np.float32), 3)[1] == -1).all()
+    with pytest.raises(ValueError):
+        vectors.build_faiss_index(np.zeros((3, 8), np.float32), np.arange(2))
+    with pytest.raises(ValueError, match="kind"):
+        vectors.build_faiss_index(np.zeros((3, 8), np.float32), np.arange(3), kind="hnsw")
+
+
+def test_ivf_lists_grow_with_size():
+    assert vectors.ivf_lists(10_000) < vectors.ivf_lists(1_000_000) <= 16384
