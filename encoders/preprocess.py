@@ -46,7 +46,7 @@ def to_rgb_image(image) -> Image.Image:
         raise ValueError(f"expected a PIL image or a numpy array, got {type(image).__name__}")
     if image.ndim == 3 and image.shape[2] in (1, 3, 4):
         image = image[:, :, 0] if image.shape[2] == 1 else image[:, :, :3]
-    if image.ndim not in (2, 3) or min(image.shape[:2]) == 0:
+    if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)) or min(image.shape[:2]) == 0:
         raise ValueError(f"expected an HxW or HxWx3 image array, got shape {image.shape}")
     if not (np.issubdtype(image.dtype, np.number) or image.dtype == bool):
         raise ValueError(f"expected a numeric image array, got dtype {image.dtype}")

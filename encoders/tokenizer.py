@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
+from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
 try:
@@ -36,6 +36,9 @@ class ClipTokenizer:
             pre_tokenizers.Split(Regex(_WORDS), behavior="removed", invert=True),
             pre_tokenizers.ByteLevel(add_prefix_space=False),
         ])
+        # Special tokens written in the text are special there too, as in transformers.
+        tok.add_special_tokens([AddedToken(BOS, normalized=True, special=True),
+                                AddedToken(EOS, normalized=False, special=True)])
         self._tok = tok
         self.context_length = context_length
         self.bos_id, self.eos_id = tok.token_to_id(BOS), tok.token_to_id(EOS)
