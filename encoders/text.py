@@ -75,7 +75,8 @@ class TextTransformer(nn.Module):
 
     def __init__(self, cfg: TextTowerConfig):
         super().__init__()
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
+        # _weight skips the random init: under the meta device, normal_ would import torch._dynamo (2 s).
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width, _weight=torch.empty(cfg.vocab_size, cfg.width))
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
         self.resblocks = nn.ModuleList(
             ResidualAttentionBlock(cfg.width, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.layers)
