@@ -25,7 +25,7 @@ Filters apply before the top-k cut, so -k 10 --modality CR gives 10 CR images wh
 
 \b
 Output: a table on a terminal; tab-separated lines (rank, score, path, modality, body part,
-view, study date) when piped; --paths for paths only (mi-search ... --paths | xargs open);
+view, study date, labels if asked) when piped; --paths for paths only (mi-search ... --paths | xargs open);
 --json for a list of objects (rank, score, id, path and the stored metadata).
 --labels "normal,pneumothorax" adds zero-shot probabilities for each hit.
 """
@@ -94,8 +94,8 @@ def main(query: tuple[str, ...], index_dir: Path | None, model: str | None, devi
         _print_table(hits)
     else:
         for hit in hits:
-            fields = [str(hit.rank), f"{hit.score:.4f}", hit.path] + [_text(hit.metadata.get(key)) for _, key in COLUMNS]
-            click.echo("\t".join(fields))
+            cells = _cells(hit, score_format="{:.4f}")
+            click.echo("\t".join(cells))
 
 
 def _is_user_error(error: Exception) -> bool:
@@ -136,12 +136,18 @@ def _print_table(hits: list) -> None:
     if with_labels:
         table.add_column("labels")
     for hit in hits:
-        cells = [str(hit.rank), f"{hit.score:.3f}", hit.path] + [_text(hit.metadata.get(key)) for _, key in COLUMNS]
-        if with_labels:
-            best = sorted((hit.labels or {}).items(), key=lambda item: -item[1])
-            cells.append(", ".join(f"{label} {p:.2f}" for label, p in best))
-        table.add_row(*cells)
+        table.add_row(*_cells(hit, score_format="{:.3f}"))
     Console().print(table)
+
+
+def _cells(hit: Any, score_format: str) -> list[str]:
+    """rank, score, path, the COLUMNS, and the labels (best first) when there are any."""
+    cells = [str(hit.rank), score_format.format(hit.score), hit.path]
+    cells += [_text(hit.metadata.get(key)) for _, key in COLUMNS]
+    if hit.labels:
+        best = sorted(hit.labels.items(), key=lambda item: -item[1])
+        cells.append(", ".join(f"{label} {p:.2f}" for label, p in best))
+    return cells
 
 
 if __name__ == "__main__":
