@@ -5,8 +5,8 @@ Vectors are L2-normalised, so inner product is cosine similarity.
 
 Index type grows with the collection (measured in benchmarks/bench_search.py, 2 CPU cores, D=1024):
 
-- up to FLAT_MAX_VECTORS (100,000) rows: exact search, `IndexIDMap2(IndexFlatIP)`. A query scans
-  every vector: ~1-2 ms at 10k, tens of ms at 100k; results are exact.
+- up to FLAT_MAX_VECTORS (50,000) rows: exact search, `IndexIDMap2(IndexFlatIP)`. A query scans
+  every vector: ~5 ms at 10k, ~25 ms at 50k, ~90 ms at 200k (one thread); results are exact.
 - above it: `IndexIVFScalarQuantizer` (fp16 storage, half the memory of float32, inner product,
   spherical k-means with about sqrt(N) lists). A query scans `nprobe` lists (DEFAULT_NPROBE).
   fp16 changes scores by ~1e-4, far below the gap between neighbours.
@@ -16,20 +16,22 @@ Filters are applied *inside* the scan through an IDSelector, never after the top
 is scaled by 1/(fraction of rows allowed), so a selective filter scans more lists (up to all of
 them, which is exact search over the allowed rows) and the recall is the same as unfiltered.
 
-GPU: `to_gpu(index)` clones a flat index onto the GPU when faiss was built with GPU support and a
+GPU: `to_gpu(index)` clones the index onto the GPU when faiss was built with GPU support and a
 GPU is present; filtered searches stay on the CPU copy (GPU indexes take no IDSelector).
 """
 from __future__ import annotations
 
 import logging
 import math
+from contextlib import contextmanager
+from typing import Iterator
 
 import faiss
 import numpy as np
 
 log = logging.getLogger(__name__)
 
-FLAT_MAX_VECTORS = 100_000  # above this many rows, build an IVF (ANN) index
+FLAT_MAX_VECTORS = 50_000   # above this many rows, build an IVF (ANN) index
 DEFAULT_NPROBE = 64         # lists scanned per query in an IVF index (see bench_search.py)
 _BITMAP_MAX_ID = 1 << 30    # ids below this use a bitmap selector (O(1) membership, max_id/8 bytes)
 
@@ -113,9 +115,25 @@ def search(index: faiss.Index, queries: np.ndarray, k: int, allowed_ids: np.ndar
         params = faiss.SearchParametersIVF(nprobe=min(ivf.nlist, nprobe), sel=sel)
     else:
         params = faiss.SearchParameters(sel=sel) if sel is not None else None
-    scores, ids = index.search(queries, k, params=params)
+    with _threads(1 if len(queries) == 1 else None):
+        scores, ids = index.search(queries, k, params=params)
     scores[ids < 0] = -np.inf
     return scores, ids
+
+
+@contextmanager
+def _threads(count: int | None) -> Iterator[None]:
+    """Run FAISS with `count` OpenMP threads inside the block. One query gains nothing from a
+    second thread, and on a busy 2-core machine OpenMP's spinning made it 2-6x slower."""
+    if count is None:
+        yield
+        return
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(count)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 def _as_ivf(index: faiss.Index) -> faiss.IndexIVF | None:
