@@ -171,9 +171,13 @@ def main() -> None:
     parser.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 (CUDA default), float16")
     parser.add_argument("--batch-sizes", default=None, help="image batch sizes, e.g. 1,4,8")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    parser.add_argument("--skip-text", action="store_true", help="images only")
     parser.add_argument("--no-baseline", action="store_true", help="skip the plain eager baseline")
     args = parser.parse_args()
     folder = build_random_full(args.random_full) if args.random_full else (args.model or FIXTURE)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     start = time.perf_counter()
     model = load_model(folder, device=args.device, dtype=args.dtype)
@@ -184,6 +188,8 @@ def main() -> None:
     device = model.device
     print(f"model: {folder}  device: {device}  dtype: {model.dtype}  threads: {torch.get_num_threads()}")
     print(f"load, both towers (warm process): {load_all:.2f} s;  text tower only: {load_text:.2f} s")
+    if args.skip_text:
+        return measure_images(model, args)
     walls = cold_text_query(folder, str(device))
     print(f"cold text query (new process: import, load text tower, encode 1 query): "
           f"median {statistics.median(walls):.2f} s  (runs: {', '.join(f'{w:.2f}' for w in walls)})")
@@ -202,7 +208,11 @@ def main() -> None:
     print(f"texts/s, short queries ({len(texts)} a batch): trimmed {len(texts) / trimmed:.1f}, "
           f"all 77 positions {len(texts) / full:.1f}  ({full / trimmed:.1f}x)")
 
-    # images
+    measure_images(model, args)
+
+
+def measure_images(model, args) -> None:
+    device = model.device
     sizes = [int(s) for s in args.batch_sizes.split(",")] if args.batch_sizes else \
         ([1, 8, 32, 64] if device.type == "cuda" else [1, 2, 4])
     rng = np.random.default_rng(0)

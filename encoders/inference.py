@@ -12,7 +12,7 @@ import torch
 
 from .checkpoint import ModelError, SafetensorsFile, checkpoint_path, resolve_model_source, tokenizer_folder
 from .config import ConfigError, load_config
-from .model import TOWERS, MedImageInsightNet, build_from_checkpoint
+from .model import TOWERS, MedImageInsightNet, build_from_checkpoint, store_matmul_weights_in
 from .preprocess import ImagePreprocessor
 from .tokenizer import ClipTokenizer
 
@@ -144,6 +144,8 @@ def load_model(source: str | os.PathLike | None = None, *, device: str | torch.d
         raise ModelError(str(e)) from None
     checkpoint = SafetensorsFile(checkpoint_path(folder))
     net = build_from_checkpoint(cfg, checkpoint, towers).to(device)
+    if dtype != torch.float32:
+        net = store_matmul_weights_in(net, dtype)
     tokenizer = ClipTokenizer(tokenizer_folder(folder), cfg.text.context_length) if "text" in towers else None
     preprocess = ImagePreprocessor(cfg.image.image_size, cfg.image.mean, cfg.image.std)
     return MedImageInsight(net, preprocess=preprocess, tokenizer=tokenizer, dim=cfg.embed_dim, device=device,

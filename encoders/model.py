@@ -22,6 +22,12 @@ log = logging.getLogger(__name__)
 TOWERS = ("image", "text")
 
 
+def project(features: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
+    """Into the joint space, unit length; in float32 whatever the tower computed in."""
+    with torch.autocast(device_type=features.device.type, enabled=False):
+        return F.normalize(features.float() @ projection, dim=-1)
+
+
 class MedImageInsightNet(nn.Module):
     """Either tower may be left out, so a text query never pays for the image tower."""
 
@@ -38,11 +44,25 @@ class MedImageInsightNet(nn.Module):
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised pixels -> (B, embed_dim), unit rows."""
         pixels = pixels.contiguous(memory_format=torch.channels_last)
-        return F.normalize(self.image_encoder(pixels) @ self.image_projection, dim=-1)
+        return project(self.image_encoder(pixels), self.image_projection)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, L) ids and mask -> (B, embed_dim), unit rows."""
-        return F.normalize(self.lang_encoder(input_ids, attention_mask) @ self.lang_projection, dim=-1)
+        return project(self.lang_encoder(input_ids, attention_mask), self.lang_projection)
+
+
+def store_matmul_weights_in(net: MedImageInsightNet, dtype: torch.dtype) -> MedImageInsightNet:
+    """Keep the weights of linear layers, convolutions, embeddings and projections in
+    `dtype` (bf16/fp16 compute under autocast), so autocast does not cast 600 M
+    parameters again on every call; LayerNorms and the projections keep float32."""
+    for module in net.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)):
+            module.to(dtype)
+    for block in net.modules():  # the text tower's packed attention weights
+        if hasattr(block, "in_proj_weight"):
+            block.in_proj_weight.data = block.in_proj_weight.data.to(dtype)
+            block.in_proj_bias.data = block.in_proj_bias.data.to(dtype)
+    return net
 
 
 def build_from_checkpoint(cfg: ModelConfig, checkpoint: SafetensorsFile, towers: tuple[str, ...],

@@ -275,3 +275,16 @@ def test_folder_holding_the_dated_folder_is_accepted(tmp_path, model):
     loaded = load_model(parent, device="cpu", towers=("text",))
     assert loaded.source.endswith("2024.09.27")
     np.testing.assert_array_equal(loaded.encode_texts(["chest"]), model.encode_texts(["chest"]))
+
+
+def test_bfloat16_mode_stays_close_to_float32(model, expected):
+    """The opt-in fast mode (AMX on CPUs that have it, the default on CUDA)."""
+    fast = load_model(FIXTURE, device="cpu", dtype="bfloat16")
+    assert fast.net.lang_encoder.resblocks[0].mlp.c_fc.weight.dtype == torch.bfloat16
+    assert fast.net.lang_encoder.ln_final.weight.dtype == torch.float32
+    images = fast.encode_images(expected["images"])
+    texts = fast.encode_texts(expected["texts"])
+    assert images.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(images, axis=1), 1.0, atol=1e-5)
+    assert (images * expected["image_embeddings"]).sum(axis=1).min() > 0.99
+    assert (texts * expected["text_embeddings"]).sum(axis=1).min() > 0.999
