@@ -197,7 +197,7 @@ class Searcher:
 
         if self._faiss is None:
             self._faiss = self._store.load_faiss()
-            self._faiss_gpu = vectors.to_gpu(self._faiss)
+            self._faiss_gpu = self._faiss if self.device == "cpu" else vectors.to_gpu(self._faiss)
         if queries.shape[1] != self._faiss.d:
             raise QueryError(f"query vectors have {queries.shape[1]} dimensions, the index {self._faiss.d}")
         index = self._faiss_gpu if allowed is None else self._faiss  # GPU indexes take no IDSelector
