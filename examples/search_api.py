@@ -32,8 +32,9 @@ def sample_folder(folder: Path) -> Path:
     import pydicom
     from PIL import Image
 
+    folder.mkdir(parents=True, exist_ok=True)
     test_files = Path(pydicom.__file__).parent / "data" / "test_files"  # globbed: no downloads
-    for name in ["CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm", "rtdose.dcm"]:
+    for name in ["CT_small.dcm", "MR_small.dcm", "examples_overlay.dcm", "examples_rgb_color.dcm"]:
         if (test_files / name).is_file():
             shutil.copy(test_files / name, folder / name)
     y, x = np.mgrid[0:256, 0:256]
@@ -47,7 +48,7 @@ def sample_folder(folder: Path) -> Path:
 def main() -> None:
     model = os.environ.get("MI_MODEL") or str(TINY_MODEL)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(sys.argv[1]) if len(sys.argv) > 1 else sample_folder(Path(tmp))
+        folder = Path(sys.argv[1]) if len(sys.argv) > 1 else sample_folder(Path(tmp) / "images")
         index_dir = Path(tmp) / "index"
 
         summary = indexer.index_paths([folder], index_dir, model=model)
