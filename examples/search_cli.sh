@@ -7,7 +7,9 @@
 #
 # Without MI_MODEL this uses the tiny random-weight model in tests/fixtures/medimageinsight-tiny:
 # it runs offline, but its rankings mean nothing. With the real weights the commands are the same.
+# Needs the commands installed: pip install -e . (see README).
 set -euo pipefail
+command -v mi-search >/dev/null || { echo "mi-search not found: run pip install -e . first" >&2; exit 1; }
 here="$(cd "$(dirname "$0")/.." && pwd)"
 export MI_MODEL="${MI_MODEL:-$here/tests/fixtures/medimageinsight-tiny}"
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
