@@ -9,12 +9,15 @@ Index type grows with the collection (measured in benchmarks/bench_search.py, 2 
   every vector: ~5 ms at 10k, ~25 ms at 50k, ~90 ms at 200k (one thread); results are exact.
 - above it: `IndexIVFScalarQuantizer` (fp16 storage, half the memory of float32, inner product,
   spherical k-means with about sqrt(N) lists). A query scans `nprobe` lists (DEFAULT_NPROBE).
-  fp16 changes scores by ~1e-4, far below the gap between neighbours.
+  fp16 changes scores by ~1e-4, far below the gap between neighbours. At 1M clustered vectors:
+  build ~35 s, 2 GB; nprobe 64 of 1024 lists: p50 ~16 ms, recall@10 ~0.97 (32: ~9 ms, 0.95).
 
 Filters are applied *inside* the scan through an IDSelector, never after the top-k cut, so
 `k` filtered hits come back whenever `k` rows pass the filter. For IVF the number of probed lists
 is scaled by 1/(fraction of rows allowed), so a selective filter scans more lists (up to all of
-them, which is exact search over the allowed rows) and the recall is the same as unfiltered.
+them, which is exact search over the allowed rows) and the recall stays at least as high as
+unfiltered (1M clustered: 50% allowed ~29 ms, 10% ~33 ms, 1% ~9 ms, recall@10 >= 0.977; a gentler
+sqrt scaling was faster but fell to 0.91 at 10%).
 
 GPU: `to_gpu(index)` clones the index onto the GPU when faiss was built with GPU support and a
 GPU is present; filtered searches stay on the CPU copy (GPU indexes take no IDSelector).
