@@ -1,0 +1,288 @@
+"""Files -> 8-bit pixels: PNG/JPEG/TIFF/BMP through Pillow, DICOM through pydicom.
+
+`decode_bytes` turns the bytes of one file into one or more 8-bit PIL images ("L" or "RGB")
+plus the DICOM metadata the index keeps. Anything that cannot be decoded raises
+`DecodeError` with a short, human-readable reason; the indexer records it and moves on.
+
+DICOM pixel pipeline (PS3.4 grayscale pipeline, simplified):
+modality LUT (RescaleSlope/Intercept or a Modality LUT Sequence) -> VOI LUT Sequence, else the
+first WindowCenter/WindowWidth pair, else the full range of the frame -> 8 bits ->
+MONOCHROME1 inverted. Colour images (RGB, YBR_* converted to RGB by pydicom, PALETTE COLOR
+through its lookup table) are scaled from their bit depth to 8 bits.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
+DICOM_SUFFIXES = frozenset({".dcm", ".dicom", ".dic", ".ima"})
+PIL_FORMATS = ("PNG", "JPEG", "MPO", "TIFF", "BMP")
+_IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*", b"BM")
+
+FRAMES_CHOICES = ("middle", "all")
+
+
+class DecodeError(Exception):
+    """A file that cannot be indexed; `str(error)` is the reason shown to the user."""
+
+
+@dataclass
+class Decoded:
+    """One decoded file: 8-bit images with their frame numbers, and metadata."""
+
+    source_format: str                                   # "dicom", "png", "jpeg", "tiff", "bmp"
+    frames: list[tuple[int, Image.Image]]                # (frame index, 8-bit "L" or "RGB" image)
+    metadata: dict[str, str | None] = field(default_factory=dict)
+
+
+def sniff_kind(path: Path, head: bytes | None = None) -> str | None:
+    """"dicom", "image" or None (not something we index), from the suffix or the first bytes.
+
+    `head` is the first 132 bytes of the file when the caller has them; it is read otherwise,
+    and only for files whose suffix says nothing (archives often have DICOM files without one).
+    """
+    suffix = path.suffix.lower()
+    if suffix in DICOM_SUFFIXES:
+        return "dicom"
+    if suffix in IMAGE_SUFFIXES:
+        return "image"
+    if head is None:
+        try:
+            with open(path, "rb") as f:
+                head = f.read(132)
+        except OSError:
+            return None
+    if head[128:132] == b"DICM":
+        return "dicom"
+    if head.startswith(_IMAGE_MAGIC):
+        return "image"
+    return None
+
+
+def content_hash(data: bytes) -> str:
+    """Identity of a file's content (renamed or copied files reuse their stored vectors)."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def hash_patient_id(patient_id: str | None, salt: str) -> str | None:
+    """A salted hash of PatientID: groups a patient's images without storing the ID."""
+    if not patient_id:
+        return None
+    return hashlib.sha256((salt + "\x00" + patient_id).encode("utf-8")).hexdigest()[:32]
+
+
+def decode_bytes(data: bytes, path: Path, *, frames: str = "middle", max_megapixels: float = 100.0,
+                 salt: str = "") -> Decoded:
+    """Decode one file's bytes. Raises DecodeError with the reason when it cannot be indexed."""
+    if frames not in FRAMES_CHOICES:
+        raise ValueError(f"frames must be one of {FRAMES_CHOICES}, not {frames!r}")
+    if not data:
+        raise DecodeError("empty file")
+    kind = sniff_kind(path, data[:132])
+    if kind == "dicom":
+        return _decode_dicom(data, frames, max_megapixels, salt)
+    if kind == "image":
+        return _decode_image(data, frames, max_megapixels)
+    raise DecodeError("not an image or DICOM file")
+
+
+def decode_file(path: Path | str, **kwargs) -> Decoded:
+    """`decode_bytes` on a file from disk; an unreadable file is a DecodeError too."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DecodeError(f"unreadable: {e.strerror or e}") from None
+    return decode_bytes(data, path, **kwargs)
+
+
+# ---------------------------------------------------------------- plain images (Pillow)
+
+def _check_size(width: int, height: int, n_frames: int, max_megapixels: float) -> None:
+    megapixels = width * height * n_frames / 1e6
+    if megapixels > max_megapixels:
+        raise DecodeError(f"too big: {megapixels:.0f} megapixels > --max-megapixels {max_megapixels:g}")
+
+
+def _to_8bit_image(arr: np.ndarray, lo: float | None = None, hi: float | None = None) -> Image.Image:
+    """Scale a grey (H, W) or colour (H, W, 3) array linearly from [lo, hi] (default: its range)."""
+    arr = np.asarray(arr, dtype=np.float64)
+    lo = float(np.nanmin(arr)) if lo is None else lo
+    hi = float(np.nanmax(arr)) if hi is None else hi
+    if not np.isfinite(lo) or not np.isfinite(hi):
+        raise DecodeError("corrupt image: no finite pixel values")
+    scaled = np.zeros_like(arr) if hi <= lo else (arr - lo) * (255.0 / (hi - lo))
+    out = np.clip(np.nan_to_num(scaled), 0, 255).round().astype(np.uint8)
+    return Image.fromarray(out, "RGB" if out.ndim == 3 else "L")
+
+
+def _pil_frame_to_8bit(img: Image.Image) -> Image.Image:
+    if img.mode in ("L", "RGB"):
+        return img.copy()
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        return _to_8bit_image(np.asarray(img))          # 16/32-bit grey: its own full range
+    if img.mode in ("1", "LA", "La"):
+        return img.convert("L")
+    return img.convert("RGB")                         # P, RGBA, CMYK, YCbCr, ...
+
+
+def _decode_image(data: bytes, frames: str, max_megapixels: float) -> Decoded:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
+            n_frames = getattr(img, "n_frames", 1)
+            wanted = range(n_frames) if frames == "all" else [n_frames // 2]
+            _check_size(img.width, img.height, len(wanted), max_megapixels)
+            decoded = []
+            for index in wanted:
+                img.seek(index)
+                frame = ImageOps.exif_transpose(img) if index == 0 else img
+                frame.load()
+                decoded.append((index, _pil_frame_to_8bit(frame)))
+    except DecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise DecodeError("too big: decompression bomb guard") from None
+    except Image.UnidentifiedImageError:
+        raise DecodeError("not an image or DICOM file") from None
+    except (OSError, ValueError, SyntaxError, EOFError, IndexError, KeyError) as e:
+        raise DecodeError(f"truncated or corrupt image: {_short(e)}") from None
+    return Decoded(source_format=(img.format or "image").lower().replace("mpo", "jpeg"), frames=decoded)
+
+
+# ---------------------------------------------------------------- DICOM (pydicom)
+
+_METADATA_KEYWORDS = {
+    "modality": "Modality",
+    "body_part": "BodyPartExamined",
+    "view_position": "ViewPosition",
+    "series_description": "SeriesDescription",
+    "patient_sex": "PatientSex",
+    "patient_age": "PatientAge",
+    "sop_instance_uid": "SOPInstanceUID",
+    "study_instance_uid": "StudyInstanceUID",
+    "series_instance_uid": "SeriesInstanceUID",
+}
+
+
+def _text(ds, keyword: str) -> str | None:
+    try:
+        value = ds.get(keyword)
+    except Exception:                                  # a malformed element must not cost the image
+        return None
+    if value is None or isinstance(value, bytes):
+        return None
+    text = str(value).strip().strip("\x00").strip()
+    return text or None
+
+
+def _iso_date(value: str | None) -> str | None:
+    if not value or len(value) < 8 or not value[:8].isdigit():
+        return None
+    try:
+        return date(int(value[:4]), int(value[4:6]), int(value[6:8])).isoformat()
+    except ValueError:
+        return None
+
+
+def dicom_metadata(ds, salt: str) -> dict[str, str | None]:
+    """The fields the index keeps. Never names or birth dates; PatientID only as a salted hash."""
+    meta = {name: _text(ds, keyword) for name, keyword in _METADATA_KEYWORDS.items()}
+    meta["study_date"] = _iso_date(_text(ds, "StudyDate"))
+    meta["patient_hash"] = hash_patient_id(_text(ds, "PatientID"), salt)
+    return meta
+
+
+def _first(value) -> float:
+    """First value of a possibly multi-valued numeric element."""
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        value = value[0]
+    return float(value)
+
+
+def _grey_to_8bit(arr: np.ndarray, ds, index: int) -> Image.Image:
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    arr = apply_modality_lut(arr, ds).astype(np.float64)
+    if "VOILUTSequence" in ds:
+        lut_item = ds.VOILUTSequence[0]
+        lut = np.asarray(lut_item.LUTData, dtype=np.float64)
+        image = _to_8bit_image(apply_voi_lut(arr, ds, index=0, prefer_lut=True), lut.min(), lut.max())
+    elif "WindowCenter" in ds and "WindowWidth" in ds and _first(ds.WindowWidth) >= 1:
+        # Linear VOI function of PS3.3 C.11.2.1.2.1 with the first window.
+        center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
+        lo, hi = center - 0.5 - (width - 1) / 2, center - 0.5 + (width - 1) / 2
+        image = _to_8bit_image(arr, lo, hi)
+    else:
+        image = _to_8bit_image(arr)
+    if ds.get("PhotometricInterpretation") == "MONOCHROME1":
+        image = ImageOps.invert(image)
+    return image
+
+
+def _colour_to_8bit(arr: np.ndarray, ds) -> Image.Image:
+    from pydicom.pixels import apply_color_lut
+
+    if ds.get("PhotometricInterpretation") == "PALETTE COLOR":
+        arr = apply_color_lut(arr, ds)
+        bits = 16 if arr.dtype.itemsize > 1 else 8
+    else:
+        bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 8)))
+    return _to_8bit_image(arr, 0.0, float(2 ** bits - 1))
+
+
+def _decode_dicom(data: bytes, frames: str, max_megapixels: float, salt: str) -> Decoded:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    from pydicom.pixels import get_decoder, pixel_array
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=True)
+        if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+            raise DecodeError("DICOM without pixel data")
+        syntax = ds.file_meta.get("TransferSyntaxUID") if "file_meta" in dir(ds) else None
+        if syntax is not None and syntax.is_compressed:
+            try:
+                available = get_decoder(syntax).is_available
+            except NotImplementedError:
+                available = False
+            if not available:
+                raise DecodeError(f"unsupported transfer syntax: {syntax.name}")
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        n_frames = int(ds.get("NumberOfFrames") or 1)
+        wanted = list(range(n_frames)) if frames == "all" else [n_frames // 2]
+        _check_size(columns, rows, len(wanted), max_megapixels)
+        images = []
+        for index in wanted:
+            arr = pixel_array(ds, index=index if n_frames > 1 else None)
+            if arr.ndim == 3 and arr.shape[-1] != 3 and n_frames == 1:
+                arr = arr[0]
+            if arr.ndim == 3 or ds.get("PhotometricInterpretation") == "PALETTE COLOR":
+                images.append((index, _colour_to_8bit(arr, ds)))
+            else:
+                images.append((index, _grey_to_8bit(arr, ds, index)))
+    except DecodeError:
+        raise
+    except InvalidDicomError as e:
+        raise DecodeError(f"corrupt DICOM: {_short(e)}") from None
+    except NotImplementedError as e:
+        raise DecodeError(f"unsupported DICOM: {_short(e)}") from None
+    except MemoryError:
+        raise DecodeError("too big: out of memory while decoding") from None
+    except Exception as e:                              # pydicom raises many types on broken files
+        raise DecodeError(f"truncated or corrupt DICOM: {_short(e)}") from None
+    return Decoded(source_format="dicom", frames=images, metadata=dicom_metadata(ds, salt))
+
+
+def _short(error: BaseException, limit: int = 120) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
