@@ -24,7 +24,7 @@ from PIL import Image, ImageOps
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom", ".dic", ".ima"})
-PIL_FORMATS = ("PNG", "JPEG", "MPO", "TIFF", "BMP")
+PIL_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")  # JPEG opens MPO files too
 _IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*", b"BM")
 
 FRAMES_CHOICES = ("middle", "all")

@@ -1,0 +1,297 @@
+"""Files in, index out: walk -> decide what changed -> decode in worker processes ->
+encode in batches -> one SQLite transaction per batch -> FAISS file at the end.
+
+Incremental by mark-and-sweep (rclip): every file under the given paths is compared with
+what the index knows. Same size and mtime: unchanged, not even opened. Otherwise the file
+is read and hashed in a worker; content the index already holds (a rename, a copy, a
+touched file) reuses its stored vectors; anything else is decoded, preprocessed and
+encoded. Known files that are gone are removed. A file that cannot be decoded is
+recorded with its reason and retried only once it changes.
+
+Crash safety: a file's rows and its `files` record are written in the same transaction,
+so a killed run leaves only whole files behind; the next run redoes what was not committed.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .decode import DecodeError, content_hash, decode_bytes, sniff_kind
+from .store import DB_NAME, IndexStore, StoreError
+
+log = logging.getLogger(__name__)
+COMMIT_EVERY = 256  # files skipped or reused between commits when nothing is being encoded
+
+
+class PathNotFoundError(StoreError):
+    pass
+
+
+@dataclass
+class Job:
+    path: str
+    size: int
+    mtime_ns: int
+
+
+@dataclass
+class Summary:
+    new: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    removed: int = 0
+    skipped: int = 0
+    encoded: int = 0            # images that went through the model in this run
+    reused: int = 0             # files whose vectors were found by content hash
+    images: int = 0             # images in the index after the run
+    skipped_files: list[dict[str, str]] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    index: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+# --- walking -----------------------------------------------------------------------------------
+
+def walk(roots: Sequence[Path], skip: Path | None = None) -> Iterator[tuple[str, os.stat_result]]:
+    """(resolved path, stat) of every regular file under `roots` (folders walked recursively,
+    files taken as they are). Hidden files and folders and the `skip` folder are left out;
+    symlinked folders are followed once, so loops end."""
+    seen_dirs: set[tuple[int, int]] = set()
+    for root in roots:
+        root = Path(root).expanduser()
+        if not root.exists():
+            raise PathNotFoundError(f"no such file or folder: {root}")
+        if not root.is_dir():
+            yield os.path.realpath(root), root.stat()
+            continue
+        stack = [root]
+        while stack:
+            folder = stack.pop()
+            try:
+                st = folder.stat()
+                if (st.st_dev, st.st_ino) in seen_dirs or (skip is not None and folder.resolve() == skip):
+                    continue
+                seen_dirs.add((st.st_dev, st.st_ino))
+                entries = sorted(os.scandir(folder), key=lambda e: e.name, reverse=True)
+            except OSError as e:
+                log.warning("cannot read folder %s: %s", folder, e.strerror)
+                continue
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                try:
+                    if entry.is_dir():
+                        stack.append(Path(entry.path))
+                    elif entry.is_file():
+                        yield os.path.realpath(entry.path), entry.stat()
+                except OSError:
+                    continue  # a dangling link or a file gone meanwhile
+
+
+# --- the worker side: one file -> pixels, or a reason ---------------------------------------------
+
+class FileDataset:
+    """Items for a torch DataLoader: each job read, hashed, and (unless its content is already
+    indexed) decoded and preprocessed, in the worker process."""
+
+    def __init__(self, jobs: list[Job], *, preprocess: Callable, db_path: Path, frames: str,
+                 max_megapixels: float, salt: str):
+        self.jobs, self.preprocess, self.db_path = jobs, preprocess, db_path
+        self.frames, self.max_megapixels, self.salt = frames, max_megapixels, salt
+        self._db: sqlite3.Connection | None = None
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def _known(self, digest: str) -> bool:
+        if self._db is None:  # one read-only connection per worker process
+            self._db = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=30)
+        return self._db.execute("SELECT 1 FROM images WHERE content_hash = ? LIMIT 1", (digest,)).fetchone() is not None
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.load(self.jobs[i])
+
+    def load(self, job: Job, reuse_known: bool = True) -> dict[str, Any]:
+        start = time.perf_counter()
+        item: dict[str, Any] = {"job": job, "content_hash": None}
+        try:
+            with open(job.path, "rb") as f:
+                data = f.read()
+            item["content_hash"] = content_hash(data)
+            if reuse_known and self._known(item["content_hash"]):
+                item["kind"] = "reuse"
+            else:
+                decoded = decode_bytes(data, Path(job.path), frames=self.frames,
+                                       max_megapixels=self.max_megapixels, salt=self.salt)
+                item.update(kind="decoded", metadata={**decoded.metadata, "source_format": decoded.source_format},
+                            frames=[(index, image.width, image.height) for index, image in decoded.frames],
+                            pixels=np.stack([self.preprocess(image).numpy() for _, image in decoded.frames]))
+        except DecodeError as e:
+            item.update(kind="skip", error=str(e))
+        except OSError as e:
+            item.update(kind="skip", error=f"unreadable: {e.strerror or e}")
+        except Exception as e:  # never lose the run to one file
+            item.update(kind="skip", error=f"{type(e).__name__}: {e}"[:200])
+        item["seconds"] = time.perf_counter() - start
+        return item
+
+
+def _worker_init(_worker_id: int) -> None:
+    import torch
+    torch.set_num_threads(1)  # the model's process uses the cores; workers decode one file each
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+class Indexer:
+    """One run of mi-index over some paths into one index."""
+
+    def __init__(self, store: IndexStore, *, model: Any = None, device: str | None = None, dtype: str | None = None,
+                 batch_size: int | None = None, workers: int | None = None, frames: str = "middle",
+                 max_megapixels: float = 100.0, progress: Callable[[int, int, int], None] | None = None):
+        self.store = store
+        self.model_arg, self.device, self.dtype = model, device, dtype
+        self.batch_size, self.workers = batch_size, workers
+        self.frames, self.max_megapixels = frames, max_megapixels
+        self.progress = progress or (lambda done, total, encoded: None)
+        self.model = model if hasattr(model, "encode_pixels") else None
+        self.summary = Summary(index=str(store.folder))
+        self._pending_indexed: list[dict[str, Any]] = []
+        self._pending_skipped: list[dict[str, Any]] = []
+        self._waiting: dict[str, dict[str, Any]] = {}       # files whose frames are still being encoded
+        self._queue: list[tuple[str, int, np.ndarray]] = []  # (path, position in file, pixels)
+        self._write_seconds = 0.0
+        self._encode_seconds = 0.0
+
+    # ---------------------------------------------------------------- model
+    def _load_model(self) -> Any:
+        if self.model is None:
+            from encoders import load_model
+            source = self.model_arg or os.environ.get("MI_MODEL") or (self.store.model_info or {}).get("source")
+            self.model = load_model(source, device=self.device, dtype=self.dtype, towers=("image",))
+        self.store.check_model(self.model.fingerprint, self.model.dim, self.model.source)
+        return self.model
+
+    # ---------------------------------------------------------------- plan
+    def plan(self, roots: Sequence[Path]) -> tuple[list[Job], list[str]]:
+        """Jobs for new and changed files, and the known paths that are gone."""
+        walked = list(walk(roots, skip=self.store.folder))
+        known = self.store.files_under([Path(os.path.realpath(Path(r).expanduser())) for r in roots])
+        jobs, keep = [], set()
+        for path, st in walked:
+            if path in keep:
+                continue
+            before = known.get(path)
+            if before is not None and before[:2] == (st.st_size, st.st_mtime_ns):
+                self.summary.unchanged += 1
+            elif sniff_kind(Path(path)) is not None:
+                jobs.append(Job(path, st.st_size, st.st_mtime_ns))
+                if before is None:
+                    self.summary.new += 1
+                else:
+                    self.summary.updated += 1
+            else:
+                continue  # not an image or DICOM file: not ours (and gone from the index if it was)
+            keep.add(path)
+        removed = [path for path in known if path not in keep]
+        return jobs, removed
+
+    # ---------------------------------------------------------------- run
+    def run(self, roots: Sequence[Path]) -> Summary:
+        start = time.perf_counter()
+        jobs, removed = self.plan(roots)
+        self.summary.seconds["plan"] = time.perf_counter() - start
+        self.store.commit(removed=removed)
+        self.summary.removed = len(removed)
+        if jobs:
+            self._process(jobs)
+        self._commit(force=True)
+        write_start = time.perf_counter()
+        self.store.write_faiss()
+        self._write_seconds += time.perf_counter() - write_start
+        self.summary.images = self.store.count()
+        self.summary.seconds.update(encode=self._encode_seconds, write=self._write_seconds,
+                                    total=time.perf_counter() - start)
+        return self.summary
+
+    def _process(self, jobs: list[Job]) -> None:
+        import torch
+        from torch.utils.data import DataLoader
+
+        model = self._load_model()
+        self.batch_size = self.batch_size or (64 if model.device.type == "cuda" else 8)
+        workers = self.workers if self.workers is not None else min(8, max(1, (os.cpu_count() or 2) - 1))
+        dataset = FileDataset(jobs, preprocess=model.preprocess, db_path=self.store.folder / DB_NAME,
+                              frames=self.frames, max_megapixels=self.max_megapixels, salt=self.store.patient_salt)
+        self._dataset = dataset
+        loader = DataLoader(dataset, batch_size=None, num_workers=workers, worker_init_fn=_worker_init,
+                            prefetch_factor=max(2, self.batch_size // max(workers, 1)) if workers else None,
+                            collate_fn=lambda item: item, pin_memory=False, persistent_workers=False)
+        decode_seconds = 0.0
+        for done, item in enumerate(loader, start=1):
+            decode_seconds += item["seconds"]
+            self._take(item)
+            if len(self._queue) >= self.batch_size:
+                self._encode_queue(torch)
+            self._commit(force=False)
+            self.progress(done, len(jobs), self.summary.encoded)
+        if self._queue:
+            self._encode_queue(torch)
+        self.summary.seconds["read_decode_in_workers"] = decode_seconds
+
+    def _take(self, item: dict[str, Any]) -> None:
+        job: Job = item["job"]
+        record = {"path": job.path, "size": job.size, "mtime_ns": job.mtime_ns, "content_hash": item["content_hash"]}
+        if item["kind"] == "skip":
+            self._pending_skipped.append({**record, "error": item["error"]})
+            self.summary.skipped += 1
+            self.summary.skipped_files.append({"path": job.path, "reason": item["error"]})
+        elif item["kind"] == "reuse":
+            rows = self.store.images_with_hash(item["content_hash"])
+            if not rows:  # removed meanwhile: decode it here after all
+                return self._take(self._dataset.load(job, reuse_known=False))
+            images = [{**row, "embedding": np.frombuffer(row["embedding"], np.float32)} for row in rows]
+            self._pending_indexed.append({**record, "images": images})
+            self.summary.reused += 1
+        else:
+            meta = item["metadata"]
+            images = [{**meta, "frame": index, "width": w, "height": h, "embedding": None}
+                      for index, w, h in item["frames"]]
+            self._waiting[job.path] = {**record, "images": images, "left": len(images)}
+            self._queue.extend((job.path, position, pixels) for position, pixels in enumerate(item["pixels"]))
+
+    def _encode_queue(self, torch) -> None:
+        batch, self._queue = self._queue[:self.batch_size], self._queue[self.batch_size:]
+        start = time.perf_counter()
+        embeddings = self.model.encode_pixels(torch.from_numpy(np.stack([pixels for _, _, pixels in batch])))
+        self._encode_seconds += time.perf_counter() - start
+        self.summary.encoded += len(batch)
+        for (path, position, _), embedding in zip(batch, embeddings):
+            waiting = self._waiting[path]
+            waiting["images"][position]["embedding"] = embedding
+            waiting["left"] -= 1
+            if waiting["left"] == 0:
+                self._pending_indexed.append(self._waiting.pop(path))
+        self._commit(force=True)
+        if len(self._queue) >= self.batch_size:
+            self._encode_queue(torch)
+
+    def _commit(self, force: bool) -> None:
+        pending = len(self._pending_indexed) + len(self._pending_skipped)
+        if pending and (force or pending >= COMMIT_EVERY):
+            start = time.perf_counter()
+            self.store.commit(indexed=self._pending_indexed, skipped=self._pending_skipped)
+            self._write_seconds += time.perf_counter() - start
+            self._pending_indexed, self._pending_skipped = [], []
+
+
