@@ -6,8 +6,8 @@
 """
 from .checkpoint import (DEFAULT_MODEL, MODEL_ENV, CheckpointError, ModelError, ModelNotFoundError,
                          resolve_model_source)
-from .inference import MedImageInsight, load_model
+from .inference import MedImageInsight, describe_model, load_model
 from .preprocess import ImagePreprocessor, to_uint8
 
-__all__ = ["load_model", "MedImageInsight", "ModelError", "ModelNotFoundError", "CheckpointError",
+__all__ = ["load_model", "describe_model", "MedImageInsight", "ModelError", "ModelNotFoundError", "CheckpointError",
            "ImagePreprocessor", "to_uint8", "resolve_model_source", "DEFAULT_MODEL", "MODEL_ENV"]

@@ -6,6 +6,7 @@ import contextlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -119,6 +120,18 @@ class MedImageInsight:
             pixels = torch.stack([self.preprocess(im) for im in images[start:start + batch_size]])
             parts.append(self.encode_pixels(pixels))
         return np.concatenate(parts)
+
+
+def describe_model(source: str | os.PathLike | None = None) -> dict[str, Any]:
+    """{fingerprint, dim, source} of a model without loading its weights (reads the
+    checkpoint's header and a few sampled blocks): to check an index's model cheaply."""
+    folder = resolve_model_source(source)
+    try:
+        cfg = load_config(folder / "config.yaml")
+    except ConfigError as e:
+        raise ModelError(str(e)) from None
+    return {"fingerprint": SafetensorsFile(checkpoint_path(folder)).fingerprint(), "dim": cfg.embed_dim,
+            "source": str(Path(folder).resolve())}
 
 
 def load_model(source: str | os.PathLike | None = None, *, device: str | torch.device | None = None,

@@ -207,8 +207,20 @@ class Indexer:
         return jobs, removed
 
     # ---------------------------------------------------------------- run
+    def check_model_given(self) -> None:
+        """A model named explicitly (--model, MI_MODEL, or a loaded one) must be the index's,
+        even when nothing needs encoding; checked from the checkpoint's header, not its weights."""
+        if self.model is not None:
+            self.store.check_model(self.model.fingerprint, self.model.dim, self.model.source)
+        elif self.model_arg or os.environ.get("MI_MODEL"):
+            from encoders import describe_model
+            info = describe_model(self.model_arg or os.environ.get("MI_MODEL"))
+            if self.store.model_info is not None:
+                self.store.check_model(info["fingerprint"], info["dim"], info["source"])
+
     def run(self, roots: Sequence[Path]) -> Summary:
         start = time.perf_counter()
+        self.check_model_given()
         jobs, removed = self.plan(roots)
         self.summary.seconds["plan"] = time.perf_counter() - start
         self.store.commit(removed=removed)
