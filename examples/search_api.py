@@ -52,7 +52,8 @@ def main() -> None:
         index_dir = Path(tmp) / "index"
 
         summary = indexer.index_paths([folder], index_dir, model=model)
-        print(f"indexed {folder}: {summary}")
+        print(f"indexed {folder}: {summary['new']} new, {summary['updated']} updated, "
+              f"{summary['unchanged']} unchanged, {summary['skipped']} skipped")
 
         with Searcher(index=index_dir, model=model) as searcher:
             print('\ntext query "chest x-ray", top 3:')
