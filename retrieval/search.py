@@ -83,6 +83,7 @@ class Searcher:
         self._towers: dict[str, Any] = {}
         self._loaded_model = model if hasattr(model, "encode_texts") else None
         self._model_source = None if self._loaded_model else (model or os.environ.get(MODEL_ENV))
+        self._model_info = self._store.model_info or {}
         if self._store.count() == 0:
             self._store.close()
             raise EmptyIndexError(f"the index at {self.index_dir} is empty: add images with "
@@ -101,7 +102,7 @@ class Searcher:
     @property
     def model_info(self) -> dict[str, Any]:
         """What the index records about its model: fingerprint, dim, source."""
-        return dict(self._store.model_info or {})
+        return dict(self._model_info)
 
     def __len__(self) -> int:
         return self._store.count()
@@ -110,7 +111,9 @@ class Searcher:
     def encoder(self, tower: str) -> Any:
         """The encoder with `tower` ("text" or "image") loaded, loading it on first use."""
         if self._loaded_model is not None:
-            self._check_model(self._loaded_model)
+            if not self._towers:
+                self._check_model(self._loaded_model)
+                self._towers = {"text": self._loaded_model, "image": self._loaded_model}
             return self._loaded_model
         if tower not in self._towers:
             from encoders import load_model
@@ -139,17 +142,14 @@ class Searcher:
         terms = _terms(query, force) + ([QueryTerm("image", str(image))] if image is not None else [])
         if not terms:
             raise QueryError("nothing to search for: give a text query or an image")
-        vectors = np.zeros((len(terms), 0), dtype=np.float32)
         texts = [i for i, term in enumerate(terms) if term.kind == "text"]
         images = [i for i, term in enumerate(terms) if term.kind == "image"]
+        pictures = [load_query_image(terms[i].value) for i in images]  # fail before loading a model
         rows: dict[int, np.ndarray] = {}
         if texts:
-            encoded = self.encoder("text").encode_texts([terms[i].value for i in texts])
-            rows.update(zip(texts, encoded))
+            rows.update(zip(texts, self.encoder("text").encode_texts([terms[i].value for i in texts])))
         if images:
-            pictures = [load_query_image(terms[i].value) for i in images]
-            encoded = self.encoder("image").encode_images(pictures)
-            rows.update(zip(images, encoded))
+            rows.update(zip(images, self.encoder("image").encode_images(pictures)))
         vectors = np.stack([rows[i] for i in range(len(terms))])
         return combine(vectors, [term.weight for term in terms])
 
