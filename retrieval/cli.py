@@ -89,7 +89,7 @@ def main(query: tuple[str, ...], index_dir: Path | None, model: str | None, devi
         for hit in hits:
             click.echo(hit.path)
     elif not hits:
-        click.echo("No hits: nothing in the index matches the filters.", err=True)
+        click.echo("No hits: nothing in the index matches the filters or --min-score.", err=True)
     elif sys.stdout.isatty():
         _print_table(hits)
     else:
