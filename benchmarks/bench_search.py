@@ -37,6 +37,11 @@ from indexer import vectors  # noqa: E402
 DIM = 1024
 
 
+def load() -> str:
+    """Timings on a shared machine mean little without the load next to them."""
+    return "load average %.1f %.1f %.1f" % os.getloadavg()
+
+
 def unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
@@ -87,23 +92,26 @@ def clustered_unit(n: int, dim: int, seed: int, clusters: int = 10_000) -> tuple
     return out, centres
 
 
-def datasets(n: int, n_queries: int):
+def datasets(n: int, n_queries: int, names: list[str]):
     """(name, data, {query set name: queries}), one data set at a time to bound memory."""
-    data = random_unit(n, DIM, seed=0)
-    yield "uniform random", data, {"random": random_unit(n_queries, DIM, seed=1),
-                                   "near": near_queries(data, n_queries, cosine=0.7, seed=2)}
-    del data
+    if "random" in names:
+        data = random_unit(n, DIM, seed=0)
+        yield "uniform random", data, {"random": random_unit(n_queries, DIM, seed=1),
+                                       "near": near_queries(data, n_queries, cosine=0.7, seed=2)}
+        del data
+    if "clustered" not in names:
+        return
     data, centres = clustered_unit(n, DIM, seed=3, clusters=max(10, n // 100))
     picked = centres[np.random.default_rng(4).integers(0, len(centres), n_queries)]
     queries = unit(0.8 * picked + 0.6 * random_unit(n_queries, DIM, seed=5)).astype(np.float32)
     yield "clustered", data, {"clustered": queries}
 
 
-def bench_faiss(n: int, n_queries: int, k: int, nprobes: list[int]) -> None:
+def bench_faiss(n: int, n_queries: int, k: int, nprobes: list[int], names: list[str]) -> None:
     ids = np.arange(1, n + 1, dtype=np.int64)  # SQLite row ids start at 1
     allowed = ids[::10]                         # a filter keeping 10% of the rows
-    for name, data, queries in datasets(n, n_queries):
-        print(f"\n== {n:,} unit vectors ({name}), D={DIM}, k={k}, one query per call ==")
+    for name, data, queries in datasets(n, n_queries, names):
+        print(f"\n== {n:,} unit vectors ({name}), D={DIM}, k={k}, one query per call; {load()} ==")
         start = time.perf_counter()
         flat = vectors.build_faiss_index(data, ids, kind="flat")
         print(f"build flat: {time.perf_counter() - start:.1f} s")
@@ -157,7 +165,7 @@ def bench_cold(model: str) -> None:
 
     import indexer
 
-    print(f"\n== cold mi-search, model {model} ==")
+    print(f"\n== cold mi-search, model {model}; {load()} ==")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     with tempfile.TemporaryDirectory() as tmp:
         images = Path(tmp, "images")
@@ -197,7 +205,8 @@ def main() -> None:
     parser.add_argument("--sizes", default="10000,1000000", help="comma-separated collection sizes")
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("-k", type=int, default=10)
-    parser.add_argument("--nprobe", default="8,16,32,64", help="comma-separated nprobe values to try")
+    parser.add_argument("--nprobe", default="16,32,48,64,128", help="comma-separated nprobe values to try")
+    parser.add_argument("--datasets", default="random,clustered", help="random and/or clustered")
     parser.add_argument("--model", default=str(ROOT / "tests/fixtures/medimageinsight-tiny"))
     parser.add_argument("--skip-cold", action="store_true")
     parser.add_argument("--skip-faiss", action="store_true")
@@ -211,7 +220,8 @@ def main() -> None:
         bench_cold(args.model)
     if not args.skip_faiss:
         for n in (int(s) for s in args.sizes.split(",")):
-            bench_faiss(n, args.queries, args.k, [int(p) for p in args.nprobe.split(",")])
+            bench_faiss(n, args.queries, args.k, [int(p) for p in args.nprobe.split(",")],
+                        args.datasets.split(","))
 
 
 if __name__ == "__main__":
