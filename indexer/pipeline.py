@@ -223,11 +223,12 @@ class Indexer:
         self.check_model_given()
         jobs, removed = self.plan(roots)
         self.summary.seconds["plan"] = time.perf_counter() - start
-        self.store.commit(removed=removed)
-        self.summary.removed = len(removed)
         if jobs:
             self._process(jobs)
         self._commit(force=True)
+        # Swept last, so that a renamed file can still reuse the vectors stored under its old path.
+        self.store.commit(removed=removed)
+        self.summary.removed = len(removed)
         write_start = time.perf_counter()
         self.store.write_faiss()
         self._write_seconds += time.perf_counter() - write_start

@@ -1,0 +1,272 @@
+"""mi-index: incremental updates, crash safety, concurrent readers, and its CLI."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pydicom
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+import indexer
+from encoders import load_model
+from indexer.cli import main as mi_index
+from indexer.store import IndexStore
+
+FIXTURE = Path(__file__).parent / "fixtures" / "medimageinsight-tiny"
+PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
+REPO = Path(__file__).parents[1]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(FIXTURE, device="cpu", towers=("image",))
+
+
+def make_images(folder: Path, count: int, seed: int = 0, size: int = 96) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(count):
+        path = folder / f"img{i:03d}.png"
+        Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+def index_state(index_dir: Path) -> dict[tuple[str, int], np.ndarray]:
+    """{(path, frame): vector} from SQLite, after checking FAISS and SQLite agree."""
+    with IndexStore.open(index_dir, readonly=True) as store:
+        db = sqlite3.connect(index_dir / "index.sqlite")
+        rows = db.execute("SELECT id, path, frame, embedding FROM images").fetchall()
+        assert len({(p, f) for _, p, f, _ in rows}) == len(rows), "duplicate images"
+        index = store.load_faiss()
+        assert index.ntotal == len(rows)
+        assert set(faiss.vector_to_array(index.id_map).tolist()) == {row_id for row_id, *_ in rows}
+        cached = list(index_dir.glob("vectors.g*.faiss"))
+        assert len(cached) == 1 and cached[0].name == f"vectors.g{store.generation()}.faiss"
+        assert faiss.read_index(str(cached[0])).ntotal == len(rows)
+        return {(p, f): np.frombuffer(e, np.float32) for _, p, f, e in rows}
+
+
+def test_incremental_runs(tmp_path, model):
+    data, index_dir = tmp_path / "data", tmp_path / "index"
+    images = make_images(data, 6)
+    shutil.copy(PYDICOM_FILES / "CT_small.dcm", data / "ct.dcm")
+    (data / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (data / "notes.txt").write_text("not ours")
+
+    first = indexer.index_paths([data], index_dir, model=model, workers=0)
+    assert (first["new"], first["encoded"], first["skipped"], first["images"]) == (8, 7, 1, 7)
+    assert first["skipped_files"][0]["path"].endswith("broken.png")
+
+    again = indexer.index_paths([data], index_dir, model=model, workers=0)
+    assert again["encoded"] == 0 and again["unchanged"] == 8 and again["new"] == again["skipped"] == 0
+
+    # a modified file is encoded again; a deleted one is gone; a renamed and a copied one are not encoded
+    Image.fromarray(np.full((50, 70), 200, np.uint8)).save(images[0])
+    images[1].unlink()
+    images[2].rename(data / "renamed.png")
+    shutil.copy(images[3], data / "copy.png")
+    before = index_state(index_dir)
+    third = indexer.index_paths([data], index_dir, model=model, workers=0)
+    assert (third["updated"], third["removed"], third["new"], third["encoded"], third["reused"]) == (1, 2, 2, 1, 2)
+    after = index_state(index_dir)
+    paths = {path for path, _ in after}
+    assert str(images[1]) not in paths and str(images[2]) not in paths
+    np.testing.assert_array_equal(after[(str(data / "renamed.png"), 0)], before[(str(images[2]), 0)])
+    np.testing.assert_array_equal(after[(str(data / "copy.png"), 0)], before[(str(images[3]), 0)])
+    assert not np.array_equal(after[(str(images[0]), 0)], before[(str(images[0]), 0)])
+    fresh = model.encode_images([Image.open(images[0])])[0]
+    np.testing.assert_allclose(after[(str(images[0]), 0)], fresh, atol=1e-6)
+
+    # the broken file is retried only once it changes
+    assert indexer.index_paths([data], index_dir, model=model, workers=0)["skipped"] == 0
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(data / "broken.png")
+    fixed = indexer.index_paths([data], index_dir, model=model, workers=0)
+    assert fixed["updated"] == 1 and fixed["encoded"] == 1 and fixed["skipped"] == 0
+
+
+def test_deleted_file_leaves_search_results(tmp_path, model):
+    from retrieval import Searcher
+    data, index_dir = tmp_path / "data", tmp_path / "index"
+    images = make_images(data, 3)
+    indexer.index_paths([data], index_dir, model=model, workers=0)
+    query = model.encode_images([Image.open(images[1])])[0]
+    with Searcher(index_dir, model=model) as searcher:
+        assert searcher.search(vector=query, k=1)[0].path == str(images[1])
+    images[1].unlink()
+    indexer.index_paths([data], index_dir, model=model, workers=0)
+    with Searcher(index_dir, model=model) as searcher:
+        assert str(images[1]) not in [hit.path for hit in searcher.search(vector=query, k=10)]
+
+
+def test_walk_rules(tmp_path, model):
+    data = tmp_path / "data"
+    make_images(data / "a", 2)
+    make_images(data / ".hidden", 2, seed=1)
+    (data / "a" / "loop").symlink_to(data, target_is_directory=True)  # a symlink loop
+    shutil.copy(PYDICOM_FILES / "CT_small.dcm", data / "a" / "IM0001")  # DICOM without extension
+    index_dir = data / "index-inside"  # the index folder itself is not indexed
+    summary = indexer.index_paths([data, data / "a" / "img000.png"], index_dir, model=model, workers=0)
+    assert summary["new"] == 3 and summary["images"] == 3 and summary["skipped"] == 0
+
+
+def test_workers_and_multiframe(tmp_path, model):
+    data = tmp_path / "data"
+    make_images(data, 3)
+    shutil.copy(PYDICOM_FILES.parent.parent.parent / "data_store" / "data" / "emri_small.dcm"
+                if (PYDICOM_FILES.parent.parent.parent / "data_store").exists() else PYDICOM_FILES / "CT_small.dcm",
+                data / "multi.dcm")
+    n_frames = int(pydicom.dcmread(data / "multi.dcm", stop_before_pixels=True).get("NumberOfFrames") or 1)
+    summary = indexer.index_paths([data], tmp_path / "index", model=model, workers=2, batch_size=4, frames="all")
+    assert summary["images"] == 3 + n_frames and summary["encoded"] == 3 + n_frames
+    state = index_state(tmp_path / "index")
+    assert sorted(f for p, f in state if p.endswith("multi.dcm")) == list(range(n_frames))
+    # frames encoded in batches equal frames encoded alone
+    image = pydicom.dcmread(data / "multi.dcm")
+    assert len(state) == 3 + n_frames and image is not None
+
+
+def test_patient_identifiers_are_not_stored(tmp_path, model):
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(PYDICOM_FILES / "CT_small.dcm", data / "ct.dcm")
+    indexer.index_paths([data], tmp_path / "index", model=model, workers=0)
+    ds = pydicom.dcmread(data / "ct.dcm", stop_before_pixels=True)
+    raw = (tmp_path / "index" / "index.sqlite").read_bytes()
+    for wal in (tmp_path / "index").glob("index.sqlite-wal"):
+        raw += wal.read_bytes()
+    for identifier in (str(ds.PatientName), str(ds.PatientID), str(ds.get("PatientBirthDate", ""))):
+        if identifier:
+            assert identifier.encode() not in raw
+    with IndexStore.open(tmp_path / "index", readonly=True) as store:
+        row = next(iter(store.rows([1]).values()))
+    assert row["modality"] == "CT" and row["patient_hash"] and len(row["patient_hash"]) == 32
+
+
+# --- crash safety and concurrency, with real subprocesses -----------------------------------------
+
+def start_indexer(data: Path, index_dir: Path, *extra: str) -> subprocess.Popen:
+    # One thread: two OpenMP threads competing with the test process for 2 cores spin-wait badly.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MI_MODEL": str(FIXTURE), "PYTHONPATH": str(REPO),
+           "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-c", "from indexer.cli import main; main()", str(data),
+                             "--index", str(index_dir), "--device", "cpu", "--json", *extra],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def committed_files(index_dir: Path) -> int:
+    try:
+        db = sqlite3.connect(f"file:{index_dir / 'index.sqlite'}?mode=ro", uri=True, timeout=5)
+        return db.execute("SELECT count(*) FROM files").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+@pytest.mark.parametrize("kill_after", [1, 8])
+def test_sigkill_mid_run_then_rerun_equals_clean_build(tmp_path, kill_after):
+    data = tmp_path / "data"
+    make_images(data, 24, size=64)
+    index_dir = tmp_path / "index"
+    process = start_indexer(data, index_dir, "--batch-size", "2", "--workers", "0")
+    deadline = time.time() + 120
+    while committed_files(index_dir) < kill_after and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    interrupted = committed_files(index_dir)
+    assert 0 < interrupted < 24, "the kill should land mid-run"
+
+    rerun = start_indexer(data, index_dir)
+    out, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err.decode()
+    summary = json.loads(out)
+    assert summary["new"] == 24 - interrupted and summary["unchanged"] == interrupted
+
+    clean = start_indexer(data, tmp_path / "clean")
+    clean.communicate(timeout=300)
+    resumed, rebuilt = index_state(index_dir), index_state(tmp_path / "clean")
+    assert resumed.keys() == rebuilt.keys() and len(resumed) == 24
+    for key in rebuilt:
+        np.testing.assert_allclose(resumed[key], rebuilt[key], atol=1e-6)
+
+
+def test_search_while_indexing_sees_a_consistent_index(tmp_path):
+    data = tmp_path / "data"
+    make_images(data, 20, size=64)
+    index_dir = tmp_path / "index"
+    process = start_indexer(data, index_dir, "--batch-size", "2", "--workers", "0")
+    while committed_files(index_dir) == 0 and process.poll() is None:
+        time.sleep(0.01)
+    looks = 0
+    while process.poll() is None or looks == 0:
+        with IndexStore.open(index_dir, readonly=True) as store:
+            index = store.load_faiss()
+            ids = faiss.vector_to_array(index.id_map)
+            rows = store.rows(ids.tolist())
+            assert len(rows) == len(ids) == index.ntotal  # every vector has its row, no more, no less
+            if len(ids):
+                _, found = index.search(store.vectors(ids[:1].tolist()), 1)
+                assert found[0, 0] == ids[0]
+        looks += 1
+        time.sleep(0.05)
+    assert process.returncode == 0 and looks >= 2
+
+
+def test_second_indexer_is_refused_while_one_runs(tmp_path):
+    data = tmp_path / "data"
+    make_images(data, 2)
+    with IndexStore.open(tmp_path / "index", create=True) as running:
+        running.lock()  # as a running mi-index holds it
+        result = CliRunner().invoke(mi_index, [str(data), "--index", str(tmp_path / "index"), "--model", str(FIXTURE)])
+    assert result.exit_code == 1 and "another mi-index is writing" in result.output
+    assert CliRunner().invoke(mi_index, [str(data), "--index", str(tmp_path / "index"), "--model", str(FIXTURE),
+                                         "--workers", "0"]).exit_code == 0  # released with the process
+
+
+# --- the CLI ---------------------------------------------------------------------------------------
+
+def test_cli_json_summary_and_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("MI_MODEL", raising=False)
+    data = tmp_path / "data"
+    make_images(data, 2)
+    runner = CliRunner()
+    ok = runner.invoke(mi_index, [str(data), "--index", str(tmp_path / "index"), "--model", str(FIXTURE),
+                                  "--json", "--workers", "0"])
+    assert ok.exit_code == 0, ok.output
+    summary = json.loads(ok.output)
+    assert all(isinstance(summary[key], int) for key in ("new", "updated", "unchanged", "removed", "skipped"))
+    assert summary["new"] == 2
+
+    def one_line_error(args: list[str], expected: str) -> None:
+        result = runner.invoke(mi_index, args)
+        assert result.exit_code == 1, (args, result.output)
+        assert expected in result.output and "Traceback" not in result.output
+        assert len(result.output.strip().splitlines()) == 1
+
+    one_line_error([str(tmp_path / "missing"), "--index", str(tmp_path / "index"), "--model", str(FIXTURE)],
+                   "no such file or folder")
+    other = shutil.copytree(FIXTURE, tmp_path / "other-model", ignore=shutil.ignore_patterns("expected"))
+    from safetensors.torch import load_file, save_file
+    weights = load_file(other / "vision_model" / "medimageinsigt-v1.0.0.pt")
+    weights = {name: tensor * 1.5 for name, tensor in weights.items()}  # same layout, other weights
+    save_file(weights, other / "vision_model" / "medimageinsigt-v1.0.0.pt")
+    one_line_error([str(data), "--index", str(tmp_path / "index"), "--model", str(other)], "built with another model")
+    one_line_error([str(data), "--index", str(tmp_path / "index2"), "--model", str(tmp_path / "nowhere")],
+                   "no model folder")
+    (tmp_path / "garbage").mkdir()
+    (tmp_path / "garbage" / "index.sqlite").write_bytes(b"this is not a database" * 100)
+    one_line_error([str(data), "--index", str(tmp_path / "garbage"), "--model", str(FIXTURE)], "not a usable index")
+    one_line_error([str(data), "--index", str(tmp_path / "index3")], "cannot get model 'lion-ai/MedImageInsights'")
