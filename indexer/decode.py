@@ -216,7 +216,12 @@ def _grey_to_8bit(arr: np.ndarray, ds, index: int) -> Image.Image:
     if "VOILUTSequence" in ds:
         lut_item = ds.VOILUTSequence[0]
         lut = np.asarray(lut_item.LUTData, dtype=np.float64)
-        image = _to_8bit_image(apply_voi_lut(arr, ds, index=0, prefer_lut=True), lut.min(), lut.max())
+        if np.array_equal(arr, np.round(arr)):            # the LUT is indexed by stored integers
+            arr = arr.astype(np.int64)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            voi = apply_voi_lut(arr, ds, index=0, prefer_lut=True)
+        image = _to_8bit_image(voi, lut.min(), lut.max())
     elif "WindowCenter" in ds and "WindowWidth" in ds and _first(ds.WindowWidth) >= 1:
         # Linear VOI function of PS3.3 C.11.2.1.2.1 with the first window.
         center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
@@ -240,17 +245,38 @@ def _colour_to_8bit(arr: np.ndarray, ds) -> Image.Image:
     return _to_8bit_image(arr, 0.0, float(2 ** bits - 1))
 
 
+def _transfer_syntax(ds):
+    """The dataset's transfer syntax; for files without one (no or broken file meta), the
+    encoding pydicom found while reading, so their uncompressed pixels still decode."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and meta.get("TransferSyntaxUID"):
+        return meta.TransferSyntaxUID
+    implicit, little = ds.original_encoding
+    syntax = ImplicitVRLittleEndian if implicit else (ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+    if meta is None:
+        ds.file_meta = meta = FileMetaDataset()
+    meta.TransferSyntaxUID = syntax
+    return syntax
+
+
 def _decode_dicom(data: bytes, frames: str, max_megapixels: float, salt: str) -> Decoded:
     import pydicom
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import get_decoder, pixel_array
 
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")               # pydicom warns on every oddity it tolerates
+            ds = pydicom.dcmread(io.BytesIO(data), force=True)
         if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
             raise DecodeError("DICOM without pixel data")
-        syntax = ds.file_meta.get("TransferSyntaxUID") if "file_meta" in dir(ds) else None
-        if syntax is not None and syntax.is_compressed:
+        if "Rows" not in ds or "Columns" not in ds:
+            raise DecodeError("corrupt DICOM: no Rows/Columns")
+        syntax = _transfer_syntax(ds)
+        if syntax.is_compressed:
             try:
                 available = get_decoder(syntax).is_available
             except NotImplementedError:
@@ -263,7 +289,9 @@ def _decode_dicom(data: bytes, frames: str, max_megapixels: float, salt: str) ->
         _check_size(columns, rows, len(wanted), max_megapixels)
         images = []
         for index in wanted:
-            arr = pixel_array(ds, index=index if n_frames > 1 else None)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                arr = pixel_array(ds, index=index if n_frames > 1 else None)
             if arr.ndim == 3 and arr.shape[-1] != 3 and n_frames == 1:
                 arr = arr[0]
             if arr.ndim == 3 or ds.get("PhotometricInterpretation") == "PALETTE COLOR":
