@@ -26,6 +26,13 @@ def index_paths(paths: Sequence[str | os.PathLike], index_dir: str | os.PathLike
     from .pipeline import Indexer
     from .store import IndexStore
 
+    if progress is True:  # a rich bar on stderr, as mi-index shows
+        from rich.console import Console
+
+        from .cli import ProgressBar
+        with ProgressBar(Console(stderr=True), enabled=True) as update:
+            return index_paths(paths, index_dir, model=model, batch_size=batch_size, workers=workers, device=device,
+                               dtype=dtype, max_megapixels=max_megapixels, frames=frames, progress=update)
     with IndexStore.open(index_dir or default_index_dir(), create=True) as store:
         store.lock()
         run = Indexer(store, model=model, device=device, dtype=dtype, batch_size=batch_size, workers=workers,

@@ -56,7 +56,7 @@ def main(paths: tuple[Path, ...], index_dir: Path | None, model: str | None, bat
     err = Console(stderr=True)
     index_dir = index_dir or default_index_dir()
     try:
-        with _progress(err, enabled=err.is_terminal and not as_json) as update:
+        with ProgressBar(err, enabled=err.is_terminal and not as_json) as update:
             summary = index_paths(paths, index_dir, model=model, batch_size=batch_size, workers=workers,
                                   device=device, dtype=dtype, max_megapixels=max_megapixels, frames=frames,
                                   progress=update)
@@ -71,7 +71,7 @@ def main(paths: tuple[Path, ...], index_dir: Path | None, model: str | None, bat
         _print_summary(Console(), summary)
 
 
-class _progress:
+class ProgressBar:
     """A rich progress bar (files done / total, images/s, ETA), fed by the pipeline's callback."""
 
     def __init__(self, console, enabled: bool):

@@ -62,10 +62,12 @@ class Summary:
 
 # --- walking -----------------------------------------------------------------------------------
 
-def walk(roots: Sequence[Path], skip: Path | None = None) -> Iterator[tuple[str, os.stat_result]]:
+def walk(roots: Sequence[Path], skip: Path | None = None, unreadable: list[str] | None = None
+         ) -> Iterator[tuple[str, os.stat_result]]:
     """(resolved path, stat) of every regular file under `roots` (folders walked recursively,
     files taken as they are). Hidden files and folders and the `skip` folder are left out;
-    symlinked folders are followed once, so loops end."""
+    symlinked folders are followed once, so loops end. Folders that cannot be listed are
+    appended to `unreadable` (resolved), so their known files are not taken for deleted."""
     seen_dirs: set[tuple[int, int]] = set()
     for root in roots:
         root = Path(root).expanduser()
@@ -85,6 +87,8 @@ def walk(roots: Sequence[Path], skip: Path | None = None) -> Iterator[tuple[str,
                 entries = sorted(os.scandir(folder), key=lambda e: e.name, reverse=True)
             except OSError as e:
                 log.warning("cannot read folder %s: %s", folder, e.strerror)
+                if unreadable is not None:
+                    unreadable.append(os.path.realpath(folder))
                 continue
             for entry in entries:
                 if entry.name.startswith("."):
@@ -185,8 +189,11 @@ class Indexer:
     # ---------------------------------------------------------------- plan
     def plan(self, roots: Sequence[Path]) -> tuple[list[Job], list[str]]:
         """Jobs for new and changed files, and the known paths that are gone."""
-        walked = list(walk(roots, skip=self.store.folder))
+        unreadable: list[str] = []
+        walked = list(walk(roots, skip=self.store.folder, unreadable=unreadable))
         known = self.store.files_under([Path(os.path.realpath(Path(r).expanduser())) for r in roots])
+        # files reached through a symlinked folder live outside the roots: look them up one by one
+        known.update(self.store.files_at([path for path, _ in walked if path not in known]))
         jobs, keep = [], set()
         for path, st in walked:
             if path in keep:
@@ -203,7 +210,8 @@ class Indexer:
             else:
                 continue  # not an image or DICOM file: not ours (and gone from the index if it was)
             keep.add(path)
-        removed = [path for path in known if path not in keep]
+        unreadable_prefixes = tuple(folder.rstrip("/") + "/" for folder in unreadable)
+        removed = [path for path in known if path not in keep and not path.startswith(unreadable_prefixes)]
         return jobs, removed
 
     # ---------------------------------------------------------------- run

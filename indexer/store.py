@@ -232,6 +232,18 @@ class IndexStore:
                 found.update({path: (size, mtime, error) for path, size, mtime, error in rows})
         return found
 
+    def files_at(self, paths: Sequence[str]) -> dict[str, tuple[int, int, str | None]]:
+        """{path: (size, mtime_ns, error)} of those of `paths` the index knows."""
+        found: dict[str, tuple[int, int, str | None]] = {}
+        with self.engine.connect() as conn:
+            for start in range(0, len(paths), 500):
+                chunk = list(paths[start:start + 500])
+                rows = conn.execute(text(f"SELECT path, size, mtime_ns, error FROM files WHERE path IN "
+                                         f"({', '.join(f':p{i}' for i in range(len(chunk)))})"),
+                                    {f"p{i}": path for i, path in enumerate(chunk)})
+                found.update({path: (size, mtime, error) for path, size, mtime, error in rows})
+        return found
+
     def images_with_hash(self, content_hash: str) -> list[dict[str, Any]]:
         """Stored rows (metadata + embedding) of content already indexed under some path."""
         with self.engine.connect() as conn:
@@ -335,15 +347,15 @@ class IndexStore:
         with self.engine.connect() as conn:
             conn.exec_driver_sql("BEGIN")
             generation = self.generation(conn)
-            ids, vectors = self.all_vectors(conn)
-        target = self._faiss_path(generation)
-        if not target.exists():
-            tmp = target.with_suffix(".tmp")
-            faiss.write_index(build_faiss_index(vectors, ids), str(tmp))
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        for old in self.folder.glob("vectors.g*.faiss"):
+            target = self._faiss_path(generation)
+            if not target.exists():  # else up to date: an unchanged re-run reads no vectors
+                ids, vectors = self.all_vectors(conn)
+                tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+                faiss.write_index(build_faiss_index(vectors, ids), str(tmp))
+                with open(tmp, "rb") as f:
+                    os.fsync(f.fileno())
+                os.replace(tmp, target)
+        for old in self.folder.glob("vectors.g*"):  # older generations, and tmp files of killed runs
             if old != target:
                 old.unlink(missing_ok=True)
         return target

@@ -130,3 +130,17 @@ def test_16_bit_png_uses_its_range(tmp_path):
     Image.fromarray(ramp).save(path)
     image = pixels(path)
     assert image.min() == 0 and image.max() == 255 and np.all(np.diff(image.ravel().astype(int)) >= 0)
+
+
+def test_unsupported_transfer_syntax_is_a_reason():
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import MPEG2MPML
+
+    ds = pydicom.dcmread(PYDICOM_FILES / "CT_small.dcm")
+    ds.PixelData = encapsulate([b"\x00" * 100])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = MPEG2MPML  # video: no decoder installed for it
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    with pytest.raises(DecodeError, match="unsupported transfer syntax: MPEG2"):
+        decode_bytes(buffer.getvalue(), Path("video.dcm"))

@@ -122,6 +122,44 @@ def test_walk_rules(tmp_path, model):
     assert summary["new"] == 3 and summary["images"] == 3 and summary["skipped"] == 0
 
 
+def test_symlinked_folder_outside_the_root_is_unchanged_on_rerun(tmp_path, model):
+    outside, data = tmp_path / "outside", tmp_path / "data"
+    make_images(outside, 2)
+    make_images(data, 1, seed=3)
+    (data / "linked").symlink_to(outside, target_is_directory=True)
+    first = indexer.index_paths([data], tmp_path / "index", model=model, workers=0)
+    assert first["new"] == 3 and first["images"] == 3
+    again = indexer.index_paths([data], tmp_path / "index", model=model, workers=0)
+    assert (again["unchanged"], again["new"], again["encoded"], again["images"]) == (3, 0, 0, 3)
+
+
+def test_unreadable_folder_is_not_taken_for_deleted(tmp_path, model, monkeypatch):
+    data = tmp_path / "data"
+    make_images(data / "a", 2)
+    make_images(data / "b", 2, seed=1)
+    indexer.index_paths([data], tmp_path / "index", model=model, workers=0)
+    real_scandir = os.scandir
+
+    def scandir(path):  # root reads everything, so a permission error is simulated
+        if Path(path).name == "b":
+            raise PermissionError(13, "Permission denied")
+        return real_scandir(path)
+    monkeypatch.setattr(os, "scandir", scandir)
+    summary = indexer.index_paths([data], tmp_path / "index", model=model, workers=0)
+    assert summary["removed"] == 0 and summary["images"] == 4
+
+
+def test_progress_callback_counts_files(tmp_path, model):
+    make_images(tmp_path / "data", 3)
+    calls = []
+    indexer.index_paths([tmp_path / "data"], tmp_path / "index", model=model, workers=0,
+                        progress=lambda done, total, encoded: calls.append((done, total)))
+    assert calls[-1] == (3, 3) and [done for done, _ in calls] == [1, 2, 3]
+    make_images(tmp_path / "more", 1)
+    assert indexer.index_paths([tmp_path / "more"], tmp_path / "index", model=model, workers=0,
+                               progress=True)["new"] == 1  # a rich bar on stderr
+
+
 def test_workers_and_multiframe(tmp_path, model):
     data = tmp_path / "data"
     make_images(data, 3)
