@@ -105,6 +105,8 @@ def _print_summary(console, summary: dict) -> None:
     table = Table(title=f"index {summary['index']}", show_header=False, box=None)
     for key in ("new", "updated", "unchanged", "removed", "skipped"):
         table.add_row(key, str(summary[key]))
+    if summary["still_skipped"]:
+        table.add_row("", f"(and {summary['still_skipped']} unchanged files skipped before)")
     table.add_row("encoded", f"{summary['encoded']} images ({summary['reused']} files reused stored vectors)")
     table.add_row("in index", f"{summary['images']} images")
     seconds = summary["seconds"]

@@ -49,6 +49,7 @@ class Summary:
     unchanged: int = 0
     removed: int = 0
     skipped: int = 0
+    still_skipped: int = 0      # unchanged files skipped by an earlier run (retried once they change)
     encoded: int = 0            # images that went through the model in this run
     reused: int = 0             # files whose vectors were found by content hash
     images: int = 0             # images in the index after the run
@@ -201,6 +202,7 @@ class Indexer:
             before = known.get(path)
             if before is not None and before[:2] == (st.st_size, st.st_mtime_ns):
                 self.summary.unchanged += 1
+                self.summary.still_skipped += before[2] is not None
             elif sniff_kind(Path(path)) is not None:
                 jobs.append(Job(path, st.st_size, st.st_mtime_ns))
                 if before is None:

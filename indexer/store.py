@@ -135,6 +135,9 @@ class IndexStore:
             with engine.begin() as conn:
                 if not readonly:
                     conn.exec_driver_sql("PRAGMA journal_mode = WAL")
+                    # DDL runs in autocommit under Python's sqlite3 unless a transaction is opened
+                    # explicitly: a migration killed halfway must leave nothing behind.
+                    conn.exec_driver_sql("BEGIN IMMEDIATE")
                 store._migrate(conn)
         except (DatabaseError, OperationalError) as e:
             engine.dispose()

@@ -72,6 +72,7 @@ def test_incremental_runs(tmp_path, model):
 
     again = indexer.index_paths([data], index_dir, model=model, workers=0)
     assert again["encoded"] == 0 and again["unchanged"] == 8 and again["new"] == again["skipped"] == 0
+    assert again["still_skipped"] == 1
 
     # a modified file is encoded again; a deleted one is gone; a renamed and a copied one are not encoded
     Image.fromarray(np.full((50, 70), 200, np.uint8)).save(images[0])
@@ -95,6 +96,24 @@ def test_incremental_runs(tmp_path, model):
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(data / "broken.png")
     fixed = indexer.index_paths([data], index_dir, model=model, workers=0)
     assert fixed["updated"] == 1 and fixed["encoded"] == 1 and fixed["skipped"] == 0
+
+
+def test_migration_killed_halfway_leaves_nothing_behind(tmp_path, monkeypatch):
+    import indexer.store as store_module
+
+    def broken_migration(conn):
+        conn.execute(store_module.text("CREATE TABLE half_done (x)"))
+        raise store_module.OperationalError("killed", {}, Exception("killed"))
+    monkeypatch.setattr(store_module, "MIGRATIONS", [store_module._m001_initial, broken_migration])
+    monkeypatch.setattr(store_module, "SCHEMA_VERSION", 2)
+    with pytest.raises(store_module.IndexFormatError):
+        IndexStore.open(tmp_path / "index", create=True)
+    tables = sqlite3.connect(tmp_path / "index" / "index.sqlite").execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+    assert tables == []  # rolled back: the next open starts from scratch
+    monkeypatch.undo()
+    with IndexStore.open(tmp_path / "index", create=True) as store:
+        assert store.count() == 0 and store.model_info is None
 
 
 def test_deleted_file_leaves_search_results(tmp_path, model):
