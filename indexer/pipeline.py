@@ -151,6 +151,18 @@ class FileDataset:
         return item
 
 
+def _loader(dataset: FileDataset, indices: Sequence[int], workers: int, prefetch: int):
+    """Items of `dataset` at `indices`, in order, decoded by `workers` processes (0: here)."""
+    from torch.utils.data import DataLoader, Subset
+    return DataLoader(Subset(dataset, list(indices)), batch_size=None, num_workers=workers,
+                      worker_init_fn=_worker_init, prefetch_factor=prefetch if workers else None,
+                      collate_fn=_identity, pin_memory=False, persistent_workers=False)
+
+
+def _identity(item: dict[str, Any]) -> dict[str, Any]:
+    return item
+
+
 def _worker_init(_worker_id: int) -> None:
     import torch
     torch.set_num_threads(1)  # the model's process uses the cores; workers decode one file each
@@ -249,7 +261,6 @@ class Indexer:
 
     def _process(self, jobs: list[Job]) -> None:
         import torch
-        from torch.utils.data import DataLoader
 
         model = self._load_model()
         self.batch_size = self.batch_size or (64 if model.device.type == "cuda" else 8)
@@ -257,17 +268,38 @@ class Indexer:
         dataset = FileDataset(jobs, preprocess=model.preprocess, db_path=self.store.folder / DB_NAME,
                               frames=self.frames, max_megapixels=self.max_megapixels, salt=self.store.patient_salt)
         self._dataset = dataset
-        loader = DataLoader(dataset, batch_size=None, num_workers=workers, worker_init_fn=_worker_init,
-                            prefetch_factor=max(2, self.batch_size // max(workers, 1)) if workers else None,
-                            collate_fn=lambda item: item, pin_memory=False, persistent_workers=False)
-        decode_seconds = 0.0
-        for done, item in enumerate(loader, start=1):
+        prefetch = max(2, self.batch_size // max(workers, 1))
+        decode_seconds, position = 0.0, 0
+
+        def take(item: dict[str, Any]) -> None:
+            nonlocal decode_seconds, position
             decode_seconds += item["seconds"]
+            position += 1
             self._take(item)
             if len(self._queue) >= self.batch_size:
                 self._encode_queue(torch)
             self._commit(force=False)
-            self.progress(done, len(jobs), self.summary.encoded)
+            self.progress(position, len(jobs), self.summary.encoded)
+
+        while position < len(jobs):
+            try:
+                for item in _loader(dataset, range(position, len(jobs)), workers, prefetch):
+                    take(item)
+            except RuntimeError as e:
+                if "DataLoader worker" not in str(e):
+                    raise
+                # A decoder crashed its process (a segfault in a codec, the OOM killer). Find the
+                # file among those in flight by decoding each in a process of its own, then go on.
+                log.warning("a decoding process died (%s); isolating the files in flight", e)
+                for i in range(position, min(len(jobs), position + max(workers, 1) * prefetch)):
+                    try:
+                        item = next(iter(_loader(dataset, [i], 1, 1)))
+                    except RuntimeError as again:
+                        if "DataLoader worker" not in str(again):
+                            raise
+                        item = {"job": jobs[i], "content_hash": None, "kind": "skip", "seconds": 0.0,
+                                "error": "crashed the decoder (its process died)"}
+                    take(item)
         if self._queue:
             self._encode_queue(torch)
         self.summary.seconds["read_decode_in_workers"] = decode_seconds

@@ -141,6 +141,23 @@ def test_walk_rules(tmp_path, model):
     assert summary["new"] == 3 and summary["images"] == 3 and summary["skipped"] == 0
 
 
+def test_a_decoder_crash_costs_one_file_not_the_run(tmp_path, model, monkeypatch):
+    import indexer.pipeline as pipeline
+    real_decode = pipeline.decode_bytes
+
+    def decode_or_crash(data, path, **kwargs):  # runs in the (forked) worker processes
+        if path.name == "img002.png":
+            os.kill(os.getpid(), signal.SIGSEGV)
+        return real_decode(data, path, **kwargs)
+    monkeypatch.setattr(pipeline, "decode_bytes", decode_or_crash)
+    make_images(tmp_path / "data", 6)
+    summary = indexer.index_paths([tmp_path / "data"], tmp_path / "index", model=model, workers=2, batch_size=2)
+    assert summary["images"] == 5 and summary["skipped"] == 1
+    assert summary["skipped_files"][0]["path"].endswith("img002.png")
+    assert "crashed" in summary["skipped_files"][0]["reason"]
+    assert len(index_state(tmp_path / "index")) == 5
+
+
 def test_symlinked_folder_outside_the_root_is_unchanged_on_rerun(tmp_path, model):
     outside, data = tmp_path / "outside", tmp_path / "data"
     make_images(outside, 2)
