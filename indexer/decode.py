@@ -88,7 +88,9 @@ def decode_bytes(data: bytes, path: Path, *, frames: str = "middle", max_megapix
         raise DecodeError("empty file")
     kind = sniff_kind(path, data[:132])
     if kind == "dicom":
-        return _decode_dicom(data, frames, max_megapixels, salt)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom warns about every oddity it tolerates
+            return _decode_dicom(data, frames, max_megapixels, salt)
     if kind == "image":
         return _decode_image(data, frames, max_megapixels)
     raise DecodeError("not an image or DICOM file")
