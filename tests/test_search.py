@@ -11,6 +11,7 @@ from PIL import Image
 
 import encoders
 import indexer
+from indexer.decode import decode_file
 from retrieval import QueryError, Searcher
 from retrieval.errors import EmptyIndexError, ModelMismatchError
 from retrieval.query import combine
@@ -163,6 +164,7 @@ def test_model_defaults_to_the_one_recorded_in_the_index(collection, monkeypatch
     monkeypatch.delenv("MI_MODEL", raising=False)
     with Searcher(index=collection["index"]) as s:  # no model given
         assert s.search(image=collection["disc"], k=1)[0].score == pytest.approx(1.0, abs=1e-4)
+        assert Path(s.encoder("image").source) == FIXTURE.resolve()
 
 
 def test_labels_are_a_softmax_with_the_logit_scale(searcher, collection, model):
@@ -172,8 +174,7 @@ def test_labels_are_a_softmax_with_the_logit_scale(searcher, collection, model):
     for hit in hits:
         p = np.array([hit.labels[label] for label in labels])
         assert p.sum() == pytest.approx(1.0, abs=1e-9)
-        image = model.encode_images([Image.open(hit.path) if hit.path.endswith(".png") else
-                                     _decoded(hit.path)])[0]
+        image = model.encode_images([decode_file(hit.path).frames[0][1]])[0]  # as the indexer did
         logits = model.logit_scale * texts @ image
         np.testing.assert_allclose(p, np.exp(logits) / np.exp(logits).sum(), atol=1e-4)
     direct = searcher.classify(collection["stripes"], labels)
@@ -182,10 +183,6 @@ def test_labels_are_a_softmax_with_the_logit_scale(searcher, collection, model):
     multi = searcher.classify(collection["stripes"], labels, multilabel=True)
     assert all(0.0 < v < 1.0 for v in multi.values())
 
-
-def _decoded(path: str):
-    from indexer.decode import decode_file
-    return decode_file(path).frames[0][1]
 
 
 def test_api_errors(collection, tmp_path, model):
