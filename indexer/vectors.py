@@ -10,7 +10,7 @@ Index type grows with the collection (measured in benchmarks/bench_search.py, 2 
 - above it: `IndexIVFScalarQuantizer` (fp16 storage, half the memory of float32, inner product,
   spherical k-means with about sqrt(N) lists). A query scans `nprobe` lists (DEFAULT_NPROBE).
   fp16 changes scores by ~1e-4, far below the gap between neighbours. At 1M clustered vectors:
-  build ~35 s, 2 GB; nprobe 64 of 1024 lists: p50 ~16 ms, recall@10 ~0.97 (32: ~9 ms, 0.95).
+  build 35-60 s, 2 GB; nprobe 64 of 1024 lists: p50 ~16 ms, recall@10 ~0.97 (32: 9-12 ms, 0.95).
 
 Filters are applied *inside* the scan through an IDSelector, never after the top-k cut, so
 `k` filtered hits come back whenever `k` rows pass the filter. For IVF the number of probed lists
