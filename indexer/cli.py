@@ -23,10 +23,15 @@ copied files reuse their stored vectors. Killing mi-index loses at most the batc
 """
 
 
+def _user_index_dir() -> str:
+    import platformdirs
+    return str(Path(platformdirs.user_data_dir("medimageinsight-search")) / "index")
+
+
 @click.command(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--index", "index_dir", envvar="MI_INDEX", type=click.Path(file_okay=False, path_type=Path),
-              help="Index folder. [default: MI_INDEX, else ~/.local/share/medimageinsight-search/index]")
+              help=f"Index folder. [default: MI_INDEX, else {_user_index_dir()}]")
 @click.option("--model", metavar="SRC", envvar="MI_MODEL",
               help="Model folder or Hugging Face id. [default: MI_MODEL, else the index's model, "
                    "else lion-ai/MedImageInsights]")

@@ -116,13 +116,21 @@ def _check_size(width: int, height: int, n_frames: int, max_megapixels: float) -
 
 def _to_8bit_image(arr: np.ndarray, lo: float | None = None, hi: float | None = None) -> Image.Image:
     """Scale a grey (H, W) or colour (H, W, 3) array linearly from [lo, hi] (default: its range)."""
-    arr = np.asarray(arr, dtype=np.float64)
-    lo = float(np.nanmin(arr)) if lo is None else lo
-    hi = float(np.nanmax(arr)) if hi is None else hi
+    arr = np.asarray(arr)
+    floating = arr.dtype.kind == "f"
+    arr = arr.astype(np.float32, copy=False)  # exact for 16-bit values; 8 bits come out anyway
+    lo = float(np.nanmin(arr) if floating else arr.min()) if lo is None else lo
+    hi = float(np.nanmax(arr) if floating else arr.max()) if hi is None else hi
     if not np.isfinite(lo) or not np.isfinite(hi):
         raise DecodeError("corrupt image: no finite pixel values")
-    scaled = np.zeros_like(arr) if hi <= lo else (arr - lo) * (255.0 / (hi - lo))
-    out = np.clip(np.nan_to_num(scaled), 0, 255).round().astype(np.uint8)
+    if hi <= lo:
+        scaled = np.zeros(arr.shape, np.float32)
+    else:
+        scaled = (arr - np.float32(lo)) * np.float32(255.0 / (hi - lo))  # a new array: in place below
+    if floating:
+        np.nan_to_num(scaled, copy=False)
+    np.rint(np.clip(scaled, 0, 255, out=scaled), out=scaled)
+    out = scaled.astype(np.uint8)
     return Image.fromarray(out, "RGB" if out.ndim == 3 else "L")
 
 
