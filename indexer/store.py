@@ -248,13 +248,12 @@ class IndexStore:
         return found
 
     def images_with_hash(self, content_hash: str) -> list[dict[str, Any]]:
-        """Stored rows (metadata + embedding) of content already indexed under some path."""
-        with self.engine.connect() as conn:  # one path's rows: copies can be many, and are all alike
-            path = conn.execute(text("SELECT path FROM images WHERE content_hash = :h LIMIT 1"),
-                                {"h": content_hash}).scalar()
-            rows = conn.execute(text("SELECT * FROM images WHERE path = :p ORDER BY frame"),
-                                {"p": path}).mappings().all() if path is not None else []
-        return [dict(r) for r in rows]
+        """Stored rows (metadata + embedding) of content already indexed under some path: the
+        rows of one such path (a thousand copies must not make the thousand-and-first slow)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(text("SELECT * FROM images WHERE path = (SELECT path FROM images WHERE "
+                                     "content_hash = :h LIMIT 1) ORDER BY frame"), {"h": content_hash})
+            return [dict(r) for r in rows.mappings()]
 
     def skipped(self) -> list[tuple[str, str]]:
         with self.engine.connect() as conn:

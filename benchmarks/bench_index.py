@@ -1,0 +1,124 @@
+"""Indexing speed: end-to-end images/s next to encode-only images/s, and the time of an
+unchanged re-run over 10,000 small files.
+
+    python benchmarks/bench_index.py [MODEL_FOLDER] [--images 48] [--batch-size 8] [--workers 1]
+                                     [--device cpu|cuda] [--dtype ...] [--unchanged-files 10000]
+
+Default model: the tiny test fixture (offline). End-to-end = files on disk (1024x1024 16-bit
+PNGs and real DICOM files, all distinct) -> decode in worker processes -> encode -> SQLite ->
+FAISS, through `indexer.index_paths`. Encode-only = the same images already preprocessed in
+memory, through `model.encode_pixels` with the same batch size. Target: end-to-end >= 0.9x.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import indexer  # noqa: E402
+from encoders import load_model  # noqa: E402
+from indexer.decode import decode_file  # noqa: E402
+
+FIXTURE = REPO / "tests" / "fixtures" / "medimageinsight-tiny"
+
+
+def make_images(folder: Path, count: int) -> None:
+    """Distinct X-ray-sized 16-bit PNGs, plus real DICOM files (CR, MR, CT) when pydicom-data is there."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    base = (np.add.outer(np.arange(1024), np.arange(1024)) * 30).astype(np.uint16)
+    for i in range(count):
+        noise = rng.integers(0, 2000, (1024, 1024), dtype=np.uint16)
+        Image.fromarray(base + noise).save(folder / f"xray{i:04d}.png")
+    try:
+        import data_store
+        for name in ("RG1_UNCR.dcm", "RG1_J2KR.dcm", "MR2_UNCR.dcm", "CT2_J2KR.dcm"):
+            source = Path(data_store.__file__).parent / "data" / name
+            if source.exists():
+                shutil.copy(source, folder / name)
+    except ImportError:
+        pass
+
+
+def encode_only(model, folder: Path, batch_size: int) -> tuple[int, float]:
+    pixels = torch.stack([model.preprocess(image) for path in sorted(folder.iterdir())
+                          for _, image in decode_file(path).frames])
+    model.encode_pixels(pixels[:batch_size])  # warm-up
+    start = time.perf_counter()
+    for i in range(0, len(pixels), batch_size):
+        model.encode_pixels(pixels[i:i + batch_size])
+    return len(pixels), time.perf_counter() - start
+
+
+def unchanged_rerun(model, root: Path, files: int) -> None:
+    """Index one small image, add files-1 copies (reused by content hash, not encoded), then time
+    the run that finds everything unchanged."""
+    folder = root / "small"
+    folder.mkdir()
+    Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8)).save(folder / "0.png")
+    index_dir = root / "small-index"
+    indexer.index_paths([folder], index_dir, model=model, workers=0)
+    for i in range(1, files):
+        sub = folder / f"{i // 1000:02d}"
+        sub.mkdir(exist_ok=True)
+        shutil.copy(folder / "0.png", sub / f"{i}.png")
+    start = time.perf_counter()
+    summary = indexer.index_paths([folder], index_dir, model=model)
+    added = time.perf_counter() - start
+    print(f"adding {files - 1} copies of an indexed file: {added:.2f} s "
+          f"(encoded {summary['encoded']}, reused {summary['reused']})")
+    start = time.perf_counter()
+    summary = indexer.index_paths([folder], index_dir, model=model)
+    in_process = time.perf_counter() - start
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "from indexer.cli import main; main()", str(folder), "--index",
+                    str(index_dir), "--json"], cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+    cli = time.perf_counter() - start
+    print(f"unchanged re-run over {summary['unchanged']} files: {in_process:.2f} s in process, "
+          f"{cli:.2f} s as a fresh `mi-index` command (encoded {summary['encoded']})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", nargs="?", type=Path, default=FIXTURE)
+    parser.add_argument("--images", type=int, default=48, help="16-bit PNGs to index (plus a few DICOM files)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--unchanged-files", type=int, default=10_000)
+    args = parser.parse_args()
+
+    model = load_model(args.model, device=args.device, dtype=args.dtype, towers=("image",))
+    print(f"model {args.model}  device {model.device}  dtype {model.dtype}  batch {args.batch_size}  "
+          f"load average {os.getloadavg()[0]:.1f}")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        make_images(root / "images", args.images)
+        count, seconds = encode_only(model, root / "images", args.batch_size)
+        print(f"encode-only: {count} images in {seconds:.2f} s = {count / seconds:.2f} images/s")
+        start = time.perf_counter()
+        summary = indexer.index_paths([root / "images"], root / "index", model=model, batch_size=args.batch_size,
+                                      workers=args.workers)
+        total = time.perf_counter() - start
+        rate = summary["encoded"] / total
+        print(f"end-to-end:  {summary['encoded']} images in {total:.2f} s = {rate:.2f} images/s "
+              f"({rate / (count / seconds):.2f}x encode-only); stages: "
+              + ", ".join(f"{k} {v:.2f} s" for k, v in summary["seconds"].items()))
+        unchanged_rerun(model, root, args.unchanged_files)
+
+
+if __name__ == "__main__":
+    main()
