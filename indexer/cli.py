@@ -119,7 +119,13 @@ def _print_summary(console, summary: dict) -> None:
     table.add_row("time", f"{seconds.get('total', 0):.1f} s ({rate:.1f} images/s)")
     console.print(table)
     if summary["skipped_files"]:
-        skipped = Table("skipped file", "reason", title="skipped (retried when the file changes)")
+        from collections import Counter
+        reasons = Table("skipped", "reason", title="skipped files (retried when they change)")
+        for reason, count in Counter(row["reason"] for row in summary["skipped_files"]).most_common():
+            reasons.add_row(str(count), reason)
+        console.print(reasons)
+        skipped = Table("file", "reason")
+        skipped.columns[0].overflow = "fold"  # paths are what the user acts on: wrapped, never cut
         for row in summary["skipped_files"][:50]:
             skipped.add_row(row["path"], row["reason"])
         console.print(skipped)
