@@ -288,3 +288,15 @@ def test_bfloat16_mode_stays_close_to_float32(model, expected):
     np.testing.assert_allclose(np.linalg.norm(images, axis=1), 1.0, atol=1e-5)
     assert (images * expected["image_embeddings"]).sum(axis=1).min() > 0.99
     assert (texts * expected["text_embeddings"]).sum(axis=1).min() > 0.999
+
+
+@pytest.mark.parametrize("shape", [(600, 512), (1955, 1841), (33, 17), (480, 480)])
+def test_grey_preprocessing_equals_the_published_order(model, shape):
+    """We resize grey images before making them RGB (faster); the published transform converts
+    first. The results must be identical, bit for bit."""
+    grey = Image.fromarray(np.random.default_rng(shape[0]).integers(0, 256, shape, dtype=np.uint8), "L")
+    rgb = np.asarray(grey.convert("RGB").resize((480, 480), Image.BICUBIC), dtype=np.float32) / 255
+    mean, std = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
+    published = ((torch.from_numpy(rgb).permute(2, 0, 1) - torch.from_numpy(mean)[:, None, None])
+                 / torch.from_numpy(std)[:, None, None])
+    assert torch.equal(model.preprocess(grey), published)
