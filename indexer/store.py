@@ -296,12 +296,14 @@ class IndexStore:
             rows = conn.execute(text(f"SELECT {columns} FROM images WHERE id IN ({','.join(map(str, ids))})"))
             return {row["id"]: {k: v for k, v in row.items() if k != "id"} for row in rows.mappings()}
 
-    def vectors(self, ids: Sequence[int]) -> np.ndarray:
+    def vectors(self, ids: Sequence[int], conn: Connection | None = None) -> np.ndarray:
         """float32 (len(ids), D), in the order of `ids`."""
         ids = [int(i) for i in ids]
-        with self.engine.connect() as conn:
-            found = dict(conn.execute(text(f"SELECT id, embedding FROM images WHERE id IN "
-                                           f"({','.join(map(str, ids)) or 'NULL'})")).all())
+        if conn is None:
+            with self.engine.connect() as conn:
+                return self.vectors(ids, conn)
+        found = dict(conn.execute(text(f"SELECT id, embedding FROM images WHERE id IN "
+                                       f"({','.join(map(str, ids)) or 'NULL'})")).all())
         missing = [i for i in ids if i not in found]
         if missing:
             raise KeyError(f"no images with ids {missing[:5]}")
@@ -323,36 +325,31 @@ class IndexStore:
 
     def load_faiss(self):
         """The FAISS index of the current state: the cached file when it is of this generation,
-        else built from SQLite in one read transaction (a consistent snapshot)."""
+        else an older cached file brought up to date, else built from SQLite; all inside one
+        read transaction (a consistent snapshot, even while mi-index writes)."""
         import faiss
 
-        from .vectors import build_faiss_index
         with self.engine.connect() as conn:
             conn.exec_driver_sql("BEGIN")  # a read snapshot: generation and vectors agree
-            generation = self.generation(conn)
-            cached = self._faiss_path(generation)
+            cached = self._faiss_path(self.generation(conn))
             if cached.exists():
                 try:
                     return faiss.read_index(str(cached))
                 except RuntimeError:
                     pass  # unreadable cache: rebuild below
-            ids, vectors = self.all_vectors(conn)
-        return build_faiss_index(vectors, ids)
+            return self._current_index(conn)
 
     def write_faiss(self) -> Path:
         """Write the FAISS file of the current generation atomically (tmp, fsync, rename) and
         remove older ones. Readers pick it up by generation."""
         import faiss
 
-        from .vectors import build_faiss_index
         with self.engine.connect() as conn:
             conn.exec_driver_sql("BEGIN")
-            generation = self.generation(conn)
-            target = self._faiss_path(generation)
+            target = self._faiss_path(self.generation(conn))
             if not target.exists():  # else up to date: an unchanged re-run reads no vectors
-                ids, vectors = self.all_vectors(conn)
                 tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-                faiss.write_index(build_faiss_index(vectors, ids), str(tmp))
+                faiss.write_index(self._current_index(conn), str(tmp))
                 with open(tmp, "rb") as f:
                     os.fsync(f.fileno())
                 os.replace(tmp, target)
@@ -360,6 +357,33 @@ class IndexStore:
             if old != target:
                 old.unlink(missing_ok=True)
         return target
+
+    def _current_index(self, conn: Connection):
+        """The index of what `conn` sees: the newest older FAISS file updated by the difference
+        (row ids are never reused and rows never change, so ids say what to add and remove),
+        or, when there is none or the collection changed too much, built from all vectors."""
+        import faiss
+
+        from . import vectors as vector_index
+        db_ids = np.asarray(conn.execute(text("SELECT id FROM images ORDER BY id")).scalars().all(), np.int64)
+        older = sorted(self.folder.glob("vectors.g*.faiss"), key=lambda p: int(p.stem[len("vectors.g"):] or 0))
+        try:
+            index = faiss.read_index(str(older[-1])) if older else None
+        except (RuntimeError, ValueError):  # removed meanwhile by a newer write, or damaged
+            index = None
+        if index is not None:
+            cached = np.sort(_faiss_ids(index))
+            gone, new = np.setdiff1d(cached, db_ids), np.setdiff1d(db_ids, cached)
+            flat = vector_index.index_kind(index) == "flat"
+            same_kind = flat == (len(db_ids) <= vector_index.FLAT_MAX_VECTORS)
+            if same_kind and len(new) <= max(len(cached) - len(gone), 0):  # IVF lists trained on most of it
+                if len(gone):
+                    index.remove_ids(faiss.IDSelectorBatch(gone))
+                if len(new):
+                    index.add_with_ids(self.vectors(new.tolist(), conn), new)
+                return index
+        ids, vectors = self.all_vectors(conn)
+        return vector_index.build_faiss_index(vectors, ids)
 
     # ---------------------------------------------------------------- writing (one transaction per call)
     def commit(self, indexed: Sequence[dict[str, Any]] = (), skipped: Sequence[dict[str, Any]] = (),
@@ -392,3 +416,16 @@ class IndexStore:
             if image_rows:
                 conn.execute(insert_image, image_rows)
             conn.execute(text("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'"))
+
+
+def _faiss_ids(index) -> np.ndarray:
+    """The ids held by a FAISS index: an IndexIDMap's map, or an IVF index's inverted lists."""
+    import faiss
+
+    if hasattr(index, "id_map"):
+        return faiss.vector_to_array(index.id_map).astype(np.int64)
+    ivf = faiss.extract_index_ivf(index)
+    lists = ivf.invlists
+    parts = [faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()
+             for i in range(ivf.nlist) if lists.list_size(i)]
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)

@@ -53,6 +53,8 @@ def index_state(index_dir: Path) -> dict[tuple[str, int], np.ndarray]:
         index = store.load_faiss()
         assert index.ntotal == len(rows)
         assert set(faiss.vector_to_array(index.id_map).tolist()) == {row_id for row_id, *_ in rows}
+        for row_id, _, _, blob in rows:
+            np.testing.assert_array_equal(index.reconstruct(row_id), np.frombuffer(blob, np.float32))
         cached = list(index_dir.glob("vectors.g*.faiss"))
         assert len(cached) == 1 and cached[0].name == f"vectors.g{store.generation()}.faiss"
         assert faiss.read_index(str(cached[0])).ntotal == len(rows)
@@ -114,6 +116,38 @@ def test_migration_killed_halfway_leaves_nothing_behind(tmp_path, monkeypatch):
     monkeypatch.undo()
     with IndexStore.open(tmp_path / "index", create=True) as store:
         assert store.count() == 0 and store.model_info is None
+
+
+@pytest.mark.parametrize("flat_max", [50_000, 50])  # an exact index, and an IVF one above 50 rows
+def test_faiss_cache_is_brought_up_to_date_from_sqlite(tmp_path, monkeypatch, flat_max):
+    import indexer.vectors as vector_index
+    monkeypatch.setattr(vector_index, "FLAT_MAX_VECTORS", flat_max)
+    rng = np.random.default_rng(0)
+
+    def files(names):
+        vectors = rng.normal(size=(len(names), 16)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        return [{"path": f"/data/{name}", "size": 1, "mtime_ns": 1, "content_hash": name,
+                 "images": [{"frame": 0, "embedding": vector}]} for name, vector in zip(names, vectors)]
+    with IndexStore.open(tmp_path / "index", create=True) as store:
+        store.commit(indexed=files([f"a{i}" for i in range(120)]))
+        first = store.write_faiss()
+        builds = []
+        real_build = vector_index.build_faiss_index
+        monkeypatch.setattr(vector_index, "build_faiss_index", lambda *a, **k: builds.append(1) or real_build(*a, **k))
+        store.commit(indexed=files([f"b{i}" for i in range(30)]), removed=[f"/data/a{i}" for i in range(10)])
+        index = store.load_faiss()  # the older file plus the difference, not a rebuild
+        second = store.write_faiss()
+        assert second != first and not first.exists() and builds == []
+        rows = sqlite3.connect(tmp_path / "index" / "index.sqlite").execute("SELECT id, embedding FROM images")
+        stored = {row_id: np.frombuffer(blob, np.float32) for row_id, blob in rows}
+        for loaded in (index, faiss.read_index(str(second))):
+            assert loaded.ntotal == len(stored) == 140
+            assert vector_index.index_kind(loaded) == ("flat" if flat_max > 140 else "ivf")
+            ids = sorted(stored)
+            _, found = vector_index.search(loaded, np.stack([stored[i] for i in ids]), 1)
+            assert (found[:, 0] == ids).mean() > 0.9  # each vector finds itself (IVF: approximately)
+            assert set(vector_index.search(loaded, stored[ids[-1]], 200)[1][0]) - {-1} == set(ids)
 
 
 def test_deleted_file_leaves_search_results(tmp_path, model):
