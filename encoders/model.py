@@ -20,6 +20,7 @@ from .text import TextTransformer
 
 log = logging.getLogger(__name__)
 TOWERS = ("image", "text")
+TOWER_PREFIXES = {"image": ("image_encoder.", "image_projection"), "text": ("lang_encoder.", "lang_projection")}
 
 
 def project(features: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
@@ -75,7 +76,6 @@ def build_from_checkpoint(cfg: ModelConfig, checkpoint: SafetensorsFile, towers:
     cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=vocab))
     with torch.device("meta"):  # no memory, no random init: every tensor comes from the file
         net = MedImageInsightNet(cfg, towers)
-        everything = MedImageInsightNet(cfg, TOWERS).state_dict()
     wanted = net.state_dict()
 
     missing = [k for k in wanted if k not in checkpoint.shapes]
@@ -86,7 +86,9 @@ def build_from_checkpoint(cfg: ModelConfig, checkpoint: SafetensorsFile, towers:
              for k, v in wanted.items() if checkpoint.shapes[k] != tuple(v.shape)]
     if wrong:
         raise CheckpointError(f"{checkpoint.path} does not match config.yaml: {'; '.join(wrong[:5])}")
-    unexpected = sorted(set(checkpoint.shapes) - set(everything))
+    # Tensors of a tower not loaded are not ours to judge (they are when that tower is loaded).
+    not_loaded = tuple(prefix for tower in TOWERS if tower not in towers for prefix in TOWER_PREFIXES[tower])
+    unexpected = sorted(k for k in checkpoint.shapes if k not in wanted and not k.startswith(not_loaded))
     if unexpected:
         log.warning("%s: %d tensor(s) belong to no tower and are ignored: %s", checkpoint.path,
                     len(unexpected), ", ".join(unexpected[:5]))

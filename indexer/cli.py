@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -74,6 +75,25 @@ def main(paths: tuple[Path, ...], index_dir: Path | None, model: str | None, bat
         click.echo(json.dumps(summary))
     else:
         _print_summary(Console(), summary)
+
+
+def console_script(command: click.Command) -> None:
+    """Run a click command as a console script, then leave without the interpreter's teardown:
+    unloading PyTorch and freeing a gigabyte of weights costs 0.4 s of every cold query. Output
+    is flushed first, and the commands close their index before returning."""
+    try:
+        command()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def entry() -> None:
+    """The `mi-index` console script."""
+    console_script(main)
 
 
 class ProgressBar:

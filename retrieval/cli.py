@@ -150,5 +150,11 @@ def _cells(hit: Any, score_format: str) -> list[str]:
     return cells
 
 
+def entry() -> None:
+    """The `mi-search` console script."""
+    from indexer.cli import console_script
+    console_script(main)
+
+
 if __name__ == "__main__":
     main()
