@@ -41,13 +41,15 @@ class MultiheadAttention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.empty(3 * dim))
         self.out_proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, attend: torch.Tensor) -> torch.Tensor:
-        B, L, C = x.shape
-        # (B, L, 3C) -> 3 x (B, h, L, C/h)
-        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(B, L, 3, self.heads, C // self.heads) \
-            .permute(2, 0, 3, 1, 4).unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attend)  # scale (C/h)^-0.5
-        return self.out_proj(x.transpose(1, 2).reshape(B, L, C))
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """x: (T, C), the real tokens of B texts packed together; keep: (B, L) bool, where they sit."""
+        (B, L), C = keep.shape, x.shape[-1]
+        packed = F.linear(x, self.in_proj_weight, self.in_proj_bias)        # (T, 3C)
+        qkv = packed.new_zeros(B, L, 3 * C)
+        qkv[keep] = packed                                                  # (T, 3C) -> (B, L, 3C)
+        q, k, v = qkv.view(B, L, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])  # (B, h, L, C/h)
+        return self.out_proj(x.transpose(1, 2).reshape(B, L, C)[keep])      # (B, L, C) -> (T, C)
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -61,16 +63,19 @@ class ResidualAttentionBlock(nn.Module):
         self.mlp.add_module("c_proj", nn.Linear(int(dim * mlp_ratio), dim))
         self.ln_2 = LayerNormFP32(dim)
 
-    def forward(self, x: torch.Tensor, attend: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), attend)
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), keep)
         return x + self.mlp(self.ln_2(x))
 
 
 class TextTransformer(nn.Module):
     """Token ids (B, L) and their attention mask -> text features (B, width).
 
-    L may be shorter than the context length: padding is never attended to nor read,
-    so a batch cut to its longest real length gives the same result, much faster.
+    Padding is never attended to nor read, so only the real tokens are computed: they are
+    packed into one (T, width) matrix for every per-token layer (most of the work), and
+    placed back at their positions only for attention. A batch of short queries costs
+    what its tokens cost, not B x 77 positions. The first <|endoftext|> must be unmasked
+    (the tokenizer's output always is).
     """
 
     def __init__(self, cfg: TextTowerConfig):
@@ -85,10 +90,16 @@ class TextTransformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         B, L = input_ids.shape
-        x = self.token_embedding(input_ids) + self.positional_embedding[:L]  # (B, L, width)
-        attend = attention_mask.bool()[:, None, None, :]                     # keys only: (B, 1, 1, L)
+        keep = attention_mask.bool()                                         # (B, L)
+        positions = torch.arange(L, device=input_ids.device).expand(B, L)
+        x = self.token_embedding(input_ids[keep]) + self.positional_embedding[positions[keep]]  # (T, width)
         for block in self.resblocks:
-            x = block(x, attend)
+            x = block(x, keep)
         x = self.ln_final(x)
-        eos = input_ids.argmax(dim=-1)  # the first <|endoftext|>, the largest id
-        return x[torch.arange(B, device=x.device), eos]
+        # where each text's first <|endoftext|> (its largest id) sits among the packed tokens
+        packed_index = torch.full((B, L), -1, dtype=torch.long, device=x.device)
+        packed_index[keep] = torch.arange(x.shape[0], device=x.device)
+        eos = packed_index[torch.arange(B, device=x.device), input_ids.argmax(dim=-1)]
+        if (eos < 0).any():
+            raise ValueError("attention_mask hides a text's first <|endoftext|> token")
+        return x[eos]
