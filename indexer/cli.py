@@ -54,10 +54,8 @@ def main(paths: tuple[Path, ...], index_dir: Path | None, model: str | None, bat
     """Index PATHS (folders, walked recursively, or files) for mi-search."""
     from rich.console import Console
 
-    from encoders import ModelError
-
     from . import index_paths
-    from .store import StoreError, default_index_dir
+    from .store import default_index_dir
 
     err = Console(stderr=True)
     index_dir = index_dir or default_index_dir()
@@ -66,15 +64,28 @@ def main(paths: tuple[Path, ...], index_dir: Path | None, model: str | None, bat
             summary = index_paths(paths, index_dir, model=model, batch_size=batch_size, workers=workers,
                                   device=device, dtype=dtype, max_megapixels=max_megapixels, frames=frames,
                                   progress=update)
-    except (StoreError, ModelError) as e:
-        raise click.ClickException(str(e)) from None
     except KeyboardInterrupt:
         err.print("interrupted: what was committed stays; run mi-index again to finish")
         sys.exit(130)
+    except Exception as e:
+        if not is_user_error(e):
+            raise
+        raise click.ClickException(" ".join(str(e).split())) from None
     if as_json:
         click.echo(json.dumps(summary))
     else:
         _print_summary(Console(), summary)
+
+
+def is_user_error(error: BaseException, *kinds: type) -> bool:
+    """The typed errors of our libraries (and `kinds`), which a CLI prints as one line. Looked up
+    in sys.modules, so that catching them imports nothing: an unchanged re-run of mi-index never
+    imports encoders (PyTorch, 2 s), and a module never imported cannot have raised."""
+    for module, name in (("indexer.store", "StoreError"), ("encoders", "ModelError")):
+        loaded = sys.modules.get(module)
+        if loaded is not None:
+            kinds += (getattr(loaded, name),)
+    return isinstance(error, kinds)
 
 
 def console_script(command: click.Command) -> None:

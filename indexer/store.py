@@ -342,12 +342,11 @@ class IndexStore:
     def write_faiss(self) -> Path:
         """Write the FAISS file of the current generation atomically (tmp, fsync, rename) and
         remove older ones. Readers pick it up by generation."""
-        import faiss
-
         with self.engine.connect() as conn:
             conn.exec_driver_sql("BEGIN")
             target = self._faiss_path(self.generation(conn))
             if not target.exists():  # else up to date: an unchanged re-run reads no vectors
+                import faiss
                 tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
                 faiss.write_index(self._current_index(conn), str(tmp))
                 with open(tmp, "rb") as f:

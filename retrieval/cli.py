@@ -100,14 +100,10 @@ def main(query: tuple[str, ...], index_dir: Path | None, model: str | None, devi
 
 def _is_user_error(error: Exception) -> bool:
     """Typed errors of our libraries, and the OS saying a file cannot be read or written."""
-    from .errors import SearchError
+    from indexer.cli import is_user_error
 
-    kinds: list[type] = [SearchError, OSError]
-    for module, name in [("indexer.store", "StoreError"), ("encoders", "ModelError")]:
-        loaded = sys.modules.get(module)  # if it was never imported it cannot have raised
-        if loaded is not None and hasattr(loaded, name):
-            kinds.append(getattr(loaded, name))
-    return isinstance(error, tuple(kinds))
+    from .errors import SearchError
+    return is_user_error(error, SearchError, OSError)
 
 
 def _message(error: Exception, index_dir: Path | None) -> str:
