@@ -1,5 +1,6 @@
-"""The installed console scripts leave with os._exit (no interpreter teardown): their output
-must still arrive whole through a pipe, and their exit codes must survive."""
+"""The installed console scripts (`entry`, which leaves with os._exit to skip the interpreter's
+teardown): run as real processes through pipes, their output arrives whole and their exit
+codes (0, 1 for one-line errors, 2 for usage) survive."""
 from __future__ import annotations
 
 import json
@@ -26,7 +27,7 @@ def run(module: str, *args: str) -> subprocess.CompletedProcess:
 def test_console_scripts_flush_output_and_keep_exit_codes(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
-    for i in range(40):  # enough rows that unflushed output would be cut short
+    for i in range(40):
         Image.fromarray(np.full((16, 16), i * 6, np.uint8)).save(data / f"{i:02d}.png")
     index = str(tmp_path / "index")
 
