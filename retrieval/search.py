@@ -204,10 +204,7 @@ class Searcher:
         return vectors.search(index, queries, k, allowed)
 
     def _stored_vectors(self, ids: list[int]) -> np.ndarray:
-        stored = self._store.vectors(ids)
-        if isinstance(stored, dict):
-            return np.stack([np.asarray(stored[i], np.float32) for i in ids])
-        return np.asarray(stored, np.float32)
+        return self._store.vectors(ids)
 
     # ------------------------------------------------------------------ zero-shot labels
     def classify(self, image: str | Path | Any, labels: str | Sequence[str], *,
