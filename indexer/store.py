@@ -14,7 +14,6 @@ reused (AUTOINCREMENT), and they are the FAISS ids.
 from __future__ import annotations
 
 import datetime as dt
-import fcntl
 import os
 import secrets
 from collections.abc import Iterable, Sequence
@@ -51,6 +50,18 @@ class ModelMismatchError(StoreError):
 
 class IndexBusyError(StoreError):
     pass
+
+
+def _lock_exclusively(file) -> None:
+    """A non-blocking exclusive lock held until the file is closed (or the process dies);
+    OSError when another process holds it."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+        msvcrt.locking(file.fileno(), msvcrt.LK_NBLCK, 1)
+        return
+    fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def default_index_dir() -> Path:
@@ -163,8 +174,8 @@ class IndexStore:
         """Take the writer's lock; a second mi-index on the same index is refused, not interleaved."""
         self._lock_file = open(self.folder / "index.lock", "w")
         try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            _lock_exclusively(self._lock_file)
+        except OSError:
             self._lock_file.close()
             self._lock_file = None
             raise IndexBusyError(f"another mi-index is writing to {self.folder}; wait for it to finish") from None
