@@ -224,7 +224,7 @@ class Indexer:
             else:
                 continue  # not an image or DICOM file: not ours (and gone from the index if it was)
             keep.add(path)
-        unreadable_prefixes = tuple(folder.rstrip("/") + "/" for folder in unreadable)
+        unreadable_prefixes = tuple(folder.rstrip(os.sep) + os.sep for folder in unreadable)
         removed = [path for path in known if path not in keep and not path.startswith(unreadable_prefixes)]
         return jobs, removed
 

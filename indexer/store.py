@@ -242,7 +242,7 @@ class IndexStore:
             for root in roots:
                 rows = conn.execute(text("SELECT path, size, mtime_ns, error FROM files WHERE path = :p "
                                          "OR substr(path, 1, length(:prefix)) = :prefix"),
-                                    {"p": str(root), "prefix": str(root).rstrip("/") + "/"})
+                                    {"p": str(root), "prefix": str(root).rstrip(os.sep) + os.sep})
                 found.update({path: (size, mtime, error) for path, size, mtime, error in rows})
         return found
 
@@ -290,7 +290,7 @@ class IndexStore:
         if under is not None:
             root = str(Path(under).expanduser().resolve())
             clauses.append("(path = :root OR substr(path, 1, length(:prefix)) = :prefix)")
-            params.update(root=root, prefix=root.rstrip("/") + "/")
+            params.update(root=root, prefix=root.rstrip(os.sep) + os.sep)
         if not clauses:
             return None
         with self.engine.connect() as conn:
