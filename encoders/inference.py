@@ -3,6 +3,7 @@ L2-normalised numpy vectors in one joint space (inner product = cosine similarit
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 
 from .checkpoint import ModelError, SafetensorsFile, checkpoint_path, resolve_model_source, tokenizer_folder
-from .config import ConfigError, load_config
+from .config import ConfigError, ModelConfig, load_config
 from .model import TOWERS, MedImageInsightNet, build_from_checkpoint, store_matmul_weights_in
 from .preprocess import ImagePreprocessor
 from .tokenizer import ClipTokenizer
@@ -122,6 +123,12 @@ class MedImageInsight:
         return np.concatenate(parts)
 
 
+def model_fingerprint(checkpoint: SafetensorsFile, cfg: ModelConfig) -> str:
+    """The model's identity: its checkpoint's and the network sizes config.yaml gives (the
+    same weights under another window size or input size give other embeddings)."""
+    return hashlib.sha256(f"{checkpoint.fingerprint()} {cfg!r}".encode()).hexdigest()[:32]
+
+
 def describe_model(source: str | os.PathLike | None = None) -> dict[str, Any]:
     """{fingerprint, dim, source} of a model without loading its weights (reads the
     checkpoint's header and a few sampled blocks): to check an index's model cheaply."""
@@ -130,7 +137,7 @@ def describe_model(source: str | os.PathLike | None = None) -> dict[str, Any]:
         cfg = load_config(folder / "config.yaml")
     except ConfigError as e:
         raise ModelError(str(e)) from None
-    return {"fingerprint": SafetensorsFile(checkpoint_path(folder)).fingerprint(), "dim": cfg.embed_dim,
+    return {"fingerprint": model_fingerprint(SafetensorsFile(checkpoint_path(folder)), cfg), "dim": cfg.embed_dim,
             "source": str(Path(folder).resolve())}
 
 
@@ -162,5 +169,5 @@ def load_model(source: str | os.PathLike | None = None, *, device: str | torch.d
     tokenizer = ClipTokenizer(tokenizer_folder(folder), cfg.text.context_length) if "text" in towers else None
     preprocess = ImagePreprocessor(cfg.image.image_size, cfg.image.mean, cfg.image.std)
     return MedImageInsight(net, preprocess=preprocess, tokenizer=tokenizer, dim=cfg.embed_dim, device=device,
-                           dtype=dtype, fingerprint=checkpoint.fingerprint(), source=str(Path(folder).resolve()),
+                           dtype=dtype, fingerprint=model_fingerprint(checkpoint, cfg), source=str(Path(folder).resolve()),
                            towers=towers)

@@ -303,3 +303,13 @@ def test_grey_preprocessing_equals_the_published_order(model, shape):
     published = ((torch.from_numpy(rgb).permute(2, 0, 1) - torch.from_numpy(mean)[:, None, None])
                  / torch.from_numpy(std)[:, None, None])
     assert torch.equal(model.preprocess(grey), published)
+
+
+def test_identity_covers_the_config_and_needs_no_weights(tmp_path, model):
+    from encoders import describe_model
+    assert describe_model(FIXTURE) == {"fingerprint": model.fingerprint, "dim": 48, "source": model.source}
+    folder = make_model_folder(tmp_path)
+    before = describe_model(folder)["fingerprint"]
+    config = (folder / "config.yaml").read_text()
+    (folder / "config.yaml").write_text(config.replace("WINDOW_SIZE: 12", "WINDOW_SIZE: 6"))
+    assert describe_model(folder)["fingerprint"] != before  # same weights, another network
