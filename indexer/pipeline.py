@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from .decode import DecodeError, content_hash, decode_bytes, sniff_kind
-from .store import DB_NAME, IndexStore, StoreError
+from .store import DB_NAME, IndexStore, StoreError, sqlite_uri
 
 log = logging.getLogger(__name__)
 COMMIT_EVERY = 256  # files skipped or reused between commits when nothing is being encoded
@@ -120,7 +121,7 @@ class FileDataset:
 
     def _known(self, digest: str) -> bool:
         if self._db is None:  # one read-only connection per worker process
-            self._db = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=30)
+            self._db = sqlite3.connect(sqlite_uri(self.db_path, mode="ro"), uri=True, timeout=30)
         return self._db.execute("SELECT 1 FROM images WHERE content_hash = ? LIMIT 1", (digest,)).fetchone() is not None
 
     def __getitem__(self, i: int) -> dict[str, Any]:
@@ -165,7 +166,25 @@ def _identity(item: dict[str, Any]) -> dict[str, Any]:
 
 def _worker_init(_worker_id: int) -> None:
     import torch
+    _die_with_parent()
     torch.set_num_threads(1)  # the model's process uses the cores; workers decode one file each
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to kill this worker when the process that started it dies: a worker orphaned
+    by a SIGKILL of mi-index would otherwise block forever writing into a pipe no one reads."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before the request took effect
+        os._exit(1)
 
 
 # --- the run ------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import secrets
+import sqlite3
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import numpy as np
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DatabaseError, OperationalError
+from sqlalchemy.pool import QueuePool
 
 INDEX_ENV = "MI_INDEX"
 DB_NAME = "index.sqlite"
@@ -62,6 +64,32 @@ def _lock_exclusively(file) -> None:
         msvcrt.locking(file.fileno(), msvcrt.LK_NBLCK, 1)
         return
     fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+_held_locks: list = []  # lock files of this process: closed in forked children (see IndexStore.lock)
+
+
+def _close_locks_in_child() -> None:
+    # flock belongs to the open file description, which fork() shares: a forked decoding worker
+    # would otherwise keep the writer's lock after the writer dies (SIGKILL, OOM killer) and
+    # refuse every later run. Closing the child's copy leaves the parent's lock in place.
+    for file in _held_locks:
+        try:
+            os.close(file.fileno())
+        except OSError:
+            pass
+    _held_locks.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_locks_in_child)
+
+
+def sqlite_uri(db: Path, **params: str) -> str:
+    """An SQLite URI for the file `db` with its characters quoted: a path holding `#`, `?` or
+    `%` must name that file, not cut the URI short or pass part of the path as a parameter."""
+    uri = Path(db).absolute().as_uri()
+    return uri + ("?" + "&".join(f"{key}={value}" for key, value in params.items()) if params else "")
 
 
 def default_index_dir() -> Path:
@@ -138,8 +166,11 @@ class IndexStore:
                 folder.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise IndexFormatError(f"cannot create the index folder {folder}: {e.strerror}") from None
-        url = f"sqlite:///file:{db}?mode=ro&uri=true" if readonly else f"sqlite:///{db}"
-        engine = create_engine(url, poolclass=None)
+        uri = sqlite_uri(db, mode="ro") if readonly else sqlite_uri(db)
+        # The connection is made by `creator`, never from a URL: SQLAlchemy would parse `?`
+        # and `#` in the folder's name as parts of its own URL.
+        engine = create_engine("sqlite://", creator=lambda: sqlite3.connect(uri, uri=True, check_same_thread=False),
+                               poolclass=QueuePool)
         event.listen(engine, "connect", _connect_pragmas)
         store = cls(folder, engine, readonly)
         try:
@@ -179,10 +210,13 @@ class IndexStore:
             self._lock_file.close()
             self._lock_file = None
             raise IndexBusyError(f"another mi-index is writing to {self.folder}; wait for it to finish") from None
+        _held_locks.append(self._lock_file)
 
     def close(self) -> None:
         self.engine.dispose()
         if self._lock_file is not None:
+            if self._lock_file in _held_locks:
+                _held_locks.remove(self._lock_file)
             self._lock_file.close()
             self._lock_file = None
 

@@ -310,6 +310,55 @@ def test_sigkill_mid_run_then_rerun_equals_clean_build(tmp_path, kill_after):
         np.testing.assert_allclose(resumed[key], rebuilt[key], atol=1e-6)
 
 
+def test_sigkill_of_the_main_process_releases_the_index_with_worker_processes(tmp_path):
+    """SIGKILL reaches only mi-index's main process (the OOM killer, `kill -9 PID`): its decoding
+    workers must not live on holding the writer's lock, and the next run must resume."""
+    data = tmp_path / "data"
+    make_images(data, 40, size=64)
+    index_dir = tmp_path / "index"
+    process = start_indexer(data, index_dir, "--batch-size", "2", "--workers", "2")
+    deadline = time.time() + 120
+    while committed_files(index_dir) < 2 and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    workers = [int(pid) for pid in subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True,
+                                                  text=True).stdout.split()]
+    os.kill(process.pid, signal.SIGKILL)  # the main process only, not its process group
+    process.wait()
+    assert workers, "the run should have had decoding workers when it was killed"
+    deadline = time.time() + 30
+    while any(_alive(pid) for pid in workers) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(pid) for pid in workers), "decoding workers outlived the killed indexer"
+
+    rerun = start_indexer(data, index_dir, "--workers", "2")
+    out, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err.decode()
+    assert json.loads(out)["images"] == 40
+    assert len(index_state(index_dir)) == 40
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[-1][0] != "Z"  # a zombie has exited
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("name", ["idx#1", "idx?1", "idx%41", "a?b#c%20d"])
+def test_index_folder_names_with_uri_characters(tmp_path, model, name):
+    data = tmp_path / "data"
+    make_images(data, 3)
+    index_dir = tmp_path / "sp" / name
+    summary = indexer.index_paths([data], index_dir, model=model, workers=0)
+    assert summary["new"] == 3 and summary["images"] == 3 and not summary["skipped_files"]
+    assert sorted(p.name for p in (tmp_path / "sp").iterdir()) == [name]  # nothing written beside it
+    assert (index_dir / "index.sqlite").exists()
+    again = indexer.index_paths([data], index_dir, model=model, workers=1)  # the workers' read-only connection
+    assert again["unchanged"] == 3 and again["images"] == 3
+    assert len(index_state(index_dir)) == 3
+
+
 def test_search_while_indexing_sees_a_consistent_index(tmp_path):
     data = tmp_path / "data"
     make_images(data, 20, size=64)
