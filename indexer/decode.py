@@ -34,6 +34,18 @@ class DecodeError(Exception):
     """A file that cannot be indexed; `str(error)` is the reason shown to the user."""
 
 
+class TransientDecodeError(DecodeError):
+    """A failure of this run, not of the file (out of memory under a memory limit): the file is
+    skipped now and tried again on the next run, even unchanged."""
+
+
+def _is_fatal(error: BaseException) -> bool:
+    """Errors that must stop the program rather than cost one file. Everything else a decoder
+    raises is the file's problem: pyo3's PanicException (a Rust panic in pylibjpeg-rle, say)
+    derives from BaseException, not Exception."""
+    return isinstance(error, (KeyboardInterrupt, SystemExit, GeneratorExit))
+
+
 @dataclass
 class Decoded:
     """One decoded file: 8-bit images with their frame numbers, and metadata."""
@@ -145,6 +157,10 @@ def _pil_frame_to_8bit(img: Image.Image) -> Image.Image:
 
 
 def _decode_image(data: bytes, frames: str, max_megapixels: float) -> Decoded:
+    # --max-megapixels is the one guard: Pillow's own (89.5 MP) would otherwise refuse images the
+    # user allowed, as a "decompression bomb". Pillow warns above the limit (an error here) and
+    # raises above twice it, before allocating anything.
+    Image.MAX_IMAGE_PIXELS = max(int(max_megapixels * 1e6), 1)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -161,11 +177,17 @@ def _decode_image(data: bytes, frames: str, max_megapixels: float) -> Decoded:
     except DecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise DecodeError("too big: decompression bomb guard") from None
+        raise DecodeError(f"too big: over --max-megapixels {max_megapixels:g}") from None
     except Image.UnidentifiedImageError:
         raise DecodeError("not an image or DICOM file") from None
+    except MemoryError:
+        raise TransientDecodeError("out of memory while decoding (tried again next run)") from None
     except (OSError, ValueError, SyntaxError, EOFError, IndexError, KeyError) as e:
         raise DecodeError(f"truncated or corrupt image: {_short(e)}") from None
+    except BaseException as e:
+        if _is_fatal(e):
+            raise
+        raise DecodeError(f"the image decoder failed: {_short(e)}") from None
     return Decoded(source_format=(img.format or "image").lower().replace("mpo", "jpeg"), frames=decoded)
 
 
@@ -315,8 +337,10 @@ def _decode_dicom(data: bytes, frames: str, max_megapixels: float, salt: str) ->
     except NotImplementedError as e:
         raise DecodeError(f"unsupported DICOM: {_short(e)}") from None
     except MemoryError:
-        raise DecodeError("too big: out of memory while decoding") from None
-    except Exception as e:                              # pydicom raises many types on broken files
+        raise TransientDecodeError("out of memory while decoding (tried again next run)") from None
+    except BaseException as e:                          # pydicom and its codecs raise many types
+        if _is_fatal(e):
+            raise
         raise DecodeError(f"truncated or corrupt DICOM: {_short(e)}") from None
     return Decoded(source_format="dicom", frames=images, metadata=dicom_metadata(ds, salt))
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import stat
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -25,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .decode import DecodeError, content_hash, decode_bytes, sniff_kind
+from .decode import DecodeError, TransientDecodeError, content_hash, decode_bytes, sniff_kind
 from .store import DB_NAME, IndexStore, StoreError, sqlite_uri
 
 log = logging.getLogger(__name__)
@@ -64,19 +65,25 @@ class Summary:
 
 # --- walking -----------------------------------------------------------------------------------
 
-def walk(roots: Sequence[Path], skip: Path | None = None, unreadable: list[str] | None = None
-         ) -> Iterator[tuple[str, os.stat_result]]:
+def walk(roots: Sequence[Path], skip: Path | None = None, unreadable: list[str] | None = None,
+         not_files: list[str] | None = None) -> Iterator[tuple[str, os.stat_result]]:
     """(resolved path, stat) of every regular file under `roots` (folders walked recursively,
     files taken as they are). Hidden files and folders and the `skip` folder are left out;
     symlinked folders are followed once, so loops end. Folders that cannot be listed are
-    appended to `unreadable` (resolved), so their known files are not taken for deleted."""
+    appended to `unreadable` (resolved), so their known files are not taken for deleted.
+    Roots that are neither folders nor regular files (a FIFO, a device: reading one could
+    block forever) are appended to `not_files`."""
     seen_dirs: set[tuple[int, int]] = set()
     for root in roots:
         root = Path(root).expanduser()
         if not root.exists():
             raise PathNotFoundError(f"no such file or folder: {root}")
         if not root.is_dir():
-            yield os.path.realpath(root), root.stat()
+            st = root.stat()
+            if stat.S_ISREG(st.st_mode):
+                yield os.path.realpath(root), st
+            elif not_files is not None:
+                not_files.append(str(root))
             continue
         stack = [root]
         while stack:
@@ -143,7 +150,9 @@ class FileDataset:
                             frames=[(index, image.width, image.height) for index, image in decoded.frames],
                             pixels=np.stack([self.preprocess(image).numpy() for _, image in decoded.frames]))
         except DecodeError as e:
-            item.update(kind="skip", error=str(e))
+            item.update(kind="skip", error=str(e), retry=isinstance(e, TransientDecodeError))
+        except MemoryError:
+            item.update(kind="skip", error="out of memory while reading (tried again next run)", retry=True)
         except OSError as e:
             item.update(kind="skip", error=f"unreadable: {e.strerror or e}")
         except Exception as e:  # never lose the run to one file
@@ -222,7 +231,11 @@ class Indexer:
     def plan(self, roots: Sequence[Path]) -> tuple[list[Job], list[str]]:
         """Jobs for new and changed files, and the known paths that are gone."""
         unreadable: list[str] = []
-        walked = list(walk(roots, skip=self.store.folder, unreadable=unreadable))
+        not_files: list[str] = []
+        walked = list(walk(roots, skip=self.store.folder, unreadable=unreadable, not_files=not_files))
+        for path in not_files:  # reported, not recorded: the index holds files only
+            self.summary.skipped += 1
+            self.summary.skipped_files.append({"path": path, "reason": "not a regular file (a FIFO, device or socket)"})
         known = self.store.files_under([Path(os.path.realpath(Path(r).expanduser())) for r in roots])
         # files reached through a symlinked folder live outside the roots: look them up one by one
         known.update(self.store.files_at([path for path, _ in walked if path not in known]))
@@ -231,7 +244,7 @@ class Indexer:
             if path in keep:
                 continue
             before = known.get(path)
-            if before is not None and before[:2] == (st.st_size, st.st_mtime_ns):
+            if before is not None and before[:2] == (st.st_size, st.st_mtime_ns) and not before[3]:
                 self.summary.unchanged += 1
                 self.summary.still_skipped += before[2] is not None
             elif sniff_kind(Path(path)) is not None:
@@ -327,7 +340,7 @@ class Indexer:
         job: Job = item["job"]
         record = {"path": job.path, "size": job.size, "mtime_ns": job.mtime_ns, "content_hash": item["content_hash"]}
         if item["kind"] == "skip":
-            self._pending_skipped.append({**record, "error": item["error"]})
+            self._pending_skipped.append({**record, "error": item["error"], "retry": item.get("retry", False)})
             self.summary.skipped += 1
             self.summary.skipped_files.append({"path": job.path, "reason": item["error"]})
         elif item["kind"] == "reuse":

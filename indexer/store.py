@@ -2,7 +2,8 @@
 
     INDEX_DIR/
       index.sqlite            schema below; every embedding is stored here as a float32 blob
-      vectors.g<N>.faiss      the FAISS index of generation N, rebuilt from SQLite when stale
+      vectors.<ID>.g<N>.faiss the FAISS index of generation N of the database whose meta.index_id
+                              is ID; verified on open (digest, dimension, ids), else rebuilt
       index.lock              held by the one mi-index that may write at a time
 
 Each committed batch bumps `generation`. A FAISS file is used only when its generation is
@@ -134,7 +135,16 @@ def _m001_initial(conn: Connection) -> None:
                  {"salt": secrets.token_hex(16)})
 
 
-MIGRATIONS = [_m001_initial]
+def _m002_index_id(conn: Connection) -> None:
+    # A random identity for the database: FAISS cache files carry it in their name, so a cache
+    # left by another database in the same folder (moved away and rebuilt) is never taken for
+    # this one's, whatever its generation number.
+    conn.execute(text("INSERT OR IGNORE INTO meta VALUES ('index_id', :id)"), {"id": secrets.token_hex(8)})
+    # Failures of a run rather than of the file (out of memory): tried again on the next run.
+    conn.execute(text("ALTER TABLE files ADD COLUMN retry INTEGER NOT NULL DEFAULT 0"))
+
+
+MIGRATIONS = [_m001_initial, _m002_index_id]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -269,27 +279,27 @@ class IndexStore:
         with self.engine.connect() as conn:
             return int(conn.execute(text("SELECT count(*) FROM images")).scalar())
 
-    def files_under(self, roots: Sequence[Path]) -> dict[str, tuple[int, int, str | None]]:
-        """{path: (size, mtime_ns, error)} of the known files under the given folders or files."""
-        found: dict[str, tuple[int, int, str | None]] = {}
+    def files_under(self, roots: Sequence[Path]) -> dict[str, tuple[int, int, str | None, bool]]:
+        """{path: (size, mtime_ns, error, retry)} of the known files under the given folders or files."""
+        found: dict[str, tuple[int, int, str | None, bool]] = {}
         with self.engine.connect() as conn:
             for root in roots:
-                rows = conn.execute(text("SELECT path, size, mtime_ns, error FROM files WHERE path = :p "
+                rows = conn.execute(text("SELECT path, size, mtime_ns, error, retry FROM files WHERE path = :p "
                                          "OR substr(path, 1, length(:prefix)) = :prefix"),
                                     {"p": str(root), "prefix": str(root).rstrip(os.sep) + os.sep})
-                found.update({path: (size, mtime, error) for path, size, mtime, error in rows})
+                found.update({row[0]: tuple(row[1:4]) + (bool(row[4]),) for row in rows})
         return found
 
-    def files_at(self, paths: Sequence[str]) -> dict[str, tuple[int, int, str | None]]:
-        """{path: (size, mtime_ns, error)} of those of `paths` the index knows."""
-        found: dict[str, tuple[int, int, str | None]] = {}
+    def files_at(self, paths: Sequence[str]) -> dict[str, tuple[int, int, str | None, bool]]:
+        """{path: (size, mtime_ns, error, retry)} of those of `paths` the index knows."""
+        found: dict[str, tuple[int, int, str | None, bool]] = {}
         with self.engine.connect() as conn:
             for start in range(0, len(paths), 500):
                 chunk = list(paths[start:start + 500])
-                rows = conn.execute(text(f"SELECT path, size, mtime_ns, error FROM files WHERE path IN "
+                rows = conn.execute(text(f"SELECT path, size, mtime_ns, error, retry FROM files WHERE path IN "
                                          f"({', '.join(f':p{i}' for i in range(len(chunk)))})"),
                                     {f"p{i}": path for i, path in enumerate(chunk)})
-                found.update({path: (size, mtime, error) for path, size, mtime, error in rows})
+                found.update({row[0]: tuple(row[1:4]) + (bool(row[4]),) for row in rows})
         return found
 
     def images_with_hash(self, content_hash: str) -> list[dict[str, Any]]:
@@ -365,55 +375,109 @@ class IndexStore:
         return np.asarray(ids, dtype=np.int64), vectors
 
     # ---------------------------------------------------------------- the FAISS cache
-    def _faiss_path(self, generation: int) -> Path:
-        return self.folder / f"vectors.g{generation}.faiss"
+    @property
+    def index_id(self) -> str:
+        with self.engine.connect() as conn:
+            return self._meta(conn)["index_id"]
+
+    def _faiss_path(self, generation: int, index_id: str) -> Path:
+        return self.folder / f"vectors.{index_id}.g{generation}.faiss"
+
+    def _cache_files(self, index_id: str) -> list[Path]:
+        """This database's cache files, oldest generation first."""
+        prefix = f"vectors.{index_id}.g"
+        return sorted((p for p in self.folder.glob(f"{prefix}*.faiss") if p.name[len(prefix):-6].isdigit()),
+                      key=lambda p: int(p.name[len(prefix):-6]))
 
     def load_faiss(self):
-        """The FAISS index of the current state: the cached file when it is of this generation,
-        else an older cached file brought up to date, else built from SQLite; all inside one
-        read transaction (a consistent snapshot, even while mi-index writes)."""
+        """The FAISS index of the current state: the cached file when it is this database's, of
+        this generation and intact, else an older cached file brought up to date, else built
+        from SQLite; all inside one read transaction (a consistent snapshot, even while
+        mi-index writes)."""
+        with self.engine.connect() as conn:
+            conn.exec_driver_sql("BEGIN")  # a read snapshot: generation and vectors agree
+            meta = self._meta(conn)
+            cached = self._faiss_path(int(meta["generation"]), meta["index_id"])
+            index = self._read_verified(cached, meta, conn)
+            return index if index is not None else self._current_index(conn)
+
+    def rebuild_faiss(self):
+        """The FAISS index built from SQLite alone, ignoring every cache file."""
+        with self.engine.connect() as conn:
+            conn.exec_driver_sql("BEGIN")
+            return self._current_index(conn, use_cache=False)
+
+    def _read_verified(self, path: Path, meta: dict[str, str], conn: Connection):
+        """The cache file at `path` if it is intact and covers exactly the ids SQLite holds,
+        else None. Cheap: a digest of the file against the one its writer recorded, and the
+        count, sum and largest of the ids (rows are never rewritten, ids never reused)."""
+        import faiss
+
+        if not path.exists():
+            return None
+        recorded = meta.get("faiss_digest", "")
+        if recorded.startswith(path.name + ":") and recorded != f"{path.name}:{_file_digest(path)}":
+            return None  # damaged since it was written (a flipped bit, a truncated copy)
+        try:
+            index = faiss.read_index(str(path))
+        except (RuntimeError, ValueError, MemoryError):
+            return None
+        dim = int(meta.get("model_dim") or index.d)
+        count, total, largest = conn.execute(text("SELECT count(*), coalesce(sum(id), 0), coalesce(max(id), -1) "
+                                                  "FROM images")).one()
+        ids = _faiss_ids(index)
+        held = (len(ids), int(ids.sum()) if len(ids) else 0, int(ids.max()) if len(ids) else -1)
+        if index.d != dim or index.ntotal != count or held != (count, total, largest):
+            return None
+        return index
+
+    def write_faiss(self) -> Path:
+        """Write the FAISS file of the current generation atomically (tmp, fsync, rename), record
+        its digest, and remove every other cache file. An existing file of this generation is
+        kept only when it verifies: an unchanged re-run repairs a damaged cache."""
         import faiss
 
         with self.engine.connect() as conn:
-            conn.exec_driver_sql("BEGIN")  # a read snapshot: generation and vectors agree
-            cached = self._faiss_path(self.generation(conn))
-            if cached.exists():
-                try:
-                    return faiss.read_index(str(cached))
-                except RuntimeError:
-                    pass  # unreadable cache: rebuild below
-            return self._current_index(conn)
-
-    def write_faiss(self) -> Path:
-        """Write the FAISS file of the current generation atomically (tmp, fsync, rename) and
-        remove older ones. Readers pick it up by generation."""
-        with self.engine.connect() as conn:
             conn.exec_driver_sql("BEGIN")
-            target = self._faiss_path(self.generation(conn))
-            if not target.exists():  # else up to date: an unchanged re-run reads no vectors
-                import faiss
+            meta = self._meta(conn)
+            target = self._faiss_path(int(meta["generation"]), meta["index_id"])
+            intact = self._read_verified(target, meta, conn) is not None
+            if not intact:
+                index = self._current_index(conn, use_cache=not target.exists())  # damaged: from SQLite alone
                 tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-                faiss.write_index(self._current_index(conn), str(tmp))
+                faiss.write_index(index, str(tmp))
                 with open(tmp, "rb") as f:
                     os.fsync(f.fileno())
                 os.replace(tmp, target)
-        for old in self.folder.glob("vectors.g*"):  # older generations, and tmp files of killed runs
+        if not intact or not meta.get("faiss_digest", "").startswith(target.name + ":"):
+            with self.engine.begin() as conn:
+                conn.execute(text("INSERT OR REPLACE INTO meta VALUES ('faiss_digest', :d)"),
+                             {"d": f"{target.name}:{_file_digest(target)}"})
+        for old in self.folder.glob("vectors.*"):  # older generations, other databases', tmp files of killed runs
             if old != target:
                 old.unlink(missing_ok=True)
         return target
 
-    def _current_index(self, conn: Connection):
-        """The index of what `conn` sees: the newest older FAISS file updated by the difference
-        (row ids are never reused and rows never change, so ids say what to add and remove),
-        or, when there is none or the collection changed too much, built from all vectors."""
+    def _current_index(self, conn: Connection, use_cache: bool = True):
+        """The index of what `conn` sees: this database's newest older FAISS file updated by the
+        difference (row ids are never reused and rows never change, so ids say what to add and
+        remove), or, when there is none or the collection changed too much, built from all
+        vectors."""
         import faiss
 
         from . import vectors as vector_index
         db_ids = np.asarray(conn.execute(text("SELECT id FROM images ORDER BY id")).scalars().all(), np.int64)
-        older = sorted(self.folder.glob("vectors.g*.faiss"), key=lambda p: int(p.stem[len("vectors.g"):] or 0))
+        meta = self._meta(conn)
+        older = self._cache_files(meta["index_id"]) if use_cache else []
+        recorded = meta.get("faiss_digest", "")
         try:
+            if older and recorded.startswith(older[-1].name + ":") and \
+                    recorded != f"{older[-1].name}:{_file_digest(older[-1])}":
+                older = []  # damaged since it was written
             index = faiss.read_index(str(older[-1])) if older else None
-        except (RuntimeError, ValueError):  # removed meanwhile by a newer write, or damaged
+        except (OSError, RuntimeError, ValueError, MemoryError):  # removed meanwhile by a newer write, or damaged
+            index = None
+        if index is not None and index.d != int(meta.get("model_dim") or index.d):
             index = None
         if index is not None:
             cached = np.sort(_faiss_ids(index))
@@ -435,13 +499,15 @@ class IndexStore:
         """One transaction: files indexed (with their images), skipped (with the reason) and removed.
 
         `indexed` items: {path, size, mtime_ns, content_hash, images: [{frame, embedding, **metadata}]}.
-        `skipped` items: {path, size, mtime_ns, content_hash (or None), error}."""
+        `skipped` items: {path, size, mtime_ns, content_hash (or None), error, retry (optional:
+        true for a failure of the run, not the file, so that the next run tries it again)}."""
         if not (indexed or skipped or removed):
             return
         now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         columns = ("path", "frame", "content_hash") + METADATA_FIELDS + ("embedding",)
         insert_image = text(f"INSERT INTO images ({', '.join(columns)}) VALUES ({', '.join(':' + c for c in columns)})")
-        upsert_file = text("INSERT OR REPLACE INTO files VALUES (:path, :size, :mtime_ns, :content_hash, :error, :now)")
+        upsert_file = text("INSERT OR REPLACE INTO files (path, size, mtime_ns, content_hash, error, indexed_at, retry) "
+                           "VALUES (:path, :size, :mtime_ns, :content_hash, :error, :now, :retry)")
         with self.engine.begin() as conn:
             for path in removed:
                 conn.execute(text("DELETE FROM images WHERE path = :p"), {"p": path})
@@ -450,7 +516,7 @@ class IndexStore:
                 conn.execute(text("DELETE FROM images WHERE path = :p"), {"p": item["path"]})
                 conn.execute(upsert_file, {"path": item["path"], "size": item["size"], "mtime_ns": item["mtime_ns"],
                                            "content_hash": item.get("content_hash"), "error": item.get("error"),
-                                           "now": now})
+                                           "now": now, "retry": int(bool(item.get("retry")))})
             image_rows = [
                 {**{c: image.get(c) for c in METADATA_FIELDS}, "path": item["path"], "frame": image["frame"],
                  "content_hash": item["content_hash"],
@@ -460,6 +526,24 @@ class IndexStore:
             if image_rows:
                 conn.execute(insert_image, image_rows)
             conn.execute(text("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'"))
+
+
+def _file_digest(path: Path, block: int = 1 << 20) -> str:
+    """Size and BLAKE2b of a file (read whole up to 256 MB, 256 spread 1 MB blocks beyond: a
+    large cache is checked by sampling, and every shown score is re-checked against SQLite)."""
+    import hashlib
+
+    size = path.stat().st_size
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        if size <= 256 * block:
+            while chunk := f.read(block):
+                digest.update(chunk)
+        else:
+            for i in range(256):
+                f.seek((size - block) * i // 255)
+                digest.update(f.read(block))
+    return f"{size}:{digest.hexdigest()}"
 
 
 def _faiss_ids(index) -> np.ndarray:

@@ -100,12 +100,15 @@ def index_kind(index: faiss.Index) -> str:
 
 def search(index: faiss.Index, queries: np.ndarray, k: int, allowed_ids: np.ndarray | None = None,
            *, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k (scores, ids), each (Q, k), best first; ids -1 where fewer than k exist.
+    """Top-k (scores, ids), each (Q, min(k, rows that can answer)), best first; ids -1 where an
+    approximate index finds fewer.
 
     `allowed_ids` restricts the search before the cut, so k filtered hits come back when k exist;
     an empty `allowed_ids` gives no hits. `nprobe` overrides DEFAULT_NPROBE for IVF indexes."""
     queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
-    k = int(k)
+    # No more results than rows that can answer: FAISS allocates (Q, k) results up front, and
+    # `-k 1000000000` must not end in a MemoryError.
+    k = min(int(k), index.ntotal if allowed_ids is None else min(index.ntotal, len(allowed_ids)))
     if k <= 0 or index.ntotal == 0 or (allowed_ids is not None and len(allowed_ids) == 0):
         return (np.full((len(queries), max(k, 0)), -np.inf, dtype=np.float32),
                 np.full((len(queries), max(k, 0)), -1, dtype=np.int64))

@@ -178,9 +178,9 @@ class Searcher:
         allowed = self._store.filter_ids(modality=modality, body_part=body_part, view=view,
                                          since=_date(since, "since"), until=_date(until, "until"),
                                          under=str(Path(under).expanduser().resolve()) if under else None)
-        scores, ids = self._vector_search(np.asarray(vector, np.float32)[None], k, allowed)
-        found = [(float(s), int(i)) for s, i in zip(scores[0], ids[0])
-                 if i >= 0 and (min_score is None or s >= min_score)]
+        vector = np.asarray(vector, np.float32)
+        found = self._checked_search(vector, k, allowed)
+        found = [(score, row_id) for score, row_id in found if min_score is None or score >= min_score]
         rows = self._store.rows([i for _, i in found])
         hits = [Hit(rank, score, row_id, str(rows[row_id].get("path")), dict(rows[row_id]))
                 for rank, (score, row_id) in enumerate(found, start=1) if row_id in rows]
@@ -190,6 +190,31 @@ class Searcher:
             for hit, row in zip(hits, probabilities):
                 hit.labels = dict(zip(label_list, map(float, row)))
         return hits
+
+    def _checked_search(self, vector: np.ndarray, k: int, allowed: np.ndarray | None) -> list[tuple[float, int]]:
+        """(score, id) of the top k, best first, each score recomputed from the vector SQLite
+        holds: the FAISS file is a cache, and a damaged one (a flipped bit gave a "cosine" of
+        1391.99) must never reach the user. A score that disagrees with SQLite's by more than
+        fp16 storage explains means the cache is damaged: rebuild it from SQLite and search again."""
+        for attempt in range(2):
+            scores, ids = self._vector_search(vector[None], k, allowed)
+            found = [int(i) for i in ids[0] if i >= 0]
+            if not found:
+                return []
+            try:
+                exact = self._stored_vectors(found) @ vector
+            except KeyError:  # rows removed by mi-index since this FAISS index was loaded
+                if attempt == 1:
+                    raise
+                self._faiss = None  # the newest committed state, on the next try
+                continue
+            if np.all(np.abs(exact - scores[0][:len(found)]) <= 0.02) or attempt == 1:
+                break
+            log.warning("the FAISS cache of %s disagrees with SQLite: rebuilding it from SQLite", self.index_dir)
+            self._faiss = self._store.rebuild_faiss()
+            self._faiss_gpu = self._faiss
+        order = np.argsort(-exact, kind="stable")
+        return [(float(np.clip(exact[j], -1.0, 1.0)), found[j]) for j in order]
 
     def _vector_search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None
                        ) -> tuple[np.ndarray, np.ndarray]:

@@ -55,8 +55,8 @@ def index_state(index_dir: Path) -> dict[tuple[str, int], np.ndarray]:
         assert set(faiss.vector_to_array(index.id_map).tolist()) == {row_id for row_id, *_ in rows}
         for row_id, _, _, blob in rows:
             np.testing.assert_array_equal(index.reconstruct(row_id), np.frombuffer(blob, np.float32))
-        cached = list(index_dir.glob("vectors.g*.faiss"))
-        assert len(cached) == 1 and cached[0].name == f"vectors.g{store.generation()}.faiss"
+        cached = list(index_dir.glob("vectors.*"))
+        assert len(cached) == 1 and cached[0].name == f"vectors.{store.index_id}.g{store.generation()}.faiss"
         assert faiss.read_index(str(cached[0])).ntotal == len(rows)
         return {(p, f): np.frombuffer(e, np.float32) for _, p, f, e in rows}
 

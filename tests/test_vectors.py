@@ -59,10 +59,12 @@ def test_fewer_allowed_than_k_and_no_allowed(clustered):
     data, ids = clustered
     index = vectors.build_faiss_index(data, ids)
     scores, found = vectors.search(index, data[:1], 5, allowed_ids=ids[[3, 9]])
-    assert sorted(found[0][:2]) == sorted(ids[[3, 9]]) and list(found[0][2:]) == [-1, -1, -1]
-    assert np.isneginf(scores[0][2:]).all()
+    assert found.shape == scores.shape == (1, 2)  # no more columns than rows that can answer
+    assert sorted(found[0]) == sorted(ids[[3, 9]]) and np.isfinite(scores).all()
     _, found = vectors.search(index, data[:1], 5, allowed_ids=np.array([], dtype=np.int64))
     assert (found == -1).all()
+    _, found = vectors.search(index, data[:1], 10**12)  # an absurd k costs nothing
+    assert found.shape == (1, len(ids)) and (found >= 0).all()
 
 
 def test_huge_ids_use_a_batch_selector(clustered):
