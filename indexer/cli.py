@@ -70,7 +70,8 @@ def main(paths: tuple[Path, ...], index_dir: Path | None, model: str | None, bat
     except Exception as e:
         if not is_user_error(e):
             raise
-        raise click.ClickException(" ".join(str(e).split())) from None
+        from .terminal import visible
+        raise click.ClickException(visible(" ".join(str(e).split()), markup=False)) from None
     if as_json:
         click.echo(json.dumps(summary))
     else:
@@ -138,7 +139,9 @@ class ProgressBar:
 def _print_summary(console, summary: dict) -> None:
     from rich.table import Table
 
-    table = Table(title=f"index {summary['index']}", show_header=False, box=None)
+    from .terminal import visible
+
+    table = Table(title=f"index {visible(summary['index'])}", show_header=False, box=None)
     for key in ("new", "updated", "unchanged", "removed", "skipped"):
         table.add_row(key, str(summary[key]))
     if summary["still_skipped"]:
@@ -153,12 +156,12 @@ def _print_summary(console, summary: dict) -> None:
         from collections import Counter
         reasons = Table("skipped", "reason", title="skipped files (retried when they change)")
         for reason, count in Counter(row["reason"] for row in summary["skipped_files"]).most_common():
-            reasons.add_row(str(count), reason)
+            reasons.add_row(str(count), visible(reason))
         console.print(reasons)
         skipped = Table("file", "reason")
         skipped.columns[0].overflow = "fold"  # paths are what the user acts on: wrapped, never cut
         for row in summary["skipped_files"][:50]:
-            skipped.add_row(row["path"], row["reason"])
+            skipped.add_row(visible(row["path"]), visible(row["reason"]))
         console.print(skipped)
         if len(summary["skipped_files"]) > 50:
             console.print(f"... and {len(summary['skipped_files']) - 50} more (mi-index --json lists them all)")

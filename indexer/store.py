@@ -93,6 +93,27 @@ def sqlite_uri(db: Path, **params: str) -> str:
     return uri + ("?" + "&".join(f"{key}={value}" for key, value in params.items()) if params else "")
 
 
+def _db_path(path: str | os.PathLike) -> str | bytes:
+    """A path as SQLite stores it: text, or for a name that is not valid UTF-8 (legal on Linux,
+    common on old shares; Python holds its bytes as surrogate escapes) the raw bytes as a BLOB,
+    so that every name round-trips exactly."""
+    path = os.fspath(path)
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return os.fsencode(path)
+
+
+def _py_path(value: str | bytes) -> str:
+    return os.fsdecode(value) if isinstance(value, bytes) else value
+
+
+def _db_prefix(folder: str | os.PathLike) -> bytes:
+    """`folder/` as bytes, compared with CAST(path AS BLOB): matches text and BLOB paths alike."""
+    return os.fsencode(os.fspath(folder).rstrip(os.sep) + os.sep)
+
+
 def default_index_dir() -> Path:
     """MI_INDEX if set, else the per-user data folder (e.g. ~/.local/share/medimageinsight-search/index)."""
     if os.environ.get(INDEX_ENV):
@@ -285,9 +306,9 @@ class IndexStore:
         with self.engine.connect() as conn:
             for root in roots:
                 rows = conn.execute(text("SELECT path, size, mtime_ns, error, retry FROM files WHERE path = :p "
-                                         "OR substr(path, 1, length(:prefix)) = :prefix"),
-                                    {"p": str(root), "prefix": str(root).rstrip(os.sep) + os.sep})
-                found.update({row[0]: tuple(row[1:4]) + (bool(row[4]),) for row in rows})
+                                         "OR substr(CAST(path AS BLOB), 1, length(:prefix)) = :prefix"),
+                                    {"p": _db_path(root), "prefix": _db_prefix(root)})
+                found.update({_py_path(row[0]): tuple(row[1:4]) + (bool(row[4]),) for row in rows})
         return found
 
     def files_at(self, paths: Sequence[str]) -> dict[str, tuple[int, int, str | None, bool]]:
@@ -298,8 +319,8 @@ class IndexStore:
                 chunk = list(paths[start:start + 500])
                 rows = conn.execute(text(f"SELECT path, size, mtime_ns, error, retry FROM files WHERE path IN "
                                          f"({', '.join(f':p{i}' for i in range(len(chunk)))})"),
-                                    {f"p{i}": path for i, path in enumerate(chunk)})
-                found.update({row[0]: tuple(row[1:4]) + (bool(row[4]),) for row in rows})
+                                    {f"p{i}": _db_path(path) for i, path in enumerate(chunk)})
+                found.update({_py_path(row[0]): tuple(row[1:4]) + (bool(row[4]),) for row in rows})
         return found
 
     def images_with_hash(self, content_hash: str) -> list[dict[str, Any]]:
@@ -312,8 +333,8 @@ class IndexStore:
 
     def skipped(self) -> list[tuple[str, str]]:
         with self.engine.connect() as conn:
-            return [tuple(r) for r in conn.execute(text("SELECT path, error FROM files WHERE error IS NOT NULL "
-                                                        "ORDER BY path"))]
+            return [(_py_path(path), error) for path, error in conn.execute(
+                text("SELECT path, error FROM files WHERE error IS NOT NULL ORDER BY path"))]
 
     def filter_ids(self, *, modality: str | None = None, body_part: str | None = None, view: str | None = None,
                    since: dt.date | None = None, until: dt.date | None = None,
@@ -333,8 +354,8 @@ class IndexStore:
             params["until"] = until.isoformat()
         if under is not None:
             root = str(Path(under).expanduser().resolve())
-            clauses.append("(path = :root OR substr(path, 1, length(:prefix)) = :prefix)")
-            params.update(root=root, prefix=root.rstrip(os.sep) + os.sep)
+            clauses.append("(path = :root OR substr(CAST(path AS BLOB), 1, length(:prefix)) = :prefix)")
+            params.update(root=_db_path(root), prefix=_db_prefix(root))
         if not clauses:
             return None
         with self.engine.connect() as conn:
@@ -349,7 +370,8 @@ class IndexStore:
         columns = ", ".join(("id", "path", "frame") + METADATA_FIELDS)
         with self.engine.connect() as conn:
             rows = conn.execute(text(f"SELECT {columns} FROM images WHERE id IN ({','.join(map(str, ids))})"))
-            return {row["id"]: {k: v for k, v in row.items() if k != "id"} for row in rows.mappings()}
+            return {row["id"]: {k: _py_path(v) if k == "path" else v for k, v in row.items() if k != "id"}
+                    for row in rows.mappings()}
 
     def vectors(self, ids: Sequence[int], conn: Connection | None = None) -> np.ndarray:
         """float32 (len(ids), D), in the order of `ids`."""
@@ -510,15 +532,16 @@ class IndexStore:
                            "VALUES (:path, :size, :mtime_ns, :content_hash, :error, :now, :retry)")
         with self.engine.begin() as conn:
             for path in removed:
-                conn.execute(text("DELETE FROM images WHERE path = :p"), {"p": path})
-                conn.execute(text("DELETE FROM files WHERE path = :p"), {"p": path})
+                conn.execute(text("DELETE FROM images WHERE path = :p"), {"p": _db_path(path)})
+                conn.execute(text("DELETE FROM files WHERE path = :p"), {"p": _db_path(path)})
             for item in list(indexed) + list(skipped):
-                conn.execute(text("DELETE FROM images WHERE path = :p"), {"p": item["path"]})
-                conn.execute(upsert_file, {"path": item["path"], "size": item["size"], "mtime_ns": item["mtime_ns"],
+                conn.execute(text("DELETE FROM images WHERE path = :p"), {"p": _db_path(item["path"])})
+                conn.execute(upsert_file, {"path": _db_path(item["path"]), "size": item["size"],
+                                           "mtime_ns": item["mtime_ns"],
                                            "content_hash": item.get("content_hash"), "error": item.get("error"),
                                            "now": now, "retry": int(bool(item.get("retry")))})
             image_rows = [
-                {**{c: image.get(c) for c in METADATA_FIELDS}, "path": item["path"], "frame": image["frame"],
+                {**{c: image.get(c) for c in METADATA_FIELDS}, "path": _db_path(item["path"]), "frame": image["frame"],
                  "content_hash": item["content_hash"],
                  "embedding": np.ascontiguousarray(image["embedding"], dtype=np.float32).tobytes()}
                 for item in indexed for image in item["images"]

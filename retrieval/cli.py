@@ -24,8 +24,9 @@ Filters apply before the top-k cut, so -k 10 --modality CR gives 10 CR images wh
   mi-search "lumbar spine fracture" -k 20 --modality CR --since 2020-01-01 --under ./archive
 
 \b
-Output: a table on a terminal; tab-separated lines (rank, score, path, modality, body part,
-view, study date, labels if asked) when piped; --paths for paths only (mi-search ... --paths | xargs open);
+Output: a table on a terminal; tab-separated lines under a header row (rank, score, path,
+modality, body part, view, study date, labels if asked) when piped; --paths for paths only,
+byte for byte (mi-search ... --paths | xargs open; --print0 | xargs -0 for any file name);
 --json for a list of objects (rank, score, id, path and the stored metadata).
 --labels "normal,pneumothorax" adds zero-shot probabilities for each hit.
 """
@@ -57,12 +58,13 @@ COLUMNS = [("modality", "modality"), ("body part", "body_part"), ("view", "view_
 @click.option("--text", "force", flag_value="text", help="Read every QUERY as text.")
 @click.option("--image", "force", flag_value="image", help="Read every QUERY as an image file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the hits as a JSON list.")
-@click.option("--paths", "paths_only", is_flag=True, help="Print only the paths, one per line.")
+@click.option("--paths", "paths_only", is_flag=True, help="Print only the paths, one per line, byte for byte.")
+@click.option("--print0", is_flag=True, help="With --paths: end each path with a NUL (for xargs -0).")
 @click.version_option(package_name="medimageinsight-search", prog_name="mi-search")
 def main(query: tuple[str, ...], index_dir: Path | None, model: str | None, device: str | None, k: int,
          modality: str | None, body_part: str | None, view: str | None, since: Any, until: Any,
          under: Path | None, min_score: float | None, labels: str | None, multilabel: bool,
-         force: str | None, as_json: bool, paths_only: bool) -> None:
+         force: str | None, as_json: bool, paths_only: bool, print0: bool) -> None:
     """Search an index of X-rays and DICOM files by text, by example image, or both.
 
     QUERY is a text or an image file (PNG, JPEG, TIFF, BMP, DICOM); several are combined
@@ -81,21 +83,23 @@ def main(query: tuple[str, ...], index_dir: Path | None, model: str | None, devi
     except Exception as error:  # only the expected, typed errors become one line
         if not _is_user_error(error):
             raise
-        raise click.ClickException(_message(error, index_dir)) from None
+        from indexer.terminal import visible
+        raise click.ClickException(visible(_message(error, index_dir), markup=False)) from None
+
+    from indexer.terminal import write_lines
 
     if as_json:
         click.echo(json.dumps([hit.to_dict() for hit in hits], indent=2, default=str))
-    elif paths_only:
-        for hit in hits:
-            click.echo(hit.path)
+    elif paths_only or print0:
+        write_lines([hit.path for hit in hits], b"\0" if print0 else b"\n")
     elif not hits:
         click.echo("No hits: nothing in the index matches the filters or --min-score.", err=True)
     elif sys.stdout.isatty():
         _print_table(hits)
-    else:
-        for hit in hits:
-            cells = _cells(hit, score_format="{:.4f}")
-            click.echo("\t".join(cells))
+    else:  # tab-separated, a header first; file names byte for byte
+        with_labels = any(hit.labels for hit in hits)
+        header = ["rank", "score", "path"] + [key for _, key in COLUMNS] + (["labels"] if with_labels else [])
+        write_lines(["\t".join(header)] + ["\t".join(_cells(hit, score_format="{:.4f}")) for hit in hits])
 
 
 def _is_user_error(error: Exception) -> bool:
@@ -118,9 +122,11 @@ def _text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def _print_table(hits: list) -> None:
+def _print_table(hits: list, console: Any = None) -> None:
     from rich.console import Console
     from rich.table import Table
+
+    from indexer.terminal import visible
 
     table = Table(box=None, header_style="bold")
     table.add_column("#", justify="right")
@@ -132,8 +138,8 @@ def _print_table(hits: list) -> None:
     if with_labels:
         table.add_column("labels")
     for hit in hits:
-        table.add_row(*_cells(hit, score_format="{:.3f}"))
-    Console().print(table)
+        table.add_row(*map(visible, _cells(hit, score_format="{:.3f}")))
+    (console or Console()).print(table)
 
 
 def _cells(hit: Any, score_format: str) -> list[str]:
