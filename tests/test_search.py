@@ -249,8 +249,9 @@ def test_cli_text_query_with_filter_paths_and_piped_lines(collection):
     assert paths.exit_code == 0, paths.output
     lines = paths.stdout.splitlines()
     assert len(lines) == 2 and all(Path(line).is_file() for line in lines)
-    piped = run_cli(*common)  # not a terminal: tab-separated rank, score, path, modality, ...
-    rows = [line.split("\t") for line in piped.stdout.splitlines()]
+    piped = run_cli(*common)  # not a terminal: a header, then tab-separated rank, score, path, modality, ...
+    header, *rows = [line.split("\t") for line in piped.stdout.splitlines()]
+    assert header[:4] == ["rank", "score", "path", "modality"]
     assert [row[2] for row in rows] == lines and all(row[3] == "MR" for row in rows)
 
 
