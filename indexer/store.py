@@ -15,8 +15,10 @@ reused (AUTOINCREMENT), and they are the FAISS ids.
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import os
 import secrets
+import shutil
 import sqlite3
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -53,6 +55,43 @@ class ModelMismatchError(StoreError):
 
 class IndexBusyError(StoreError):
     pass
+
+
+class IndexReadOnlyError(StoreError):
+    """Writing was refused: a read-only folder, file system or database file."""
+
+
+class StorageFullError(StoreError):
+    """The disk (or quota) holding the index is full."""
+
+
+class IndexDamagedError(IndexFormatError):
+    """The database file itself is damaged (a corrupt page, not a database at all)."""
+
+
+def storage_error(error: BaseException, folder: Path) -> StoreError:
+    """The one-line, typed error for a failure of the index's storage: an OSError, or an SQLite
+    error (raw or wrapped by SQLAlchemy). Each names its cause and what to do about it."""
+    cause = getattr(error, "orig", None) or error
+    number = getattr(cause, "errno", None)
+    text_ = " ".join(str(cause).split()).lower()
+    code = getattr(cause, "sqlite_errorname", "")
+    if number == errno.ENOSPC or number == errno.EDQUOT or code == "SQLITE_FULL" or "disk is full" in text_:
+        return StorageFullError(f"the disk holding the index {folder} is full: free some space and run "
+                                f"mi-index again (what was committed is kept)")
+    cannot_open = code == "SQLITE_CANTOPEN" or "unable to open" in text_
+    if number in (errno.EROFS, errno.EACCES, errno.EPERM) or code.startswith("SQLITE_READONLY") \
+            or "readonly" in text_ or "read-only" in text_ or (cannot_open and not _writable(folder)):
+        return IndexReadOnlyError(f"the index {folder} is read-only ({_why_not_writable(folder)}): mi-index "
+                                  f"needs to write there; use --index with a folder you can write (mi-search "
+                                  f"can still read it)")
+    if code in ("SQLITE_CORRUPT", "SQLITE_NOTADB") or "malformed" in text_ or "not a database" in text_:
+        return IndexDamagedError(f"the index database {folder / DB_NAME} is damaged ({text_}): move the "
+                                 f"folder away and run mi-index again to rebuild it")
+    if number is not None:
+        return StoreError(f"cannot use the index {folder}: {cause.strerror or text_}")
+    return IndexFormatError(f"{folder / DB_NAME} is not a usable index ({text_}); move it away and run "
+                            f"mi-index again")
 
 
 def _lock_exclusively(file) -> None:
@@ -169,6 +208,29 @@ MIGRATIONS = [_m001_initial, _m002_index_id]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
+def _writable(folder: Path) -> bool:
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), folder)
+    return os.access(existing, os.W_OK)
+
+
+def _why_not_writable(folder: Path) -> str:
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), folder)
+    try:
+        if os.statvfs(existing).f_flag & os.ST_RDONLY:
+            return "a read-only file system"
+    except (OSError, AttributeError):
+        pass
+    return "no permission to write"
+
+
+def _raise_storage_error(context, folder: Path) -> None:
+    # SQLAlchemy's error hook: every database error of this engine, whichever query met it,
+    # leaves as the typed one-line StoreError (a full disk in the middle of a commit included).
+    error = context.original_exception
+    if isinstance(error, sqlite3.OperationalError) or type(error) is sqlite3.DatabaseError:
+        raise storage_error(error, folder) from None
+
+
 def _connect_pragmas(dbapi_connection, _record) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA foreign_keys = ON")
@@ -196,13 +258,19 @@ class IndexStore:
             try:
                 folder.mkdir(parents=True, exist_ok=True)
             except OSError as e:
-                raise IndexFormatError(f"cannot create the index folder {folder}: {e.strerror}") from None
-        uri = sqlite_uri(db, mode="ro") if readonly else sqlite_uri(db)
+                raise storage_error(e, folder) from None
+        # A read-only folder (or medium) has no live writer, and SQLite could not create the
+        # -shm file a WAL database needs even for reading: open it as immutable there.
+        params = {"mode": "ro"} if readonly else {}
+        if readonly and not os.access(folder, os.W_OK):
+            params["immutable"] = "1"
+        uri = sqlite_uri(db, **params)
         # The connection is made by `creator`, never from a URL: SQLAlchemy would parse `?`
         # and `#` in the folder's name as parts of its own URL.
         engine = create_engine("sqlite://", creator=lambda: sqlite3.connect(uri, uri=True, check_same_thread=False),
                                poolclass=QueuePool)
         event.listen(engine, "connect", _connect_pragmas)
+        event.listen(engine, "handle_error", lambda context: _raise_storage_error(context, folder))
         store = cls(folder, engine, readonly)
         try:
             with engine.begin() as conn:
@@ -212,10 +280,12 @@ class IndexStore:
                     # explicitly: a migration killed halfway must leave nothing behind.
                     conn.exec_driver_sql("BEGIN IMMEDIATE")
                 store._migrate(conn)
+        except StoreError:
+            engine.dispose()
+            raise
         except (DatabaseError, OperationalError) as e:
             engine.dispose()
-            raise IndexFormatError(f"{db} is not a usable index ({e.orig}); move it away and run mi-index again") \
-                from None
+            raise storage_error(e, folder) from None
         return store
 
     def _migrate(self, conn: Connection) -> None:
@@ -234,7 +304,10 @@ class IndexStore:
 
     def lock(self) -> None:
         """Take the writer's lock; a second mi-index on the same index is refused, not interleaved."""
-        self._lock_file = open(self.folder / "index.lock", "w")
+        try:
+            self._lock_file = open(self.folder / "index.lock", "w")
+        except OSError as e:
+            raise storage_error(e, self.folder) from None
         try:
             _lock_exclusively(self._lock_file)
         except OSError:
@@ -467,10 +540,18 @@ class IndexStore:
             if not intact:
                 index = self._current_index(conn, use_cache=not target.exists())  # damaged: from SQLite alone
                 tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-                faiss.write_index(index, str(tmp))
-                with open(tmp, "rb") as f:
-                    os.fsync(f.fileno())
-                os.replace(tmp, target)
+                try:
+                    faiss.write_index(index, str(tmp))
+                    with open(tmp, "rb") as f:
+                        os.fsync(f.fileno())
+                    os.replace(tmp, target)
+                except (OSError, RuntimeError) as e:  # FAISS reports a failed write as RuntimeError
+                    tmp.unlink(missing_ok=True)
+                    if isinstance(e, OSError):
+                        raise storage_error(e, self.folder) from None
+                    free = shutil.disk_usage(self.folder).free
+                    raise (storage_error(OSError(errno.ENOSPC, "no space left"), self.folder)
+                           if free < 16 << 20 else StoreError(f"cannot write {tmp}: {e}")) from None
         if not intact or not meta.get("faiss_digest", "").startswith(target.name + ":"):
             with self.engine.begin() as conn:
                 conn.execute(text("INSERT OR REPLACE INTO meta VALUES ('faiss_digest', :d)"),

@@ -425,5 +425,5 @@ def test_cli_json_summary_and_errors(tmp_path, monkeypatch):
                    "no model folder")
     (tmp_path / "garbage").mkdir()
     (tmp_path / "garbage" / "index.sqlite").write_bytes(b"this is not a database" * 100)
-    one_line_error([str(data), "--index", str(tmp_path / "garbage"), "--model", str(FIXTURE)], "not a usable index")
+    one_line_error([str(data), "--index", str(tmp_path / "garbage"), "--model", str(FIXTURE)], "is damaged (file is not a database)")
     one_line_error([str(data), "--index", str(tmp_path / "index3")], "cannot get model 'lion-ai/MedImageInsights'")
