@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from .privacy import pseudonym
+
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom", ".dic", ".ima"})
 PIL_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")  # JPEG opens MPO files too
@@ -84,16 +86,10 @@ def content_hash(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
-def hash_patient_id(patient_id: str | None, salt: str) -> str | None:
-    """A salted hash of PatientID: groups a patient's images without storing the ID."""
-    if not patient_id:
-        return None
-    return hashlib.sha256((salt + "\x00" + patient_id).encode("utf-8")).hexdigest()[:32]
-
-
 def decode_bytes(data: bytes, path: Path, *, frames: str = "middle", max_megapixels: float = 100.0,
-                 salt: str = "") -> Decoded:
-    """Decode one file's bytes. Raises DecodeError with the reason when it cannot be indexed."""
+                 patient_key: bytes | None = None) -> Decoded:
+    """Decode one file's bytes. Raises DecodeError with the reason when it cannot be indexed.
+    `patient_key`: the key of PatientID's pseudonym (see indexer.privacy); None stores none."""
     if frames not in FRAMES_CHOICES:
         raise ValueError(f"frames must be one of {FRAMES_CHOICES}, not {frames!r}")
     if not data:
@@ -102,7 +98,7 @@ def decode_bytes(data: bytes, path: Path, *, frames: str = "middle", max_megapix
     if kind == "dicom":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pydicom warns about every oddity it tolerates
-            return _decode_dicom(data, frames, max_megapixels, salt)
+            return _decode_dicom(data, frames, max_megapixels, patient_key)
     if kind == "image":
         return _decode_image(data, frames, max_megapixels)
     raise DecodeError("not an image or DICOM file")
@@ -226,11 +222,12 @@ def _iso_date(value: str | None) -> str | None:
         return None
 
 
-def dicom_metadata(ds, salt: str) -> dict[str, str | None]:
-    """The fields the index keeps. Never names or birth dates; PatientID only as a salted hash."""
+def dicom_metadata(ds, patient_key: bytes | None) -> dict[str, str | None]:
+    """The fields the index keeps. Never names or birth dates; PatientID only as a keyed
+    pseudonym (none without a key)."""
     meta = {name: _text(ds, keyword) for name, keyword in _METADATA_KEYWORDS.items()}
     meta["study_date"] = _iso_date(_text(ds, "StudyDate"))
-    meta["patient_hash"] = hash_patient_id(_text(ds, "PatientID"), salt)
+    meta["patient_hash"] = pseudonym(_text(ds, "PatientID"), patient_key) if patient_key else None
     return meta
 
 
@@ -294,7 +291,7 @@ def _transfer_syntax(ds):
     return syntax
 
 
-def _decode_dicom(data: bytes, frames: str, max_megapixels: float, salt: str) -> Decoded:
+def _decode_dicom(data: bytes, frames: str, max_megapixels: float, patient_key: bytes | None) -> Decoded:
     import pydicom
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import get_decoder, pixel_array
@@ -342,7 +339,7 @@ def _decode_dicom(data: bytes, frames: str, max_megapixels: float, salt: str) ->
         if _is_fatal(e):
             raise
         raise DecodeError(f"truncated or corrupt DICOM: {_short(e)}") from None
-    return Decoded(source_format="dicom", frames=images, metadata=dicom_metadata(ds, salt))
+    return Decoded(source_format="dicom", frames=images, metadata=dicom_metadata(ds, patient_key))
 
 
 def _short(error: BaseException, limit: int = 120) -> str:

@@ -118,9 +118,9 @@ class FileDataset:
     indexed) decoded and preprocessed, in the worker process."""
 
     def __init__(self, jobs: list[Job], *, preprocess: Callable, db_path: Path, frames: str,
-                 max_megapixels: float, salt: str):
+                 max_megapixels: float, patient_key: bytes):
         self.jobs, self.preprocess, self.db_path = jobs, preprocess, db_path
-        self.frames, self.max_megapixels, self.salt = frames, max_megapixels, salt
+        self.frames, self.max_megapixels, self.patient_key = frames, max_megapixels, patient_key
         self._db: sqlite3.Connection | None = None
 
     def __len__(self) -> int:
@@ -145,7 +145,7 @@ class FileDataset:
                 item["kind"] = "reuse"
             else:
                 decoded = decode_bytes(data, Path(job.path), frames=self.frames,
-                                       max_megapixels=self.max_megapixels, salt=self.salt)
+                                       max_megapixels=self.max_megapixels, patient_key=self.patient_key)
                 item.update(kind="decoded", metadata={**decoded.metadata, "source_format": decoded.source_format},
                             frames=[(index, image.width, image.height) for index, image in decoded.frames],
                             pixels=np.stack([self.preprocess(image).numpy() for _, image in decoded.frames]))
@@ -298,7 +298,7 @@ class Indexer:
         self.batch_size = self.batch_size or (64 if model.device.type == "cuda" else 8)
         workers = self.workers if self.workers is not None else min(8, max(1, (os.cpu_count() or 2) - 1))
         dataset = FileDataset(jobs, preprocess=model.preprocess, db_path=self.store.folder / DB_NAME,
-                              frames=self.frames, max_megapixels=self.max_megapixels, salt=self.store.patient_salt)
+                              frames=self.frames, max_megapixels=self.max_megapixels, patient_key=self.store.patient_key())
         self._dataset = dataset
         prefetch = max(2, self.batch_size // max(workers, 1))
         decode_seconds, position = 0.0, 0

@@ -184,7 +184,7 @@ def _m001_initial(conn: Connection) -> None:
             sop_instance_uid TEXT, study_instance_uid TEXT, series_instance_uid TEXT,
             modality TEXT, body_part TEXT, view_position TEXT, study_date TEXT,
             series_description TEXT, patient_sex TEXT, patient_age TEXT,
-            patient_hash TEXT,          -- salted hash of PatientID; names and birth dates are never stored
+            patient_hash TEXT,          -- pseudonym of PatientID (indexer.privacy); never names or birth dates
             embedding BLOB NOT NULL,    -- float32, L2-normalised
             UNIQUE (path, frame)
         )"""))
@@ -204,7 +204,27 @@ def _m002_index_id(conn: Connection) -> None:
     conn.execute(text("ALTER TABLE files ADD COLUMN retry INTEGER NOT NULL DEFAULT 0"))
 
 
-MIGRATIONS = [_m001_initial, _m002_index_id]
+def _m003_keyed_patient_pseudonyms(conn: Connection) -> None:
+    # PatientID was hashed with a salt stored in this database, so anyone holding the index could
+    # test guessed IDs. Pseudonyms are now keyed with a key kept outside the index (see
+    # indexer.privacy); the old hashes are keyed the same way (a patient's images stay grouped)
+    # and the salt is deleted, its page overwritten.
+    from .privacy import PatientKeyError, key_id, patient_key, pseudonym
+
+    conn.exec_driver_sql("PRAGMA secure_delete = ON")
+    if conn.execute(text("SELECT count(*) FROM images WHERE patient_hash IS NOT NULL")).scalar():
+        try:
+            key = patient_key()
+        except PatientKeyError as e:
+            raise StoreError(str(e)) from None
+        conn.execute(text("INSERT OR REPLACE INTO meta VALUES ('patient_key_id', :k)"), {"k": key_id(key)})
+        old = conn.execute(text("SELECT DISTINCT patient_hash FROM images WHERE patient_hash IS NOT NULL")).scalars()
+        conn.execute(text("UPDATE images SET patient_hash = :new WHERE patient_hash = :old"),
+                     [{"old": value, "new": pseudonym(value, key)} for value in old.all()])
+    conn.execute(text("DELETE FROM meta WHERE key = 'patient_salt'"))
+
+
+MIGRATIONS = [_m001_initial, _m002_index_id, _m003_keyed_patient_pseudonyms]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -344,10 +364,25 @@ class IndexStore:
         return {"fingerprint": meta["model_fingerprint"], "dim": int(meta["model_dim"]),
                 "source": meta.get("model_source")}
 
-    @property
-    def patient_salt(self) -> str:
+    def patient_key(self) -> bytes:
+        """The key of this index's patient pseudonyms (see indexer.privacy): recorded by its id
+        on first use, and refused when another key is in place (pseudonyms made with two keys
+        would split each patient in two)."""
+        from .privacy import KEY_ENV, PatientKeyError, key_id, key_path, patient_key
+
+        try:
+            key = patient_key()
+        except PatientKeyError as e:
+            raise StoreError(str(e)) from None
         with self.engine.connect() as conn:
-            return self._meta(conn)["patient_salt"]
+            recorded = self._meta(conn).get("patient_key_id")
+        if recorded is None:
+            with self.engine.begin() as conn:
+                conn.execute(text("INSERT OR REPLACE INTO meta VALUES ('patient_key_id', :k)"), {"k": key_id(key)})
+        elif recorded != key_id(key):
+            raise StoreError(f"the index at {self.folder} pseudonymised patients with another key than "
+                             f"{key_path()} (key id {recorded}): set {KEY_ENV} to that key's file")
+        return key
 
     def check_model(self, fingerprint: str, dim: int, source: str) -> None:
         """Refuse a model other than the index's; record it if the index has none yet."""

@@ -92,14 +92,15 @@ def test_multiframe_middle_or_all():
 
 
 def test_metadata_keeps_no_direct_identifiers():
-    decoded = decode_file(PYDICOM_FILES / "CT_small.dcm", salt="one")
+    decoded = decode_file(PYDICOM_FILES / "CT_small.dcm", patient_key=b"one")
     meta = decoded.metadata
     assert meta["modality"] == "CT" and meta["study_date"] == "2004-01-19"
     assert not any("name" in key or "birth" in key for key in meta)
     ds = pydicom.dcmread(PYDICOM_FILES / "CT_small.dcm", stop_before_pixels=True)
     assert str(ds.PatientID) not in map(str, meta.values()) and str(ds.PatientName) not in map(str, meta.values())
     assert meta["patient_hash"] and meta["patient_hash"] != decode_file(PYDICOM_FILES / "CT_small.dcm",
-                                                                       salt="two").metadata["patient_hash"]
+                                                                       patient_key=b"two").metadata["patient_hash"]
+    assert decode_file(PYDICOM_FILES / "CT_small.dcm").metadata["patient_hash"] is None  # no key: no pseudonym
 
 
 def test_dicom_without_extension_is_found_by_preamble(tmp_path):
