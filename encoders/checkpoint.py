@@ -21,9 +21,11 @@ DEFAULT_MODEL = "lion-ai/MedImageInsights"
 MODEL_ENV = "MI_MODEL"
 CHECKPOINT_NAMES = ("medimageinsigt-v1.0.0.pt", "medimageinsight-v1.0.0.pt")
 TOKENIZER_DIR = "clip_tokenizer_4.16.2"
+HUB_PREFIX = "hf-hub:"
 _HOW_TO_FIX = (
-    f"Download the weights with `huggingface-cli download {DEFAULT_MODEL}` (2.46 GB) where the internet is "
-    f"reachable, then point --model or the {MODEL_ENV} environment variable at the folder."
+    f"Download the weights (2.46 GB) where the internet is reachable with `hf download {DEFAULT_MODEL} "
+    f"--local-dir MedImageInsights` (huggingface_hub's command line), then point --model or the "
+    f"{MODEL_ENV} environment variable at that folder (or at the 2024.09.27/ folder inside it)."
 )
 
 
@@ -60,17 +62,21 @@ def find_model_folder(path: Path) -> Path:
 def resolve_model_source(source: str | os.PathLike | None = None) -> Path:
     """A local folder, or a Hugging Face repo id (downloaded once, then cached) -> the model folder.
 
-    Default: the MI_MODEL environment variable, else lion-ai/MedImageInsights."""
-    source = source if source not in (None, "") else os.environ.get(MODEL_ENV) or DEFAULT_MODEL
+    Default: the MI_MODEL environment variable, else lion-ai/MedImageInsights. `hf-hub:OWNER/NAME`
+    always means the hub; a plain `OWNER/NAME` is a local folder when one exists there, else the
+    hub (and a failure says that both were tried)."""
+    source = str(source) if source not in (None, "") else os.environ.get(MODEL_ENV) or DEFAULT_MODEL
+    if source.startswith(HUB_PREFIX):
+        return find_model_folder(_download(source[len(HUB_PREFIX):], tried_folder=None))
     path = Path(source).expanduser()
     if path.exists():
         return find_model_folder(path)
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)) or str(source).startswith("."):
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", source) or source.startswith("."):
         raise ModelNotFoundError(f"no model folder at {path}. {_HOW_TO_FIX}")
-    return find_model_folder(_download(str(source)))
+    return find_model_folder(_download(source, tried_folder=path))
 
 
-def _download(repo_id: str) -> Path:
+def _download(repo_id: str, tried_folder: Path | None) -> Path:
     try:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
@@ -80,13 +86,19 @@ def _download(repo_id: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))  # shows progress bars
     except RepositoryNotFoundError:
-        raise ModelNotFoundError(f"no model {repo_id!r} on Hugging Face, and no local folder of that name. "
+        raise ModelNotFoundError(f"no model {repo_id!r} on Hugging Face{_and_no_folder(tried_folder)}. "
                                  f"{_HOW_TO_FIX}") from None
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
         offline = os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0")
         why = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else \
             f"the download failed ({type(e).__name__})"
-        raise ModelNotFoundError(f"cannot get model {repo_id!r}: {why}. {_HOW_TO_FIX}") from None
+        raise ModelNotFoundError(f"cannot get model {repo_id!r} from Hugging Face: {why}"
+                                 f"{_and_no_folder(tried_folder)}. {_HOW_TO_FIX}") from None
+
+
+def _and_no_folder(folder: Path | None) -> str:
+    return "" if folder is None else f" (and there is no local folder {folder.resolve()}; write " \
+                                     f"./{folder} for a folder, {HUB_PREFIX}{folder} for the hub)"
 
 
 def checkpoint_path(folder: Path) -> Path:

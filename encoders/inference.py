@@ -25,7 +25,15 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ModelError(f"unknown device {str(device)!r}: use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ModelError(f"device {str(device)!r} is not supported: use cpu, cuda or cuda:N")
+    if device.type == "cuda" and torch.cuda.is_available() and (device.index or 0) >= torch.cuda.device_count():
+        raise ModelError(f"device {device} was asked for, but there are {torch.cuda.device_count()} CUDA GPUs "
+                         f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ModelError("device cuda was asked for, but PyTorch sees no CUDA GPU here (use --device cpu)")
     return device

@@ -11,7 +11,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .store import default_index_dir
+from .store import DB_NAME, StoreError, default_index_dir
+
+
+class PathNotFoundError(StoreError):
+    """A path given to index does not exist."""
+
+
+class NoImagesError(StoreError):
+    """Nothing under the given paths is an image or DICOM file."""
 
 
 def index_paths(paths: Sequence[str | os.PathLike], index_dir: str | os.PathLike | None = None, *,
@@ -29,16 +37,54 @@ def index_paths(paths: Sequence[str | os.PathLike], index_dir: str | os.PathLike
     if progress is True:  # a rich bar on stderr, as mi-index shows
         from rich.console import Console
 
-        from .cli import ProgressBar
+        from .terminal import ProgressBar
         with ProgressBar(Console(stderr=True), enabled=True) as update:
             return index_paths(paths, index_dir, model=model, batch_size=batch_size, workers=workers, device=device,
                                dtype=dtype, max_megapixels=max_megapixels, frames=frames, progress=update)
-    with IndexStore.open(index_dir or default_index_dir(), create=True) as store:
-        store.lock()
-        run = Indexer(store, model=model, device=device, dtype=dtype, batch_size=batch_size, workers=workers,
-                      frames=frames, max_megapixels=max_megapixels,
-                      progress=progress if callable(progress) else None)
-        return run.run([Path(p) for p in paths]).as_dict()
+    roots = [Path(p).expanduser() for p in paths]
+    for root in roots:  # before the index folder is made: a mistyped path must leave nothing behind
+        if not root.exists():
+            raise PathNotFoundError(f"no such file or folder: {root}")
+    folder = Path(index_dir or default_index_dir()).expanduser()
+    new_index = not (folder / DB_NAME).exists()
+    made_folders = [p for p in (folder, *folder.parents) if not p.exists()]
+    try:
+        with IndexStore.open(folder, create=True) as store:
+            store.lock()
+            run = Indexer(store, model=model, device=device, dtype=dtype, batch_size=batch_size, workers=workers,
+                          frames=frames, max_megapixels=max_megapixels,
+                          progress=progress if callable(progress) else None)
+            summary = run.run(roots)
+            if summary.images == 0 and not summary.skipped_files and summary.unchanged == summary.removed == 0:
+                raise NoImagesError(f"no images found in {', '.join(map(str, roots))}: mi-index reads PNG, JPEG, "
+                                    f"TIFF, BMP and DICOM files (.dcm, or any name with a DICOM preamble)")
+            return summary.as_dict()
+    except BaseException:
+        if new_index:
+            _remove_empty_index(folder, made_folders)
+        raise
+
+
+def _remove_empty_index(folder: Path, made_folders: list[Path]) -> None:
+    """Undo what a failed first run made: its index (when it holds no image) and the folders
+    it created for it. Never touches anything else."""
+    from .store import IndexStore
+
+    try:
+        with IndexStore.open(folder, readonly=True) as store:
+            if store.count():
+                return  # committed work stays: the next run completes it
+    except Exception:
+        pass
+    ours = ("index.sqlite", "index.lock", "vectors.")
+    if folder.is_dir() and all(p.name.startswith(ours) for p in folder.iterdir()):
+        for path in folder.iterdir():
+            path.unlink(missing_ok=True)
+        for made in made_folders:  # innermost first
+            try:
+                made.rmdir()
+            except OSError:
+                break
 
 
 __all__ = ["index_paths", "default_index_dir"]

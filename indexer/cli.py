@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from .terminal import DEVICE_OPTION_HELP, check_device, console_script
+
 EPILOG = """\b
 Examples:
   mi-index ./xrays                         index a folder (again: only what changed)
@@ -39,7 +41,7 @@ def _user_index_dir() -> str:
 @click.option("--batch-size", type=click.IntRange(min=1), help="Images per model call. [default: 64 on CUDA, 8 on CPU]")
 @click.option("--workers", type=click.IntRange(min=0), help="Decoding processes (0: in this process). "
                                                              "[default: cores - 1, at most 8]")
-@click.option("--device", metavar="cpu|cuda", help="[default: cuda if available, else cpu]")
+@click.option("--device", metavar="DEVICE", callback=check_device, help=DEVICE_OPTION_HELP)
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
               help="[default: float32 on CPU (exact), bfloat16 on CUDA; bfloat16 is 2.5x faster on CPUs with AMX]")
 @click.option("--max-megapixels", type=click.FloatRange(min=0, min_open=True), default=100.0, show_default=True,
@@ -56,6 +58,7 @@ def main(paths: tuple[Path, ...], index_dir: Path | None, model: str | None, bat
 
     from . import index_paths
     from .store import default_index_dir
+    from .terminal import ProgressBar, is_user_error
 
     err = Console(stderr=True)
     index_dir = index_dir or default_index_dir()
@@ -78,62 +81,9 @@ def main(paths: tuple[Path, ...], index_dir: Path | None, model: str | None, bat
         _print_summary(Console(), summary)
 
 
-def is_user_error(error: BaseException, *kinds: type) -> bool:
-    """The typed errors of our libraries (and `kinds`), which a CLI prints as one line. Looked up
-    in sys.modules, so that catching them imports nothing: an unchanged re-run of mi-index never
-    imports encoders (PyTorch, 2 s), and a module never imported cannot have raised."""
-    for module, name in (("indexer.store", "StoreError"), ("encoders", "ModelError")):
-        loaded = sys.modules.get(module)
-        if loaded is not None:
-            kinds += (getattr(loaded, name),)
-    return isinstance(error, kinds)
-
-
-def console_script(command: click.Command) -> None:
-    """Run a click command as a console script, then leave without the interpreter's teardown:
-    unloading PyTorch and freeing a gigabyte of weights costs 0.4 s of every cold query. Output
-    is flushed first, and the commands close their index before returning."""
-    try:
-        command()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 def entry() -> None:
     """The `mi-index` console script."""
     console_script(main)
-
-
-class ProgressBar:
-    """A rich progress bar (files done / total, images/s, ETA), fed by the pipeline's callback."""
-
-    def __init__(self, console, enabled: bool):
-        self.console, self.enabled = console, enabled
-        self.bar = self.task = None
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda done, total, encoded: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-        self.bar = Progress(TextColumn("indexing"), BarColumn(), MofNCompleteColumn(), TextColumn("files"),
-                            TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=self.console)
-        self.bar.start()
-        self.task = self.bar.add_task("index", total=None, rate="")
-        import time
-        start = time.perf_counter()
-
-        def update(done: int, total: int, encoded: int) -> None:
-            rate = encoded / max(time.perf_counter() - start, 1e-9)
-            self.bar.update(self.task, completed=done, total=total, rate=f"{rate:.1f} images/s")
-        return update
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.stop()
 
 
 def _print_summary(console, summary: dict) -> None:

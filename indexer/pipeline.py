@@ -27,14 +27,12 @@ from typing import Any
 import numpy as np
 
 from .decode import DecodeError, TransientDecodeError, content_hash, decode_bytes, sniff_kind
-from .store import DB_NAME, IndexStore, StoreError, sqlite_uri
+from . import PathNotFoundError
+from .store import DB_NAME, IndexStore, sqlite_uri
 
 log = logging.getLogger(__name__)
 COMMIT_EVERY = 256  # files skipped or reused between commits when nothing is being encoded
 
-
-class PathNotFoundError(StoreError):
-    pass
 
 
 @dataclass

@@ -8,6 +8,8 @@ from typing import Any
 
 import click
 
+from indexer.terminal import DEVICE_OPTION_HELP, check_device
+
 EPILOG = """\b
 Queries:
   mi-search "pleural effusion"                  text
@@ -41,7 +43,7 @@ COLUMNS = [("modality", "modality"), ("body part", "body_part"), ("view", "view_
               help="Index folder. [default: MI_INDEX, else the per-user folder mi-index uses]")
 @click.option("--model", envvar="MI_MODEL", metavar="SRC",
               help="Model folder or Hugging Face id. [default: MI_MODEL, else the index's model]")
-@click.option("--device", metavar="cpu|cuda", help="Device for the model. [default: cuda if available]")
+@click.option("--device", metavar="DEVICE", callback=check_device, help=DEVICE_OPTION_HELP)
 @click.option("-k", "--top", "k", type=click.IntRange(min=1), default=10, show_default=True,
               help="Number of hits.")
 @click.option("--modality", help="Only this DICOM Modality (CR, DX, CT, ...).")
@@ -104,7 +106,7 @@ def main(query: tuple[str, ...], index_dir: Path | None, model: str | None, devi
 
 def _is_user_error(error: Exception) -> bool:
     """Typed errors of our libraries, and the OS saying a file cannot be read or written."""
-    from indexer.cli import is_user_error
+    from indexer.terminal import is_user_error
 
     from .errors import SearchError
     return is_user_error(error, SearchError, OSError)
@@ -112,7 +114,9 @@ def _is_user_error(error: Exception) -> bool:
 
 def _message(error: Exception, index_dir: Path | None) -> str:
     message = " ".join(str(error).split()) or type(error).__name__  # one line
-    if type(error).__name__ == "IndexNotFoundError" and "mi-index" not in message:
+    from indexer.store import IndexNotFoundError
+
+    if isinstance(error, IndexNotFoundError) and "mi-index" not in message:
         where = f" --index {index_dir}" if index_dir else ""
         message += f"; build it first with `mi-index PATH{where}`"
     return message
@@ -154,7 +158,7 @@ def _cells(hit: Any, score_format: str) -> list[str]:
 
 def entry() -> None:
     """The `mi-search` console script."""
-    from indexer.cli import console_script
+    from indexer.terminal import console_script
     console_script(main)
 
 

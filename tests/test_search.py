@@ -198,9 +198,12 @@ def test_api_errors(collection, tmp_path, model):
 
 
 def test_empty_index(tmp_path, model):
-    empty = tmp_path / "empty-folder"
-    empty.mkdir()
-    indexer.index_paths([empty], tmp_path / "index", model=model)
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(data / "a.png")
+    indexer.index_paths([data], tmp_path / "index", model=model)
+    (data / "a.png").unlink()
+    indexer.index_paths([data], tmp_path / "index", model=model)  # an index whose only image is gone
     with pytest.raises(EmptyIndexError, match="mi-index"):
         Searcher(index=tmp_path / "index", model=model)
 
@@ -280,8 +283,8 @@ def test_cli_errors_are_one_clean_line(case, expected, collection, other_model_f
     if case == "no index":
         index = tmp_path / "no-index-here"
     elif case == "empty index":
-        (tmp_path / "empty").mkdir()
-        indexer.index_paths([tmp_path / "empty"], tmp_path / "index", model=model)
+        from indexer.store import IndexStore
+        IndexStore.open(tmp_path / "index", create=True).close()
         index = tmp_path / "index"
     elif case == "other model":
         model_args = ["--model", other_model_folder]
