@@ -11,15 +11,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .store import DB_NAME, StoreError, default_index_dir
+from .errors import NoImagesError, PathNotFoundError, StoreError  # noqa: F401
 
 
-class PathNotFoundError(StoreError):
-    """A path given to index does not exist."""
-
-
-class NoImagesError(StoreError):
-    """Nothing under the given paths is an image or DICOM file."""
+def default_index_dir() -> Path:
+    """MI_INDEX if set, else the per-user data folder (mi-index's default)."""
+    from .store import default_index_dir as folder
+    return folder()
 
 
 def index_paths(paths: Sequence[str | os.PathLike], index_dir: str | os.PathLike | None = None, *,
@@ -32,7 +30,7 @@ def index_paths(paths: Sequence[str | os.PathLike], index_dir: str | os.PathLike
     counts new / updated / unchanged / removed / skipped / encoded / reused / images, the
     skipped files with their reasons, and timings."""
     from .pipeline import Indexer
-    from .store import IndexStore
+    from .store import DB_NAME, IndexStore
 
     if progress is True:  # a rich bar on stderr, as mi-index shows
         from rich.console import Console
@@ -58,6 +56,7 @@ def index_paths(paths: Sequence[str | os.PathLike], index_dir: str | os.PathLike
             if summary.images == 0 and not summary.skipped_files and summary.unchanged == summary.removed == 0:
                 raise NoImagesError(f"no images found in {', '.join(map(str, roots))}: mi-index reads PNG, JPEG, "
                                     f"TIFF, BMP and DICOM files (.dcm, or any name with a DICOM preamble)")
+            store.record_run([os.path.realpath(root) for root in roots], summary.seconds.get("total", 0.0))
             return summary.as_dict()
     except BaseException:
         if new_index:

@@ -12,7 +12,12 @@ from .terminal import DEVICE_OPTION_HELP, check_device, console_script
 
 EPILOG = """\b
 Examples:
+  mi-index --sample                        a dozen real DICOM test images, to try mi-search
   mi-index ./xrays                         index a folder (again: only what changed)
+  mi-index --update                        update every folder the index holds
+  mi-index --status                        what the index holds
+  mi-index --remove ./xrays/old            take a folder out of the index
+  mi-index --folders-of OLD --index NEW --model SRC   rebuild OLD's folders with another model
   mi-index ./xrays ./more/case1.dcm        several folders and files into one index
   mi-index /archive --index /data/idx --device cuda --batch-size 128 --workers 12
   mi-index ./xrays --json                  the summary as one JSON object
@@ -26,13 +31,24 @@ copied files reuse their stored vectors. Killing mi-index loses at most the batc
 """
 
 
+SKIPPED_SHOWN = 5  # paths listed in the human summary; the counts by reason cover the rest
+
+
 def _user_index_dir() -> str:
     import platformdirs
     return str(Path(platformdirs.user_data_dir("medimageinsight-search")) / "index")
 
 
 @click.command(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--sample", is_flag=True, help="Index a dozen real DICOM test images (CR chest, CT, MR, US) to try "
+                                             "mi-search on.")
+@click.option("--update", is_flag=True, help="Update every folder the index already holds.")
+@click.option("--folders-of", "folders_of", metavar="INDEX", type=click.Path(file_okay=False, path_type=Path),
+              help="Index the folders another index holds (e.g. to rebuild it with another --model).")
+@click.option("--remove", "remove", metavar="PATH", multiple=True, type=click.Path(path_type=Path),
+              help="Take a folder (or file) out of the index; the files stay on disk.")
+@click.option("--status", is_flag=True, help="Show what the index holds and exit.")
 @click.option("--index", "index_dir", envvar="MI_INDEX", type=click.Path(file_okay=False, path_type=Path),
               help=f"Index folder. [default: MI_INDEX, else {_user_index_dir()}]")
 @click.option("--model", metavar="SRC", envvar="MI_MODEL",
@@ -50,7 +66,8 @@ def _user_index_dir() -> str:
               help="Multi-frame files: the middle frame, or every frame.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 @click.version_option(package_name="medimageinsight-search", prog_name="mi-index")
-def main(paths: tuple[Path, ...], index_dir: Path | None, model: str | None, batch_size: int | None,
+def main(paths: tuple[Path, ...], sample: bool, update: bool, folders_of: Path | None, remove: tuple[Path, ...],
+         status: bool, index_dir: Path | None, model: str | None, batch_size: int | None,
          workers: int | None, device: str | None, dtype: str | None, max_megapixels: float, frames: str,
          as_json: bool) -> None:
     """Index PATHS (folders, walked recursively, or files) for mi-search."""
@@ -62,6 +79,17 @@ def main(paths: tuple[Path, ...], index_dir: Path | None, model: str | None, bat
 
     err = Console(stderr=True)
     index_dir = index_dir or default_index_dir()
+    try:
+        if status or remove:
+            return _manage(index_dir, status, remove, as_json)
+        paths += _more_paths(index_dir, sample, update, folders_of)
+    except Exception as e:
+        if not is_user_error(e):
+            raise
+        from .terminal import visible
+        raise click.ClickException(visible(" ".join(str(e).split()), markup=False)) from None
+    if not paths:
+        raise click.UsageError("give PATHS to index (or --sample, --update, --status; see --help)")
     try:
         with ProgressBar(err, enabled=err.is_terminal and not as_json) as update:
             summary = index_paths(paths, index_dir, model=model, batch_size=batch_size, workers=workers,
@@ -79,6 +107,63 @@ def main(paths: tuple[Path, ...], index_dir: Path | None, model: str | None, bat
         click.echo(json.dumps(summary))
     else:
         _print_summary(Console(), summary)
+
+
+def _more_paths(index_dir: Path, sample: bool, update: bool, folders_of: Path | None) -> tuple[Path, ...]:
+    from .store import IndexStore, StoreError
+
+    more: list[Path] = []
+    if sample:
+        from .sample import sample_folder
+        more.append(sample_folder())
+    for source, asked in ((index_dir, update), (folders_of, folders_of is not None)):
+        if not asked:
+            continue
+        with IndexStore.open(source, readonly=True) as store:
+            roots = store.roots()
+        gone = [root for root in roots if not Path(root).exists()]
+        if gone:
+            raise StoreError(f"{gone[0]} is gone: take it out with `mi-index --remove {gone[0]}`"
+                             + (f" --index {index_dir}" if source == index_dir else f" --index {source}"))
+        if not roots:
+            raise StoreError(f"the index at {source} records no folders (made before mi-index recorded them): "
+                             f"name them once, e.g. `mi-index FOLDER --index {source}`")
+        more += [Path(root) for root in roots]
+    return tuple(more)
+
+
+def _manage(index_dir: Path, status: bool, remove: tuple[Path, ...], as_json: bool) -> None:
+    from rich.console import Console
+
+    from .store import IndexStore
+    from .terminal import visible
+
+    with IndexStore.open(index_dir, readonly=not remove) as store:
+        if remove:
+            store.lock()
+            removed = sum(store.remove_root(path) for path in remove)
+            store.write_faiss()
+            click.echo(f"removed {removed} files from {index_dir}; {store.count()} images left", err=as_json)
+        info = store.status()
+    if not status:
+        return
+    if as_json:
+        click.echo(json.dumps(info))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"index {visible(info['index'])}", show_header=False, box=None)
+    table.add_row("images", f"{info['images']} from {info['files']} files")
+    table.add_row("modalities", visible(", ".join(f"{m or 'none'} {n}" for m, n in info["modalities"].items())))
+    table.add_row("skipped", visible(", ".join(f"{n} {why}" for why, n in info["skipped"].items()) or "none"))
+    table.add_row("folders", visible("\n".join(info["folders"]) or "(not recorded)"))
+    model = info["model"] or {}
+    table.add_row("model", visible(f"{model.get('source')} ({str(model.get('fingerprint'))[:12]}, "
+                                   f"{model.get('dim')}-d)" if model else "none yet"))
+    table.add_row("on disk", f"{info['size_bytes'] / 1e6:.1f} MB")
+    table.add_row("last run", visible(f"{info['last_run_at']} ({info['last_run_seconds']} s)"
+                                      if info["last_run_at"] else "never"))
+    Console().print(table)
 
 
 def entry() -> None:
@@ -110,8 +195,9 @@ def _print_summary(console, summary: dict) -> None:
         console.print(reasons)
         skipped = Table("file", "reason")
         skipped.columns[0].overflow = "fold"  # paths are what the user acts on: wrapped, never cut
-        for row in summary["skipped_files"][:50]:
+        for row in summary["skipped_files"][:SKIPPED_SHOWN]:
             skipped.add_row(visible(row["path"]), visible(row["reason"]))
         console.print(skipped)
-        if len(summary["skipped_files"]) > 50:
-            console.print(f"... and {len(summary['skipped_files']) - 50} more (mi-index --json lists them all)")
+        if len(summary["skipped_files"]) > SKIPPED_SHOWN:
+            console.print(f"... and {len(summary['skipped_files']) - SKIPPED_SHOWN} more (mi-index --json lists "
+                          f"them all)")

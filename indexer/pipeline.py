@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from .decode import DecodeError, TransientDecodeError, content_hash, decode_bytes, sniff_kind
-from . import PathNotFoundError
+from .errors import PathNotFoundError
 from .store import DB_NAME, IndexStore, sqlite_uri
 
 log = logging.getLogger(__name__)

@@ -37,36 +37,8 @@ METADATA_FIELDS = ("width", "height", "source_format", "sop_instance_uid", "stud
                    "series_description", "patient_sex", "patient_age", "patient_hash")
 
 
-class StoreError(Exception):
-    """Base class: the index cannot be used as asked. The message says how to fix it."""
-
-
-class IndexNotFoundError(StoreError):
-    pass
-
-
-class IndexFormatError(StoreError):
-    pass
-
-
-class ModelMismatchError(StoreError):
-    pass
-
-
-class IndexBusyError(StoreError):
-    pass
-
-
-class IndexReadOnlyError(StoreError):
-    """Writing was refused: a read-only folder, file system or database file."""
-
-
-class StorageFullError(StoreError):
-    """The disk (or quota) holding the index is full."""
-
-
-class IndexDamagedError(IndexFormatError):
-    """The database file itself is damaged (a corrupt page, not a database at all)."""
+from .errors import (IndexBusyError, IndexDamagedError, IndexFormatError, IndexNotFoundError,  # noqa: F401
+                     IndexReadOnlyError, ModelMismatchError, StorageFullError, StoreError)
 
 
 def storage_error(error: BaseException, folder: Path) -> StoreError:
@@ -224,7 +196,18 @@ def _m003_keyed_patient_pseudonyms(conn: Connection) -> None:
     conn.execute(text("DELETE FROM meta WHERE key = 'patient_salt'"))
 
 
-MIGRATIONS = [_m001_initial, _m002_index_id, _m003_keyed_patient_pseudonyms]
+def _m004_roots(conn: Connection) -> None:
+    # The folders and files given to mi-index, so that `mi-index --update` re-indexes them all
+    # without naming them, --status lists them, and --remove takes one out.
+    conn.execute(text("""
+        CREATE TABLE roots (
+            path TEXT PRIMARY KEY,      -- absolute, symlinks resolved, as given to mi-index
+            last_indexed_at TEXT NOT NULL
+        )"""))
+    # Indexes made before: the folders can only be guessed, so none is; --status says so.
+
+
+MIGRATIONS = [_m001_initial, _m002_index_id, _m003_keyed_patient_pseudonyms, _m004_roots]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -392,10 +375,7 @@ class IndexStore:
                 conn.execute(text("INSERT OR REPLACE INTO meta VALUES ('model_fingerprint', :f), ('model_dim', :d), "
                                   "('model_source', :s)"), {"f": fingerprint, "d": str(dim), "s": source})
         elif info["fingerprint"] != fingerprint or info["dim"] != dim:
-            raise ModelMismatchError(
-                f"the index at {self.folder} was built with another model ({info['source']}, fingerprint "
-                f"{info['fingerprint'][:12]}), not {source} (fingerprint {fingerprint[:12]}): use --model "
-                f"{info['source']}, or another --index for this model")
+            raise ModelMismatchError.between(self.folder, info, source, fingerprint, dim)
 
     def generation(self, conn: Connection | None = None) -> int:
         if conn is None:
@@ -503,6 +483,52 @@ class IndexStore:
         dim = len(blobs[0]) // 4 if blobs else int((self.model_info or {}).get("dim") or 1)
         vectors = np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(ids), dim)
         return np.asarray(ids, dtype=np.int64), vectors
+
+    # ---------------------------------------------------------------- roots and status
+    def roots(self) -> list[str]:
+        """The folders and files mi-index was given, in order of path."""
+        with self.engine.connect() as conn:
+            return [_py_path(p) for p in conn.execute(text("SELECT path FROM roots ORDER BY path")).scalars()]
+
+    def record_run(self, roots: Sequence[str | os.PathLike], seconds: float) -> None:
+        now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        with self.engine.begin() as conn:
+            for root in roots:
+                conn.execute(text("INSERT OR REPLACE INTO roots VALUES (:p, :now)"), {"p": _db_path(root), "now": now})
+            conn.execute(text("INSERT OR REPLACE INTO meta VALUES ('last_run_at', :now), ('last_run_seconds', :s)"),
+                         {"now": now, "s": f"{seconds:.1f}"})
+
+    def remove_root(self, root: str | os.PathLike) -> int:
+        """Take a folder (or file) out of the index: its files, their images, and the root
+        itself. Returns the number of files removed; the FAISS cache follows on write_faiss()."""
+        root = os.path.realpath(os.fspath(root))
+        with self.engine.connect() as conn:
+            paths = [_py_path(p) for p in conn.execute(
+                text("SELECT path FROM files WHERE path = :p OR substr(CAST(path AS BLOB), 1, length(:prefix)) = :prefix"),
+                {"p": _db_path(root), "prefix": _db_prefix(root)}).scalars()]
+        self.commit(removed=paths)
+        with self.engine.begin() as conn:
+            conn.execute(text("DELETE FROM roots WHERE path = :p OR substr(CAST(path AS BLOB), 1, length(:prefix)) "
+                              "= :prefix"), {"p": _db_path(root), "prefix": _db_prefix(root)})
+        return len(paths)
+
+    def status(self) -> dict[str, Any]:
+        """What `mi-index --status` shows: counts, skipped files by reason, folders, model,
+        size on disk and the last run."""
+        with self.engine.connect() as conn:
+            meta = self._meta(conn)
+            images = int(conn.execute(text("SELECT count(*) FROM images")).scalar())
+            files = int(conn.execute(text("SELECT count(*) FROM files WHERE error IS NULL")).scalar())
+            skipped = dict(conn.execute(text("SELECT error, count(*) FROM files WHERE error IS NOT NULL "
+                                             "GROUP BY error ORDER BY count(*) DESC")).all())
+            modalities = dict(conn.execute(text("SELECT coalesce(modality, ''), count(*) FROM images "
+                                                "GROUP BY 1 ORDER BY 2 DESC")).all())
+        size = sum(p.stat().st_size for p in self.folder.iterdir() if p.is_file())
+        return {"index": str(self.folder), "images": images, "files": files, "skipped": skipped,
+                "modalities": modalities, "folders": self.roots(), "model": self.model_info,
+                "size_bytes": size, "last_run_at": meta.get("last_run_at"),
+                "last_run_seconds": float(meta["last_run_seconds"]) if meta.get("last_run_seconds") else None,
+                "schema_version": int(meta.get("schema_version", 0))}
 
     # ---------------------------------------------------------------- the FAISS cache
     @property

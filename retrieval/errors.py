@@ -15,5 +15,5 @@ class EmptyIndexError(SearchError):
     """The index exists but holds no images yet."""
 
 
-class ModelMismatchError(SearchError):
-    """The query model is not the model the index was built with."""
+# One class for "another model than the index's", whichever of mi-index or mi-search meets it.
+from indexer.errors import ModelMismatchError  # noqa: E402,F401

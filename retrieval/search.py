@@ -130,11 +130,7 @@ class Searcher:
         same_dim = info.get("dim") in (None, model.dim)
         if same_dim and info.get("fingerprint") in (None, model.fingerprint):
             return
-        raise ModelMismatchError(
-            f"the index at {self.index_dir} was built with the model {info.get('source')!s} "
-            f"(fingerprint {str(info.get('fingerprint'))[:12]}, dim {info.get('dim')}), not with "
-            f"{model.source} (fingerprint {str(model.fingerprint)[:12]}, dim {model.dim}): search "
-            f"with --model {info.get('source')} or rebuild the index with mi-index --model")
+        raise ModelMismatchError.between(self.index_dir, info, model.source, model.fingerprint, model.dim)
 
     def embed(self, query: str | Sequence[str] | Sequence[QueryTerm] | None = None, *,
               image: str | Path | None = None, force: str | None = None) -> np.ndarray:

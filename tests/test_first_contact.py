@@ -93,3 +93,88 @@ def test_a_relative_owner_name_folder_is_a_folder_and_the_download_top_folder_wo
     shutil.copytree(FIXTURE, download / "2024.09.27")
     monkeypatch.chdir(tmp_path)
     assert resolve_model_source("lion-ai/MedImageInsights") == Path("lion-ai/MedImageInsights/2024.09.27")
+
+
+# --- the sample, and managing an index ------------------------------------------------------------------
+
+def test_sample_then_search_runs_end_to_end(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data-home"))  # where the sample is copied
+    index_dir = tmp_path / "index"
+    result = CliRunner().invoke(mi_index, ["--sample", "--index", str(index_dir), "--model", str(FIXTURE),
+                                           "--workers", "0", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["images"] >= 6 and not summary["skipped_files"]
+    sample = tmp_path / "data-home" / "medimageinsight-search" / "sample"
+    assert sorted(p.name for p in sample.iterdir())  # real files the index points at
+    found = CliRunner().invoke(mi_search, ["chest x-ray", "--index", str(index_dir), "--json", "-k", "3"])
+    assert found.exit_code == 0, found.output
+    assert all(str(sample) in hit["path"] for hit in json.loads(found.stdout))
+
+
+def test_status_update_remove_and_rebuild_with_another_model(tmp_path):
+    import json
+    import shutil
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder, n in ((a, 3), (b, 2)):
+        folder.mkdir()
+        for i in range(n):
+            Image.fromarray(np.full((16, 16), 30 * i + n, np.uint8)).save(folder / f"{i}.png")
+    (b / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    index_dir = tmp_path / "index"
+    common = ["--index", str(index_dir), "--workers", "0"]
+    assert CliRunner().invoke(mi_index, [str(a), str(b), "--model", str(FIXTURE), *common]).exit_code == 0
+
+    status = json.loads(CliRunner().invoke(mi_index, ["--status", "--json", *common]).output)
+    assert status["images"] == 5 and status["files"] == 5 and sum(status["skipped"].values()) == 1
+    assert status["folders"] == sorted([str(a.resolve()), str(b.resolve())])
+    assert status["model"]["dim"] and status["size_bytes"] > 0 and status["last_run_at"]
+    shown = CliRunner().invoke(mi_index, ["--status", *common], env={"COLUMNS": "300"})
+    assert shown.exit_code == 0 and str(a.resolve()) in shown.output and "5 from 5 files" in shown.output
+
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(a / "new.png")
+    updated = CliRunner().invoke(mi_index, ["--update", "--json", *common])  # no folders named
+    assert updated.exit_code == 0, updated.output
+    assert json.loads(updated.output)["new"] == 1 and json.loads(updated.output)["images"] == 6
+
+    removed = CliRunner().invoke(mi_index, ["--remove", str(b), *common])
+    assert removed.exit_code == 0 and "removed 3 files" in removed.output  # 2 images and the broken file
+    status = json.loads(CliRunner().invoke(mi_index, ["--status", "--json", *common]).output)
+    assert status["images"] == 4 and status["folders"] == [str(a.resolve())] and not status["skipped"]
+
+    other = tmp_path / "other-model"  # the same network with other weights: another fingerprint
+    shutil.copytree(FIXTURE, other)
+    checkpoint = next((other / "vision_model").glob("*.pt"))
+    raw = bytearray(checkpoint.read_bytes())
+    start = 8 + int.from_bytes(raw[:8], "little")  # the first tensor's bytes: always in the fingerprint
+    raw[start:start + 64] = bytes(64)
+    checkpoint.write_bytes(bytes(raw))
+    refused = one_line_error(CliRunner().invoke(mi_index, [str(a), "--model", str(other), *common]))
+    advice = f"mi-index --folders-of {index_dir.resolve()} --index NEW_INDEX --model {other}"
+    assert advice in refused
+    rebuilt = CliRunner().invoke(mi_index, ["--folders-of", str(index_dir), "--index", str(tmp_path / "new"),
+                                            "--model", str(other), "--workers", "0", "--json"])
+    assert rebuilt.exit_code == 0, rebuilt.output
+    assert json.loads(rebuilt.output)["images"] == 4
+
+
+def test_one_model_mismatch_error_for_both_commands():
+    import indexer.store
+    import retrieval
+
+    assert retrieval.ModelMismatchError is indexer.store.ModelMismatchError
+
+
+def test_the_skip_list_is_capped_in_the_human_summary(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(data / "ok.png")
+    for i in range(30):
+        (data / f"broken{i:02d}.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    result = CliRunner().invoke(mi_index, [str(data), "--index", str(tmp_path / "i"), "--model", str(FIXTURE),
+                                           "--workers", "0"], env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    assert len(result.output.splitlines()) < 35 and "... and 25 more" in result.output

@@ -1,0 +1,53 @@
+"""The typed errors of the index, in a module that imports nothing: `mi-search` and the
+retrieval API catch them without loading SQLAlchemy. Each message says how to fix the problem;
+the command lines print it as one line."""
+from __future__ import annotations
+
+
+class StoreError(Exception):
+    """Base class: the index cannot be used as asked. The message says how to fix it."""
+
+
+class IndexNotFoundError(StoreError):
+    pass
+
+
+class IndexFormatError(StoreError):
+    pass
+
+
+class ModelMismatchError(StoreError):
+    """A model other than the one the index was built with (indexing or searching)."""
+
+    @classmethod
+    def between(cls, folder: object, index_model: dict, source: object, fingerprint: str, dim: int
+                ) -> ModelMismatchError:
+        return cls(f"the index at {folder} was built with another model ({index_model.get('source')}, "
+                   f"fingerprint {str(index_model.get('fingerprint'))[:12]}, {index_model.get('dim')}-d), not "
+                   f"{source} (fingerprint {str(fingerprint)[:12]}, {dim}-d): use --model "
+                   f"{index_model.get('source')}, or build a new index of the same folders with this model: "
+                   f"`mi-index --folders-of {folder} --index NEW_INDEX --model {source}`")
+
+
+class IndexBusyError(StoreError):
+    pass
+
+
+class IndexReadOnlyError(StoreError):
+    """Writing was refused: a read-only folder, file system or database file."""
+
+
+class StorageFullError(StoreError):
+    """The disk (or quota) holding the index is full."""
+
+
+class IndexDamagedError(IndexFormatError):
+    """The database file itself is damaged (a corrupt page, not a database at all)."""
+
+
+class PathNotFoundError(StoreError):
+    """A path given to index does not exist."""
+
+
+class NoImagesError(StoreError):
+    """Nothing under the given paths is an image or DICOM file."""
