@@ -51,3 +51,7 @@ class PathNotFoundError(StoreError):
 
 class NoImagesError(StoreError):
     """Nothing under the given paths is an image or DICOM file."""
+
+
+class FilterError(StoreError, ValueError):
+    """A search filter that cannot be applied (a malformed date)."""

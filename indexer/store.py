@@ -37,6 +37,7 @@ METADATA_FIELDS = ("width", "height", "source_format", "sop_instance_uid", "stud
                    "series_description", "patient_sex", "patient_age", "patient_hash")
 
 
+from .filters import SearchFilters
 from .errors import (IndexBusyError, IndexDamagedError, IndexFormatError, IndexNotFoundError,  # noqa: F401
                      IndexReadOnlyError, ModelMismatchError, StorageFullError, StoreError)
 
@@ -424,38 +425,43 @@ class IndexStore:
             return [(_py_path(path), error) for path, error in conn.execute(
                 text("SELECT path, error FROM files WHERE error IS NOT NULL ORDER BY path"))]
 
-    def filter_ids(self, *, modality: str | None = None, body_part: str | None = None, view: str | None = None,
-                   since: dt.date | None = None, until: dt.date | None = None,
-                   under: str | os.PathLike | None = None) -> np.ndarray | None:
-        """Ids of the images matching every given filter (DICOM values compared case-insensitively;
-        study dates inclusive); None when no filter is given."""
+    def filter_ids(self, filters: SearchFilters | None) -> np.ndarray | None:
+        """Ids of the images matching every filter that is set; None when none is."""
+        if not filters:
+            return None
         clauses, params = [], {}
-        for column, value in (("modality", modality), ("body_part", body_part), ("view_position", view)):
+        for column, value in (("modality", filters.modality), ("body_part", filters.body_part),
+                              ("view_position", filters.view)):
             if value is not None:
                 clauses.append(f"{column} = :{column} COLLATE NOCASE")
                 params[column] = value
-        if since is not None:
+        if filters.since is not None:
             clauses.append("study_date >= :since")
-            params["since"] = since.isoformat()
-        if until is not None:
+            params["since"] = filters.since.isoformat()
+        if filters.until is not None:
             clauses.append("study_date <= :until")
-            params["until"] = until.isoformat()
-        if under is not None:
-            root = str(Path(under).expanduser().resolve())
+            params["until"] = filters.until.isoformat()
+        if filters.under is not None:
             clauses.append("(path = :root OR substr(CAST(path AS BLOB), 1, length(:prefix)) = :prefix)")
-            params.update(root=_db_path(root), prefix=_db_prefix(root))
-        if not clauses:
-            return None
+            params.update(root=_db_path(filters.under), prefix=_db_prefix(filters.under))
         with self.engine.connect() as conn:
             ids = conn.execute(text(f"SELECT id FROM images WHERE {' AND '.join(clauses)}"), params).scalars().all()
         return np.asarray(ids, dtype=np.int64)
 
+    def values(self, column: str) -> dict[str, int]:
+        """{value: images} of one filterable column, most common first (for "no match" messages)."""
+        if column not in ("modality", "body_part", "view_position"):
+            raise ValueError(column)
+        with self.engine.connect() as conn:
+            return dict(conn.execute(text(f"SELECT upper({column}), count(*) FROM images WHERE {column} IS NOT NULL "
+                                          f"GROUP BY 1 ORDER BY 2 DESC")).all())
+
     def rows(self, ids: Iterable[int]) -> dict[int, dict[str, Any]]:
-        """{id: metadata} (path, frame and METADATA_FIELDS) for the ids that exist."""
+        """{id: metadata} (path, frame, content_hash and METADATA_FIELDS) for the ids that exist."""
         ids = [int(i) for i in ids]
         if not ids:
             return {}
-        columns = ", ".join(("id", "path", "frame") + METADATA_FIELDS)
+        columns = ", ".join(("id", "path", "frame", "content_hash") + METADATA_FIELDS)
         with self.engine.connect() as conn:
             rows = conn.execute(text(f"SELECT {columns} FROM images WHERE id IN ({','.join(map(str, ids))})"))
             return {row["id"]: {k: _py_path(v) if k == "path" else v for k, v in row.items() if k != "id"}

@@ -57,6 +57,14 @@ COLUMNS = [("modality", "modality"), ("body part", "body_part"), ("view", "view_
 @click.option("--min-score", type=float, help="Drop hits below this cosine similarity.")
 @click.option("--labels", help='Comma-separated labels for zero-shot probabilities, e.g. "normal,pneumonia".')
 @click.option("--multilabel", is_flag=True, help="Score --labels independently (sigmoid), not as a softmax.")
+@click.option("--group", type=click.Choice(["study", "patient"]),
+              help="One hit per study or patient (its best image, with the number of matches).")
+@click.option("--show-duplicates", is_flag=True,
+              help="Show exact duplicates (same SOP Instance UID or same content) as separate hits.")
+@click.option("--exclude-same-study", "exclude_same", flag_value="study",
+              help="Image queries: leave out the query's own study.")
+@click.option("--exclude-same-patient", "exclude_same", flag_value="patient",
+              help="Image queries: leave out the query's own patient (needs the index's patient key).")
 @click.option("--text", "force", flag_value="text", help="Read every QUERY as text.")
 @click.option("--image", "force", flag_value="image", help="Read every QUERY as an image file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the hits as a JSON list.")
@@ -66,20 +74,24 @@ COLUMNS = [("modality", "modality"), ("body part", "body_part"), ("view", "view_
 def main(query: tuple[str, ...], index_dir: Path | None, model: str | None, device: str | None, k: int,
          modality: str | None, body_part: str | None, view: str | None, since: Any, until: Any,
          under: Path | None, min_score: float | None, labels: str | None, multilabel: bool,
+         group: str | None, show_duplicates: bool, exclude_same: str | None,
          force: str | None, as_json: bool, paths_only: bool, print0: bool) -> None:
     """Search an index of X-rays and DICOM files by text, by example image, or both.
 
     QUERY is a text or an image file (PNG, JPEG, TIFF, BMP, DICOM); several are combined
     with + and - (see below). Build the index first with mi-index.
     """
+    from indexer.filters import SearchFilters
+
     from .search import Searcher
 
     try:
+        filters = SearchFilters.make(modality=modality, body_part=body_part, view=view, since=since, until=until,
+                                     under=under)
         with Searcher(index=index_dir, model=model, device=device) as searcher:
-            hits = searcher.search(
-                list(query), k=k, force=force, modality=modality, body_part=body_part, view=view,
-                since=since.date() if since else None, until=until.date() if until else None,
-                under=under, min_score=min_score, labels=labels, multilabel=multilabel)
+            hits = searcher.search(list(query), k=k, force=force, filters=filters, min_score=min_score,
+                                   labels=labels, multilabel=multilabel, group=group, duplicates=show_duplicates,
+                                   exclude_same=exclude_same)
     except KeyboardInterrupt:
         sys.exit(130)
     except Exception as error:  # only the expected, typed errors become one line

@@ -19,13 +19,17 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from . import labels as zero_shot
 from .errors import EmptyIndexError, ModelMismatchError, QueryError
+from .grouping import GROUP_FIELDS, Candidate, collapse
 from .query import QueryTerm, combine, parse_query
+
+if TYPE_CHECKING:
+    from indexer.filters import SearchFilters
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +48,15 @@ class Hit:
     path: str
     metadata: dict[str, Any] = field(default_factory=dict)
     labels: dict[str, float] | None = None
+    copies: int = 1            # exact duplicates shown as this one hit (itself included)
+    in_group: int = 1          # matching images of its study or patient, with group=
+    missing: bool = False      # the file is gone from disk since it was indexed
 
     def to_dict(self) -> dict[str, Any]:
-        """A flat, JSON-ready dict: rank, score, id, path, the metadata fields, labels if any."""
-        row = {"rank": self.rank, "score": round(self.score, 6), "id": self.id, "path": self.path}
+        """A flat, JSON-ready dict: rank, score, id, path, copies, in_group, missing, the
+        metadata fields, labels if any."""
+        row = {"rank": self.rank, "score": round(self.score, 6), "id": self.id, "path": self.path,
+               "copies": self.copies, "in_group": self.in_group, "missing": self.missing}
         row.update({key: _jsonable(value) for key, value in self.metadata.items() if key not in row})
         if self.labels is not None:
             row["labels"] = {label: round(p, 6) for label, p in self.labels.items()}
@@ -152,40 +161,91 @@ class Searcher:
     # ------------------------------------------------------------------ search
     def search(self, query: str | Sequence[str] | Sequence[QueryTerm] | None = None, *,
                image: str | Path | None = None, vector: np.ndarray | None = None, k: int = 10,
-               modality: str | None = None, body_part: str | None = None, view: str | None = None,
-               since: str | dt.date | None = None, until: str | dt.date | None = None,
-               under: str | Path | None = None, min_score: float | None = None,
+               filters: SearchFilters | None = None, min_score: float | None = None,
                labels: str | Sequence[str] | None = None, multilabel: bool = False,
-               force: str | None = None) -> list[Hit]:
+               group: str | None = None, duplicates: bool = False, exclude_same: str | None = None,
+               force: str | None = None, **filter_options: Any) -> list[Hit]:
         """The k best hits for a query, best first.
 
         query: a text, an image path, or CLI-style tokens with + / - and WEIGHT:QUERY
         (see `retrieval.query`); image: an image file; vector: a ready unit query vector (D,).
-        Filters (modality, body_part, view: exact DICOM values, case-insensitive as the store
-        does; since/until: study dates YYYY-MM-DD; under: a folder) apply before the top-k cut.
-        min_score drops hits below a cosine similarity; labels adds zero-shot probabilities."""
+        filters: an `indexer.filters.SearchFilters`, or its fields as keywords (modality,
+        body_part, view, since, until, under); they apply before the top-k cut.
+        min_score drops hits below a cosine similarity; labels adds zero-shot probabilities.
+        Exact duplicates (same SOP Instance UID or content) are one hit unless `duplicates`;
+        group="study"/"patient" gives one hit per study or patient; exclude_same="study"/
+        "patient" drops the query image's own study or patient (see `retrieval.grouping`)."""
         if k < 1:
             raise QueryError(f"k must be at least 1, not {k}")
+        if group not in (None, *GROUP_FIELDS) or exclude_same not in (None, *GROUP_FIELDS):
+            raise QueryError(f"group and exclude_same take one of {', '.join(GROUP_FIELDS)}")
+        filters = filters if filters is not None else _filters(filter_options)
         label_list = zero_shot.parse_labels(labels) if labels is not None else None
+        terms = _terms(query, force) + ([QueryTerm("image", str(image))] if image is not None else [])
         if vector is None:
-            vector = self.embed(query, image=image, force=force)
-        elif query is not None or image is not None:
+            vector = self.embed(terms)
+        elif terms:
             raise QueryError("give either a query vector or a query, not both")
-        allowed = self._store.filter_ids(modality=modality, body_part=body_part, view=view,
-                                         since=_date(since, "since"), until=_date(until, "until"),
-                                         under=str(Path(under).expanduser().resolve()) if under else None)
+        exclude = self._own(terms, exclude_same) if exclude_same else None
+        allowed = self._store.filter_ids(filters)
+        if allowed is not None and len(allowed) == 0:
+            raise QueryError(self._no_match(filters))
         vector = np.asarray(vector, np.float32)
-        found = self._checked_search(vector, k, allowed)
-        found = [(score, row_id) for score, row_id in found if min_score is None or score >= min_score]
-        rows = self._store.rows([i for _, i in found])
-        hits = [Hit(rank, score, row_id, str(rows[row_id].get("path")), dict(rows[row_id]))
-                for rank, (score, row_id) in enumerate(found, start=1) if row_id in rows]
+        hits = self._collapsed_hits(vector, k, allowed, min_score, duplicates, group, exclude)
         if label_list and hits:
             probabilities = self._label_probabilities(self._stored_vectors([h.id for h in hits]),
                                                       label_list, multilabel)
             for hit, row in zip(hits, probabilities):
                 hit.labels = dict(zip(label_list, map(float, row)))
         return hits
+
+    def _collapsed_hits(self, vector: np.ndarray, k: int, allowed: np.ndarray | None, min_score: float | None,
+                        duplicates: bool, group: str | None, exclude: dict | None) -> list[Hit]:
+        """The top k after collapsing duplicates and groups: candidates are fetched in growing
+        rounds until k hits stand or the index (or filter) has no more."""
+        plain = duplicates and group is None and exclude is None
+        available = len(allowed) if allowed is not None else len(self)
+        fetch = k if plain else min(available, 4 * k + 16)
+        while True:
+            found = self._checked_search(vector, fetch, allowed)
+            found = [(score, row_id) for score, row_id in found if min_score is None or score >= min_score]
+            rows = self._store.rows([i for _, i in found])
+            candidates = [Candidate(score, row_id, rows[row_id]) for score, row_id in found if row_id in rows]
+            collapsed = collapse(candidates, duplicates=duplicates, group=group, exclude=exclude)
+            if plain or len(collapsed) >= k or fetch >= available or len(found) < fetch:
+                break
+            fetch = min(available, fetch * 4)
+        return [Hit(rank, c.best.score, c.best.id, str(c.best.row.get("path")), dict(c.best.row),
+                    copies=c.copies, in_group=c.in_group, missing=_is_missing(c.best.row.get("path")))
+                for rank, c in enumerate(collapsed[:k], start=1)]
+
+    def _own(self, terms: list[QueryTerm], what: str) -> dict[str, set[str]]:
+        """The query images' own studies or patients (exclude_same): from the index when the
+        image is indexed (same content), else from the file's DICOM header."""
+        from indexer.decode import content_hash
+
+        field_name = GROUP_FIELDS[what]
+        own: set[str] = set()
+        images = [term.value for term in terms if term.kind == "image"]
+        if not images:
+            raise QueryError(f"exclude_same={what} needs an image query")
+        for path in images:
+            rows = self._store.images_with_hash(content_hash(Path(path).expanduser().read_bytes()))
+            values = {row[field_name] for row in rows if row.get(field_name)}
+            if not values:
+                values = {load_query_file(path, with_patient_key=what == "patient").metadata.get(field_name)} - {None}
+            own |= values
+        return {field_name: own}
+
+    def _no_match(self, filters: SearchFilters) -> str:
+        held = []
+        for column, name, value in (("modality", "modalities", filters.modality),
+                                    ("body_part", "body parts", filters.body_part),
+                                    ("view_position", "views", filters.view)):
+            if value is not None:
+                values = self._store.values(column)
+                held.append(f"its {name}: {', '.join(f'{v} ({n})' for v, n in values.items()) or 'none recorded'}")
+        return f"no image in the index matches {filters.describe()}" + ("; " + "; ".join(held) if held else "")
 
     def _checked_search(self, vector: np.ndarray, k: int, allowed: np.ndarray | None) -> list[tuple[float, int]]:
         """(score, id) of the top k, best first, each score recomputed from the vector SQLite
@@ -245,7 +305,7 @@ class Searcher:
         label_vectors = text.encode_texts(label_list)
         if not multilabel:
             if len(label_list) < 2:
-                raise QueryError("a softmax needs at least two labels (or use multilabel)")
+                raise QueryError("a softmax needs at least two labels (or use --multilabel)")
             return zero_shot.softmax_probabilities(image_vectors, label_vectors, text.logit_scale)
         negations = text.encode_texts([zero_shot.NEGATION_TEMPLATE.format(label) for label in label_list])
         return zero_shot.contrast_probabilities(image_vectors, label_vectors, negations, text.logit_scale)
@@ -261,27 +321,47 @@ def _terms(query: Any, force: str | None) -> list[QueryTerm]:
     return parse_query(query, force=force)
 
 
-def _date(value: str | dt.date | None, name: str) -> dt.date | None:
-    if value is None or isinstance(value, dt.date):
-        return value
+def _filters(options: dict[str, Any]) -> SearchFilters:
+    from indexer.filters import SearchFilters
+
+    unknown = set(options) - {"modality", "body_part", "view", "since", "until", "under"}
+    if unknown:
+        raise TypeError(f"search() got unexpected keyword arguments {sorted(unknown)}")
     try:
-        return dt.date.fromisoformat(str(value))
-    except ValueError:
-        raise QueryError(f"{name} must be a date as YYYY-MM-DD, not {value!r}") from None
+        return SearchFilters.make(**options)
+    except ValueError as e:
+        raise QueryError(str(e)) from None
+
+
+def _is_missing(path: str | None) -> bool:
+    return bool(path) and os.path.isabs(path) and not os.path.exists(path)
 
 
 def load_query_image(path: str | Path) -> Any:
     """A query image decoded exactly as the indexer decodes files (DICOM windowing included;
     multi-frame files give their middle frame). Raises QueryError when it cannot be read."""
+    return load_query_file(path).frames[0][1]
+
+
+def load_query_file(path: str | Path, with_patient_key: bool = False) -> Any:
+    """The query file decoded as the indexer decodes it (`indexer.decode.Decoded`: frames and
+    metadata, the patient pseudonym only `with_patient_key`). QueryError when unreadable."""
     from indexer.decode import DecodeError, decode_file
 
     path = Path(path).expanduser()
     if not path.is_file():
         raise QueryError(f"query image not found: {path}")
+    key = None
+    if with_patient_key:
+        from indexer.privacy import PatientKeyError, patient_key
+        try:
+            key = patient_key()
+        except PatientKeyError as e:
+            raise QueryError(f"excluding the query's patient needs the index's patient key: {e}") from None
     try:
-        decoded = decode_file(path)
+        decoded = decode_file(path, patient_key=key)
     except DecodeError as error:
         raise QueryError(f"cannot read the query image {path}: {error}") from None
     if not decoded.frames:
         raise QueryError(f"cannot read the query image {path}: no image in it")
-    return decoded.frames[0][1]
+    return decoded

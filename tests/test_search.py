@@ -95,10 +95,12 @@ def test_filters_apply_before_the_top_k_cut(searcher, collection):
     query = collection["checker"]  # a PNG: unfiltered, PNGs rank first
     unfiltered = searcher.search(image=query, k=4)
     assert not any(h.metadata.get("modality") == "MR" for h in unfiltered)
-    hits = searcher.search(image=query, k=3, modality="MR")
+    hits = searcher.search(image=query, k=3, modality="MR", duplicates=True)  # MR_small in 3 syntaxes: 3 rows
     assert len(hits) == 3 and all(h.metadata["modality"] == "MR" for h in hits)
-    hits = searcher.search(image=query, k=10, modality="MR")
+    hits = searcher.search(image=query, k=10, modality="MR", duplicates=True)
     assert len(hits) == 4  # every MR, and nothing else
+    distinct = searcher.search(image=query, k=10, modality="MR")  # MR_small's three encodings are one image
+    assert len(distinct) == 2 and sorted(h.copies for h in distinct) == [1, 3]
     under = collection["data"] / "b"
     hits = searcher.search(image=query, k=4, under=under)
     assert len(hits) == 4 and all(Path(h.path).is_relative_to(under.resolve()) for h in hits)
@@ -108,19 +110,19 @@ def test_filters_apply_before_the_top_k_cut(searcher, collection):
 
 def test_date_filters(searcher, collection):
     query = collection["CT_small.dcm"]  # study date 2004-01-19; the MR files 2004-08-26, 2005-11-30
-    since = searcher.search(image=query, k=10, since="2004-06-01")
+    since = searcher.search(image=query, k=10, since="2004-06-01", duplicates=True)
     assert len(since) == 4 and all(h.metadata["modality"] == "MR" for h in since)
-    until = searcher.search(image=query, k=10, until="2004-12-31")
+    until = searcher.search(image=query, k=10, until="2004-12-31", duplicates=True)
     assert sorted(Path(h.path).name for h in until) == sorted(n for n in DICOMS if n != "examples_overlay.dcm")
     with pytest.raises(QueryError, match="YYYY-MM-DD"):
         searcher.search(image=query, since="last week")
 
 
 def test_min_score_and_k(searcher, collection):
-    hits = searcher.search(image=collection["disc"], k=13)
+    hits = searcher.search(image=collection["disc"], k=13, duplicates=True)
     assert [h.rank for h in hits] == list(range(1, 14))
     cut = (hits[2].score + hits[3].score) / 2
-    assert len(searcher.search(image=collection["disc"], k=13, min_score=cut)) == 3
+    assert len(searcher.search(image=collection["disc"], k=13, min_score=cut, duplicates=True)) == 3
     with pytest.raises(QueryError):
         searcher.search(image=collection["disc"], k=0)
 
