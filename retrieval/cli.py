@@ -34,7 +34,7 @@ byte for byte (mi-search ... --paths | xargs open; --print0 | xargs -0 for any f
 """
 
 COLUMNS = [("modality", "modality"), ("body part", "body_part"), ("view", "view_position"),
-           ("study date", "study_date")]
+           ("date", "study_date")]
 
 
 @click.command(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
@@ -112,7 +112,8 @@ def main(query: tuple[str, ...], index_dir: Path | None, model: str | None, devi
         _print_table(hits)
     else:  # tab-separated, a header first; file names byte for byte
         with_labels = any(hit.labels for hit in hits)
-        header = ["rank", "score", "path"] + [key for _, key in COLUMNS] + (["labels"] if with_labels else [])
+        header = (["rank", "score", "path"] + [key for _, key in COLUMNS] + list(TSV_EXTRA) + ["copies", "missing"]
+                  + (["labels"] if with_labels else []))
         write_lines(["\t".join(header)] + ["\t".join(_cells(hit, score_format="{:.4f}")) for hit in hits])
 
 
@@ -139,29 +140,91 @@ def _text(value: Any) -> str:
 
 
 def _print_table(hits: list, console: Any = None) -> None:
+    """Hits for a terminal of 80 columns or more: one line of fields per hit (rank, score,
+    DICOM fields, study, labels), its file on the line below, so that nothing is dropped or
+    cut; long labels and paths wrap. Paths are relative to the current folder when under it."""
     from rich.console import Console
-    from rich.table import Table
+    from rich.text import Text
 
     from indexer.terminal import visible
 
-    table = Table(box=None, header_style="bold")
-    table.add_column("#", justify="right")
-    table.add_column("score", justify="right")
-    table.add_column("path", overflow="fold", min_width=min(60, max(len(hit.path) for hit in hits)))
-    for title, _ in COLUMNS:
-        table.add_column(title, overflow="ellipsis")
+    console = console or Console()
+    width = max(console.width, 40)
+    columns = [("#", lambda h: str(h.rank), 3, True), ("score", lambda h: f"{h.score:.3f}", 5, True)]
+    columns += [(title, (lambda h, key=key: visible(h.metadata.get(key) or "", markup=False)), cap, False)
+                for title, key, cap in (("modality", "modality", 8), ("part", "body_part", 10),
+                                        ("view", "view_position", 6), ("date", "study_date", 10))
+                if any(hit.metadata.get(key) for hit in hits)]
+    if any(hit.metadata.get("study_instance_uid") for hit in hits):
+        columns.append(("study", lambda h: _short_uid(h.metadata.get("study_instance_uid")), 12, False))
+    rows = [[cell(hit)[:cap] for _, cell, cap, _ in columns] for hit in hits]
+    widths = [max(len(title), *(len(row[i]) for row in rows)) for i, (title, *_rest) in enumerate(columns)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.rjust(w) if columns[i][3] else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
     with_labels = any(hit.labels for hit in hits)
-    if with_labels:
-        table.add_column("labels")
-    for hit in hits:
-        table.add_row(*map(visible, _cells(hit, score_format="{:.3f}")))
-    (console or Console()).print(table)
+    header = line([title for title, *_ in columns]) + ("  labels" if with_labels else "")
+    console.print(Text(header.rstrip(), style="bold"), overflow="fold")
+    indent = " " * (widths[0] + 2)
+    for hit, row in zip(hits, rows):
+        first = line(row)
+        if with_labels:
+            best = sorted((hit.labels or {}).items(), key=lambda item: -item[1])
+            labels = ", ".join(f"{visible(label, markup=False)} {p:.2f}" for label, p in best)
+            room = width - len(first) - 2
+            first += "  " + (labels if room >= min(len(labels), 20) else "")
+            if room < min(len(labels), 20):
+                first += "\n" + indent + labels
+        console.print(Text(first.rstrip()), overflow="fold")
+        where = Text(indent + visible(_shown_path(hit.path), markup=False), style="dim")
+        notes = _notes(hit)
+        if notes:
+            where.append(" (" + ", ".join(text for text, _ in notes) + ")")
+            if any(alarm for _, alarm in notes):
+                where.stylize("bold red", len(where) - len(notes[-1][0]) - 1, len(where) - 1)
+        console.print(where, overflow="fold")
+
+
+def _short_uid(uid: str | None) -> str:
+    return "" if not uid else ("…" + uid[-11:] if len(uid) > 12 else uid)
+
+
+def _shown_path(path: str) -> str:
+    import os
+
+    try:
+        relative = os.path.relpath(path)
+    except ValueError:  # another drive (Windows)
+        return path
+    return relative if not relative.startswith("..") else path
+
+
+def _notes(hit: Any) -> list[tuple[str, bool]]:
+    """What a path alone does not say, each with whether it is an alarm: the frame, copies
+    folded in, the group, a missing file (always last)."""
+    notes = []
+    if hit.metadata.get("frame"):
+        notes.append((f"frame {hit.metadata['frame']}", False))
+    if hit.copies > 1:
+        notes.append((f"{hit.copies} copies", False))
+    if hit.in_group > 1:
+        notes.append((f"{hit.in_group} in group", False))
+    if hit.missing:
+        notes.append(("file missing", True))
+    return notes
+
+
+TSV_EXTRA = ("frame", "study_instance_uid", "series_instance_uid")
 
 
 def _cells(hit: Any, score_format: str) -> list[str]:
-    """rank, score, path, the COLUMNS, and the labels (best first) when there are any."""
+    """rank, score, path, the COLUMNS, frame, study and series UIDs, copies, missing, and the
+    labels (best first) when there are any: one tab-separated row."""
     cells = [str(hit.rank), score_format.format(hit.score), hit.path]
     cells += [_text(hit.metadata.get(key)) for _, key in COLUMNS]
+    cells += [_text(hit.metadata.get(key)) for key in TSV_EXTRA]
+    cells += [str(hit.copies), "missing" if hit.missing else ""]
     if hit.labels:
         best = sorted(hit.labels.items(), key=lambda item: -item[1])
         cells.append(", ".join(f"{label} {p:.2f}" for label, p in best))

@@ -2,6 +2,7 @@
 study or patient left out, and a "no match" that says what the index holds."""
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -96,3 +97,31 @@ def test_cli_group_and_exclude_options(archive):
     assert [Path(hit["path"]).name for hit in others] == ["c1.dcm"]
     every = json.loads(CliRunner().invoke(mi_search, [*common, "--show-duplicates"]).output)
     assert len(every) == 5
+
+
+def test_the_table_fits_80_columns_and_keeps_every_column(archive, tmp_path, monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from retrieval.cli import _print_table
+
+    with Searcher(archive["index"], model=archive["model"]) as searcher:
+        hits = searcher.search(image=archive["a1"], k=10, labels="normal,pneumothorax")
+    archive["c1"].rename(archive["c1"].with_suffix(".gone"))  # a hit whose file is gone
+    try:
+        hits = [hit.__class__(**{**hit.__dict__, "missing": not Path(hit.path).exists()}) for hit in hits]
+        buffer = io.StringIO()
+        monkeypatch.chdir(archive["index"].parent)  # paths shown relative to here
+        _print_table(hits, Console(file=buffer, width=80, color_system=None))
+    finally:
+        archive["c1"].with_suffix(".gone").rename(archive["c1"])
+    lines = buffer.getvalue().splitlines()
+    assert max(len(line) for line in lines) <= 80
+    header = lines[0]
+    for title in ("#", "score", "modality", "date", "study", "labels"):
+        assert title in header
+    text = buffer.getvalue()
+    assert "data/a1.dcm" in text.replace("\n", "") or "data/a2-copy.dcm" in text.replace("\n", "")
+    words = re.findall(r"[\w.-]+", text)  # lines wrap, never cut: every word is there
+    assert "copies" in words and "missing" in words and "2004-01-19" in words and "pneumothorax" in words
