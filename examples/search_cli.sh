@@ -17,7 +17,7 @@ export MI_INDEX="$(mktemp -d)/index"    # a throwaway index; leave MI_INDEX unse
 folder="${1:-$(python -c 'import pathlib, pydicom; print(pathlib.Path(pydicom.__file__).parent / "data" / "test_files")')}"
 
 set -x
-mi-index "$folder"                                   # build (or update) the index
+mi-index "$folder"                                   # build (or update) the index (a summary, the first skipped files)
 mi-search "chest x-ray" -k 5                         # text query
 mi-search "chest x-ray" -k 5 --modality CT --json    # filtered, as JSON
 first="$(mi-search "chest x-ray" -k 1 --paths)"      # --paths: one path per line, for pipes

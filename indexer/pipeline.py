@@ -32,6 +32,7 @@ from .store import DB_NAME, IndexStore, sqlite_uri
 
 log = logging.getLogger(__name__)
 COMMIT_EVERY = 256  # files skipped or reused between commits when nothing is being encoded
+MAX_BATCH_SIZE = 256  # images per model call, whatever --batch-size asks: about 0.7 GB of pixels
 
 
 
@@ -293,7 +294,10 @@ class Indexer:
         import torch
 
         model = self._load_model()
-        self.batch_size = self.batch_size or (64 if model.device.type == "cuda" else 8)
+        # A batch holds 2.76 MB of pixels per image, in the queue and again in the model's input:
+        # the batch is capped (a --batch-size of 100000 once took 5.7 GB for 400 tiny images),
+        # and every batch is its own transaction, so commits stay frequent whatever is asked.
+        self.batch_size = min(self.batch_size or (64 if model.device.type == "cuda" else 8), MAX_BATCH_SIZE)
         workers = self.workers if self.workers is not None else min(8, max(1, (os.cpu_count() or 2) - 1))
         dataset = FileDataset(jobs, preprocess=model.preprocess, db_path=self.store.folder / DB_NAME,
                               frames=self.frames, max_megapixels=self.max_megapixels, patient_key=self.store.patient_key())

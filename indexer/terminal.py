@@ -92,7 +92,8 @@ class ProgressBar:
             return lambda done, total, encoded: None
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
         self.bar = Progress(TextColumn("indexing"), BarColumn(), MofNCompleteColumn(), TextColumn("files"),
-                            TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=self.console)
+                            TextColumn("{task.fields[rate]}"), TextColumn("ETA"), TimeRemainingColumn(),
+                            console=self.console)
         self.bar.start()
         self.task = self.bar.add_task("index", total=None, rate="")
         start = time.perf_counter()

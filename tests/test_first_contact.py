@@ -178,3 +178,24 @@ def test_the_skip_list_is_capped_in_the_human_summary(tmp_path):
                                            "--workers", "0"], env={"COLUMNS": "300"})
     assert result.exit_code == 0, result.output
     assert len(result.output.splitlines()) < 35 and "... and 25 more" in result.output
+
+
+def test_an_absurd_batch_size_is_capped_and_commits_stay_frequent(tmp_path, monkeypatch):
+    import indexer
+    import indexer.pipeline as pipeline
+    from encoders import load_model
+    from indexer.store import IndexStore
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(12):
+        Image.fromarray(np.full((16, 16), i * 20, np.uint8)).save(data / f"{i}.png")
+    monkeypatch.setattr(pipeline, "MAX_BATCH_SIZE", 4)
+    batches, commits = [], []
+    model = load_model(FIXTURE, device="cpu", towers=("image",))
+    real_encode = model.encode_pixels
+    monkeypatch.setattr(model, "encode_pixels", lambda pixels: batches.append(len(pixels)) or real_encode(pixels))
+    real_commit = IndexStore.commit
+    monkeypatch.setattr(IndexStore, "commit", lambda self, *a, **k: commits.append(1) or real_commit(self, *a, **k))
+    summary = indexer.index_paths([data], tmp_path / "index", model=model, batch_size=100_000, workers=0)
+    assert summary["images"] == 12 and max(batches) == 4 and len(commits) >= 3
