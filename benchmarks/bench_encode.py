@@ -36,7 +36,7 @@ from encoders.config import load_config  # noqa: E402
 from encoders.model import MedImageInsightNet  # noqa: E402
 
 FIXTURE = REPO / "tests" / "fixtures" / "medimageinsight-tiny"
-FULL_SIZES = {  # the published config.yaml (MODEL.md)
+FULL_SIZES = {  # the published config.yaml (docs/MODEL.md)
     "IMAGE_ENCODER.SPEC.DIM_EMBED": [256, 512, 1024, 2048], "IMAGE_ENCODER.SPEC.NUM_HEADS": [8, 16, 32, 64],
     "IMAGE_ENCODER.SPEC.NUM_GROUPS": [8, 16, 32, 64], "IMAGE_ENCODER.SPEC.DEPTHS": [1, 1, 9, 1],
     "LANG_ENCODER.WIDTH": 1024, "LANG_ENCODER.HEADS": 16, "LANG_ENCODER.LAYERS": 16,

@@ -1,7 +1,7 @@
 """The image tower: DaViT (Dual Attention Vision Transformer), as MedImageInsight trained it.
 
 Read top to bottom: the building blocks first, the tower last. Module names mirror the
-checkpoint's keys under `image_encoder.` (see MODEL.md), so loading is a strict 1:1 copy.
+checkpoint's keys under `image_encoder.` (see docs/MODEL.md), so loading is a strict 1:1 copy.
 
 Tokens travel as (B, H, W, C), contiguous: the same memory as the reference's
 (B, H*W, C) plus its spatial size, so LayerNorm and Linear act on the last axis as

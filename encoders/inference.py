@@ -88,7 +88,7 @@ class MedImageInsight:
 
     def encode_texts(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """list[str] -> np.float32 (N, dim). Each batch runs only up to its longest text
-        (padding can be cut: MODEL.md), and texts are batched by length."""
+        (padding can be cut: docs/MODEL.md), and texts are batched by length."""
         self._need("text")
         texts = list(texts)
         bad = [type(t).__name__ for t in texts if not isinstance(t, str)]

@@ -1,6 +1,6 @@
 """One image -> the normalised (3, H, W) tensor the image tower was trained on.
 
-The steps are the published inference transform (MODEL.md): grey to RGB before
+The steps are the published inference transform (docs/MODEL.md): grey to RGB before
 resizing, a bicubic resize to exactly 480 x 480 (aspect ratio not kept, no crop),
 /255, then per-channel mean/std. Images that are not 8-bit are mapped to 8 bits first
 by `to_uint8`, our choice since the original code just clips them.

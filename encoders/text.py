@@ -1,7 +1,7 @@
 """The text tower: a CLIP-style transformer, NOT causal, as MedImageInsight trained it.
 
 Module names mirror the checkpoint's keys under `lang_encoder.`. Differences from the
-usual CLIP text tower, each one a wrong embedding if missed (see MODEL.md):
+usual CLIP text tower, each one a wrong embedding if missed (see docs/MODEL.md):
 every token attends to every non-padding token (padding is masked as keys only);
 LayerNorms run in float32 with eps 1e-12; the output is taken at the first EOS.
 """
