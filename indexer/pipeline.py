@@ -28,6 +28,7 @@ import numpy as np
 
 from .decode import DecodeError, TransientDecodeError, content_hash, decode_bytes, sniff_kind
 from .errors import PathNotFoundError
+from .model_choice import chosen_model_source, named_model_source
 from .store import DB_NAME, IndexStore, sqlite_uri
 
 log = logging.getLogger(__name__)
@@ -221,7 +222,7 @@ class Indexer:
     def _load_model(self) -> Any:
         if self.model is None:
             from encoders import load_model
-            source = self.model_arg or os.environ.get("MI_MODEL") or (self.store.model_info or {}).get("source")
+            source = chosen_model_source(self.model_arg, (self.store.model_info or {}).get("source"))
             self.model = load_model(source, device=self.device, dtype=self.dtype, towers=("image",))
         self.store.check_model(self.model.fingerprint, self.model.dim, self.model.source)
         return self.model
@@ -265,9 +266,9 @@ class Indexer:
         even when nothing needs encoding; checked from the checkpoint's header, not its weights."""
         if self.model is not None:
             self.store.check_model(self.model.fingerprint, self.model.dim, self.model.source)
-        elif self.model_arg or os.environ.get("MI_MODEL"):
+        elif named_model_source(self.model_arg):
             from encoders import describe_model
-            info = describe_model(self.model_arg or os.environ.get("MI_MODEL"))
+            info = describe_model(named_model_source(self.model_arg))
             if self.store.model_info is not None:
                 self.store.check_model(info["fingerprint"], info["dim"], info["source"])
 

@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MODEL_ENV = "MI_MODEL"   # as in encoders; repeated here so that importing this module stays light
 INDEX_ENV = "MI_INDEX"
 
 
@@ -91,7 +90,7 @@ class Searcher:
         self._faiss = None
         self._towers: dict[str, Any] = {}
         self._loaded_model = model if hasattr(model, "encode_texts") else None
-        self._model_source = None if self._loaded_model else (model or os.environ.get(MODEL_ENV))
+        self._model_source = None if self._loaded_model else model
         self._model_info = self._store.model_info or {}
         if self._store.count() == 0:
             self._store.close()
@@ -127,7 +126,9 @@ class Searcher:
         if tower not in self._towers:
             from encoders import load_model
 
-            source = self._model_source or self.model_info.get("source") or None
+            from indexer.model_choice import chosen_model_source
+
+            source = chosen_model_source(self._model_source, self.model_info.get("source"))
             log.info("loading the %s tower of %s", tower, source or "the default model")
             model = load_model(source, device=self.device, towers=(tower,))
             self._check_model(model)

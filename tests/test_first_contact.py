@@ -199,3 +199,30 @@ def test_an_absurd_batch_size_is_capped_and_commits_stay_frequent(tmp_path, monk
     monkeypatch.setattr(IndexStore, "commit", lambda self, *a, **k: commits.append(1) or real_commit(self, *a, **k))
     summary = indexer.index_paths([data], tmp_path / "index", model=model, batch_size=100_000, workers=0)
     assert summary["images"] == 12 and max(batches) == 4 and len(commits) >= 3
+
+
+def test_cuda_asked_for_without_a_gpu_is_one_line(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present")
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(data / "a.png")
+    message = one_line_error(CliRunner().invoke(mi_index, [str(data), "--index", str(tmp_path / "i"), "--model",
+                                                          str(FIXTURE), "--device", "cuda", "--workers", "0"]))
+    assert "no CUDA GPU" in message and "--device cpu" in message and not (tmp_path / "i").exists()
+
+
+def test_the_mi_group_runs_both_commands(tmp_path):
+    import json
+
+    from retrieval.commands import mi
+
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(data / "a.png")
+    index = ["--index", str(tmp_path / "i")]
+    assert CliRunner().invoke(mi, ["index", str(data), *index, "--model", str(FIXTURE), "--workers", "0"]).exit_code == 0
+    found = CliRunner().invoke(mi, ["search", "x", *index, "--json"])
+    assert found.exit_code == 0 and len(json.loads(found.stdout)) == 1
