@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import NoImagesError, PathNotFoundError, StoreError  # noqa: F401
+from .options import IndexOptions
 
 
 def default_index_dir() -> Path:
@@ -21,24 +22,24 @@ def default_index_dir() -> Path:
 
 
 def index_paths(paths: Sequence[str | os.PathLike], index_dir: str | os.PathLike | None = None, *,
-                model: Any = None, batch_size: int | None = None, workers: int | None = None,
-                device: str | None = None, dtype: str | None = None, max_megapixels: float = 100.0,
-                frames: str = "middle", progress: Callable[[int, int, int], None] | bool = False) -> dict[str, Any]:
+                model: Any = None, options: IndexOptions | None = None,
+                progress: Callable[[int, int, int], None] | bool = False, **option_values: Any) -> dict[str, Any]:
     """Index (or update) `paths` into the index at `index_dir` (default: MI_INDEX, else the
     per-user folder). `model`: a loaded encoder, a model folder or Hugging Face id, or None
-    (MI_MODEL, else the index's model, else the default). Returns the run's summary: integer
-    counts new / updated / unchanged / removed / skipped / encoded / reused / images, the
-    skipped files with their reasons, and timings."""
+    (MI_MODEL, else the index's model, else the default). `options`: an IndexOptions, or its
+    fields as keywords (batch_size, workers, device, dtype, max_megapixels, frames). Returns
+    the run's summary: integer counts new / updated / unchanged / removed / skipped / encoded /
+    reused / images, the skipped files with their reasons, and timings."""
     from .pipeline import Indexer
     from .store import DB_NAME, IndexStore
 
+    options = options or IndexOptions(**option_values)
     if progress is True:  # a rich bar on stderr, as mi-index shows
         from rich.console import Console
 
         from .terminal import ProgressBar
         with ProgressBar(Console(stderr=True), enabled=True) as update:
-            return index_paths(paths, index_dir, model=model, batch_size=batch_size, workers=workers, device=device,
-                               dtype=dtype, max_megapixels=max_megapixels, frames=frames, progress=update)
+            return index_paths(paths, index_dir, model=model, options=options, progress=update)
     roots = [Path(p).expanduser() for p in paths]
     for root in roots:  # before the index folder is made: a mistyped path must leave nothing behind
         if not root.exists():
@@ -49,9 +50,7 @@ def index_paths(paths: Sequence[str | os.PathLike], index_dir: str | os.PathLike
     try:
         with IndexStore.open(folder, create=True) as store:
             store.lock()
-            run = Indexer(store, model=model, device=device, dtype=dtype, batch_size=batch_size, workers=workers,
-                          frames=frames, max_megapixels=max_megapixels,
-                          progress=progress if callable(progress) else None)
+            run = Indexer(store, model=model, options=options, progress=progress if callable(progress) else None)
             summary = run.run(roots)
             if summary.images == 0 and not summary.skipped_files and summary.unchanged == summary.removed == 0:
                 raise NoImagesError(f"no images found in {', '.join(map(str, roots))}: mi-index reads PNG, JPEG, "
@@ -86,4 +85,4 @@ def _remove_empty_index(folder: Path, made_folders: list[Path]) -> None:
                 break
 
 
-__all__ = ["index_paths", "default_index_dir"]
+__all__ = ["index_paths", "default_index_dir", "IndexOptions"]

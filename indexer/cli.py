@@ -73,7 +73,7 @@ def main(paths: tuple[Path, ...], sample: bool, update: bool, folders_of: Path |
     """Index PATHS (folders, walked recursively, or files) for mi-search."""
     from rich.console import Console
 
-    from . import index_paths
+    from . import IndexOptions, index_paths
     from .store import default_index_dir
     from .terminal import ProgressBar, is_user_error
 
@@ -92,9 +92,9 @@ def main(paths: tuple[Path, ...], sample: bool, update: bool, folders_of: Path |
         raise click.UsageError("give PATHS to index (or --sample, --update, --status; see --help)")
     try:
         with ProgressBar(err, enabled=err.is_terminal and not as_json) as update:
-            summary = index_paths(paths, index_dir, model=model, batch_size=batch_size, workers=workers,
-                                  device=device, dtype=dtype, max_megapixels=max_megapixels, frames=frames,
-                                  progress=update)
+            options = IndexOptions(batch_size=batch_size, workers=workers, device=device, dtype=dtype,
+                                   max_megapixels=max_megapixels, frames=frames)
+            summary = index_paths(paths, index_dir, model=model, options=options, progress=update)
     except KeyboardInterrupt:
         err.print("interrupted: what was committed stays; run mi-index again to finish")
         sys.exit(130)

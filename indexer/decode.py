@@ -29,7 +29,7 @@ DICOM_SUFFIXES = frozenset({".dcm", ".dicom", ".dic", ".ima"})
 PIL_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")  # JPEG opens MPO files too
 _IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*", b"BM")
 
-FRAMES_CHOICES = ("middle", "all")
+from .options import FRAMES_CHOICES  # one list of the frame choices
 
 
 class DecodeError(Exception):

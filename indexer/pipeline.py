@@ -29,6 +29,7 @@ import numpy as np
 from .decode import DecodeError, TransientDecodeError, content_hash, decode_bytes, sniff_kind
 from .errors import PathNotFoundError
 from .model_choice import chosen_model_source, named_model_source
+from .options import IndexOptions
 from .store import DB_NAME, IndexStore, sqlite_uri
 
 log = logging.getLogger(__name__)
@@ -201,13 +202,11 @@ def _die_with_parent() -> None:
 class Indexer:
     """One run of mi-index over some paths into one index."""
 
-    def __init__(self, store: IndexStore, *, model: Any = None, device: str | None = None, dtype: str | None = None,
-                 batch_size: int | None = None, workers: int | None = None, frames: str = "middle",
-                 max_megapixels: float = 100.0, progress: Callable[[int, int, int], None] | None = None):
+    def __init__(self, store: IndexStore, *, model: Any = None, options: IndexOptions = IndexOptions(),
+                 progress: Callable[[int, int, int], None] | None = None):
         self.store = store
-        self.model_arg, self.device, self.dtype = model, device, dtype
-        self.batch_size, self.workers = batch_size, workers
-        self.frames, self.max_megapixels = frames, max_megapixels
+        self.model_arg, self.options = model, options
+        self.batch_size = options.batch_size  # resolved against the device once the model is loaded
         self.progress = progress or (lambda done, total, encoded: None)
         self.model = model if hasattr(model, "encode_pixels") else None
         self.summary = Summary(index=str(store.folder))
@@ -223,7 +222,7 @@ class Indexer:
         if self.model is None:
             from encoders import load_model
             source = chosen_model_source(self.model_arg, (self.store.model_info or {}).get("source"))
-            self.model = load_model(source, device=self.device, dtype=self.dtype, towers=("image",))
+            self.model = load_model(source, device=self.options.device, dtype=self.options.dtype, towers=("image",))
         self.store.check_model(self.model.fingerprint, self.model.dim, self.model.source)
         return self.model
 
@@ -299,9 +298,10 @@ class Indexer:
         # the batch is capped (a --batch-size of 100000 once took 5.7 GB for 400 tiny images),
         # and every batch is its own transaction, so commits stay frequent whatever is asked.
         self.batch_size = min(self.batch_size or (64 if model.device.type == "cuda" else 8), MAX_BATCH_SIZE)
-        workers = self.workers if self.workers is not None else min(8, max(1, (os.cpu_count() or 2) - 1))
+        workers = self.options.workers if self.options.workers is not None else min(8, max(1, (os.cpu_count() or 2) - 1))
         dataset = FileDataset(jobs, preprocess=model.preprocess, db_path=self.store.folder / DB_NAME,
-                              frames=self.frames, max_megapixels=self.max_megapixels, patient_key=self.store.patient_key())
+                              frames=self.options.frames, max_megapixels=self.options.max_megapixels,
+                              patient_key=self.store.patient_key())
         self._dataset = dataset
         prefetch = max(2, self.batch_size // max(workers, 1))
         decode_seconds, position = 0.0, 0
