@@ -3,6 +3,7 @@ unchanged re-run over 10,000 small files.
 
     python benchmarks/bench_index.py [MODEL_FOLDER] [--images 48] [--batch-size 8] [--workers 1]
                                      [--device cpu|cuda] [--dtype ...] [--unchanged-files 10000]
+    python benchmarks/bench_index.py --null-encoder 2000 [--workers 1] [--batch-size 64]
 
 Default model: the tiny test fixture (offline). End-to-end = files on disk (1024x1024 16-bit
 PNGs and real DICOM files, all distinct) -> decode in worker processes -> encode -> SQLite ->
@@ -90,6 +91,42 @@ def unchanged_rerun(model, root: Path, files: int) -> None:
           f"{cli:.2f} s as a fresh `mi-index` command (encoded {summary['encoded']})")
 
 
+class NullEncoder:
+    """The real model's interface and preprocessing, but every embedding is zeros: what is left
+    of a run is the pipeline's own cost (walking, decoding in workers, moving pixels, writing)."""
+
+    def __init__(self, model) -> None:
+        self.preprocess, self.dim, self.device, self.source = model.preprocess, model.dim, model.device, model.source
+        self.fingerprint = model.fingerprint
+
+    def encode_pixels(self, pixels) -> np.ndarray:
+        return np.zeros((len(pixels), self.dim), np.float32)
+
+    encode_resized = encode_pixels
+
+
+def null_encoder(model, root: Path, count: int, workers: int | None, batch_size: int) -> None:
+    """Main-process CPU milliseconds per image with a model that returns zeros (target <= 0.5 ms:
+    room for 2,000 images/s). Small 8-bit PNGs keep the workers ahead of the main process."""
+    import resource
+
+    folder = root / "null"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (512, 512), dtype=np.uint8)).save(folder / f"{i:05d}.png",
+                                                                               compress_level=1)
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    start = time.perf_counter()
+    summary = indexer.index_paths([folder], root / "null-index", model=NullEncoder(model), batch_size=batch_size,
+                                  workers=workers)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    print(f"null encoder: {summary['encoded']} images, main process {1000 * cpu / summary['encoded']:.2f} ms CPU "
+          f"per image, {summary['encoded'] / wall:.0f} images/s wall ({workers} workers, batch {batch_size})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", nargs="?", type=Path, default=FIXTURE)
@@ -99,6 +136,8 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--unchanged-files", type=int, default=10_000)
+    parser.add_argument("--null-encoder", type=int, metavar="N", default=0,
+                        help="only measure the pipeline's own cost over N images, with a model returning zeros")
     args = parser.parse_args()
 
     model = load_model(args.model, device=args.device, dtype=args.dtype, towers=("image",))
@@ -106,6 +145,8 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.1f}")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
+        if args.null_encoder:
+            return null_encoder(model, root, args.null_encoder, args.workers, args.batch_size)
         make_images(root / "images", args.images)
         count, seconds = encode_only(model, root / "images", args.batch_size)
         print(f"encode-only: {count} images in {seconds:.2f} s = {count / seconds:.2f} images/s")

@@ -118,6 +118,19 @@ class MedImageInsight:
             pixels = pixels.to(self.device, non_blocking=True)
             return self.net.encode_image(pixels).float().cpu().numpy()
 
+    def encode_resized(self, resized: Sequence[np.ndarray]) -> np.ndarray:
+        """8-bit images already at the model's size (`preprocess.resize`: uint8 (H, W) or
+        (H, W, 3)) -> np.float32 (B, dim). They are collated as uint8 (pinned on CUDA), copied
+        to the device without blocking, and normalised there: a quarter of the bytes of float
+        pixels cross the bus, and the embeddings are those of `encode_pixels(preprocess(...))`."""
+        self._need("image")
+        if len(resized) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        batch = self.preprocess.collate(resized, pin=self.device.type == "cuda")
+        with torch.inference_mode():
+            pixels = self.preprocess.normalize(batch.to(self.device, non_blocking=True))
+        return self.encode_pixels(pixels)
+
     def encode_images(self, images: Sequence, batch_size: int | None = None) -> np.ndarray:
         """PIL images or HxW / HxWx3 arrays (any size, any bit depth; see `preprocess`)
         -> np.float32 (N, dim)."""
@@ -126,8 +139,7 @@ class MedImageInsight:
         batch_size = batch_size or (32 if self.device.type == "cuda" else 4)
         parts = [np.zeros((0, self.dim), dtype=np.float32)]
         for start in range(0, len(images), batch_size):
-            pixels = torch.stack([self.preprocess(im) for im in images[start:start + batch_size]])
-            parts.append(self.encode_pixels(pixels))
+            parts.append(self.encode_resized([self.preprocess.resize(im) for im in images[start:start + batch_size]]))
         return np.concatenate(parts)
 
 

@@ -7,6 +7,8 @@ by `to_uint8`, our choice since the original code just clips them.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from PIL import Image
@@ -69,15 +71,34 @@ class ImagePreprocessor:
         self.std = tuple(std)
 
     def __call__(self, image) -> torch.Tensor:
+        """One image -> the normalised (3, H, W) float32 tensor: `normalize(resize(image))`."""
+        return self.normalize(self.collate([self.resize(image)]))[0]
+
+    def resize(self, image) -> np.ndarray:
+        """One image -> its 8-bit pixels at the model's size: uint8 (H, W) for grey, (H, W, 3)
+        for colour. What travels from decoding workers: 0.23 MB for grey, not the 2.76 MB of
+        the float tensor."""
         image = to_8bit_image(image)
         # A grey image is resized before it becomes RGB: bit-identical to the published order
         # (RGB first, the channels being equal; the tests check it) and 2.7x faster.
-        resized = np.asarray(image.resize((self.size[1], self.size[0]), Image.BICUBIC), dtype=np.uint8)
-        x = torch.from_numpy(resized.copy()).float().div_(255)
-        x = x.expand(3, -1, -1) if x.ndim == 2 else x.permute(2, 0, 1)   # (H, W[, 3]) -> (3, H, W)
-        mean = torch.tensor(self.mean, dtype=torch.float32)[:, None, None]
-        std = torch.tensor(self.std, dtype=torch.float32)[:, None, None]
-        return ((x - mean) / std).contiguous()
+        # np.array, not asarray: a writable copy (made in the worker), which torch.from_numpy takes
+        return np.array(image.resize((self.size[1], self.size[0]), Image.BICUBIC), dtype=np.uint8)
+
+    def collate(self, resized: Sequence[np.ndarray], pin: bool = False) -> torch.Tensor:
+        """`resize` outputs -> one uint8 (B, 3, H, W) tensor, grey copied into the three channels
+        (pinned for a non-blocking copy to a GPU when `pin`)."""
+        batch = torch.empty((len(resized), 3, *self.size), dtype=torch.uint8, pin_memory=pin)
+        for row, pixels in zip(batch, resized):
+            pixels = torch.from_numpy(np.ascontiguousarray(pixels))
+            row.copy_(pixels if pixels.ndim == 2 else pixels.permute(2, 0, 1))  # (H, W) broadcasts
+        return batch
+
+    def normalize(self, batch: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, H, W), on any device -> float32 /255, then per-channel mean and std: the
+        same operations in the same order as always, so the same bits on the CPU."""
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=batch.device)[:, None, None]
+        std = torch.tensor(self.std, dtype=torch.float32, device=batch.device)[:, None, None]
+        return ((batch.float().div_(255) - mean) / std).contiguous()
 
     def __repr__(self) -> str:
         return f"ImagePreprocessor(size={self.size}, mean={self.mean}, std={self.std})"

@@ -149,7 +149,7 @@ class FileDataset:
                                        max_megapixels=self.max_megapixels, patient_key=self.patient_key)
                 item.update(kind="decoded", metadata={**decoded.metadata, "source_format": decoded.source_format},
                             frames=[(index, image.width, image.height) for index, image in decoded.frames],
-                            pixels=np.stack([self.preprocess(image).numpy() for _, image in decoded.frames]))
+                            pixels=[self.preprocess.resize(image) for _, image in decoded.frames])
         except DecodeError as e:
             item.update(kind="skip", error=str(e), retry=isinstance(e, TransientDecodeError))
         except MemoryError:
@@ -162,16 +162,21 @@ class FileDataset:
         return item
 
 
+FILES_PER_HANDOVER = 8  # files a worker decodes and hands over at once: the hand-over costs per call
+
+
 def _loader(dataset: FileDataset, indices: Sequence[int], workers: int, prefetch: int):
-    """Items of `dataset` at `indices`, in order, decoded by `workers` processes (0: here)."""
+    """Lists of up to FILES_PER_HANDOVER items of `dataset` at `indices`, in order, decoded by
+    `workers` processes (0: here). Handing files over in groups divides the main process's
+    per-call cost (the pipe, the unpickling, DataLoader's bookkeeping) by the group's size."""
     from torch.utils.data import DataLoader, Subset
-    return DataLoader(Subset(dataset, list(indices)), batch_size=None, num_workers=workers,
+    return DataLoader(Subset(dataset, list(indices)), batch_size=FILES_PER_HANDOVER, num_workers=workers,
                       worker_init_fn=_worker_init, prefetch_factor=prefetch if workers else None,
                       collate_fn=_identity, pin_memory=False, persistent_workers=False)
 
 
-def _identity(item: dict[str, Any]) -> dict[str, Any]:
-    return item
+def _identity(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return items
 
 
 def _worker_init(_worker_id: int) -> None:
@@ -303,7 +308,7 @@ class Indexer:
                               frames=self.options.frames, max_megapixels=self.options.max_megapixels,
                               patient_key=self.store.patient_key())
         self._dataset = dataset
-        prefetch = max(2, self.batch_size // max(workers, 1))
+        prefetch = max(2, self.batch_size // (max(workers, 1) * FILES_PER_HANDOVER))
         decode_seconds, position = 0.0, 0
 
         def take(item: dict[str, Any]) -> None:
@@ -318,17 +323,19 @@ class Indexer:
 
         while position < len(jobs):
             try:
-                for item in _loader(dataset, range(position, len(jobs)), workers, prefetch):
-                    take(item)
+                for items in _loader(dataset, range(position, len(jobs)), workers, prefetch):
+                    for item in items:
+                        take(item)
             except RuntimeError as e:
                 if "DataLoader worker" not in str(e):
                     raise
                 # A decoder crashed its process (a segfault in a codec, the OOM killer). Find the
                 # file among those in flight by decoding each in a process of its own, then go on.
                 log.warning("a decoding process died (%s); isolating the files in flight", e)
-                for i in range(position, min(len(jobs), position + max(workers, 1) * prefetch)):
+                in_flight = max(workers, 1) * prefetch * FILES_PER_HANDOVER
+                for i in range(position, min(len(jobs), position + in_flight)):
                     try:
-                        item = next(iter(_loader(dataset, [i], 1, 1)))
+                        (item,) = next(iter(_loader(dataset, [i], 1, 1)))
                     except RuntimeError as again:
                         if "DataLoader worker" not in str(again):
                             raise
@@ -363,7 +370,7 @@ class Indexer:
     def _encode_queue(self, torch) -> None:
         batch, self._queue = self._queue[:self.batch_size], self._queue[self.batch_size:]
         start = time.perf_counter()
-        embeddings = self.model.encode_pixels(torch.from_numpy(np.stack([pixels for _, _, pixels in batch])))
+        embeddings = self.model.encode_resized([pixels for _, _, pixels in batch])
         self._encode_seconds += time.perf_counter() - start
         self.summary.encoded += len(batch)
         for (path, position, _), embedding in zip(batch, embeddings):

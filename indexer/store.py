@@ -682,12 +682,13 @@ class IndexStore:
             for path in removed:
                 conn.execute(text("DELETE FROM images WHERE path = :p"), {"p": _db_path(path)})
                 conn.execute(text("DELETE FROM files WHERE path = :p"), {"p": _db_path(path)})
-            for item in list(indexed) + list(skipped):
-                conn.execute(text("DELETE FROM images WHERE path = :p"), {"p": _db_path(item["path"])})
-                conn.execute(upsert_file, {"path": _db_path(item["path"]), "size": item["size"],
-                                           "mtime_ns": item["mtime_ns"],
-                                           "content_hash": item.get("content_hash"), "error": item.get("error"),
-                                           "now": now, "retry": int(bool(item.get("retry")))})
+            files = list(indexed) + list(skipped)
+            if files:  # one statement each for the whole batch: per-file statements cost more than SQLite
+                conn.execute(text("DELETE FROM images WHERE path = :p"), [{"p": _db_path(item["path"])} for item in files])
+                conn.execute(upsert_file, [{"path": _db_path(item["path"]), "size": item["size"],
+                                            "mtime_ns": item["mtime_ns"], "content_hash": item.get("content_hash"),
+                                            "error": item.get("error"), "now": now,
+                                            "retry": int(bool(item.get("retry")))} for item in files])
             image_rows = [
                 {**{c: image.get(c) for c in METADATA_FIELDS}, "path": _db_path(item["path"]), "frame": image["frame"],
                  "content_hash": item["content_hash"],

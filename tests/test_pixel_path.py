@@ -1,0 +1,58 @@
+"""Pixels travel small (issue 8): decoding workers hand over 8-bit images at the model's size,
+collated as uint8 and normalised where the model runs; the tensors and embeddings are exactly
+those of `preprocess()`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from encoders import load_model
+
+FIXTURE = Path(__file__).parent / "fixtures" / "medimageinsight-tiny"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(FIXTURE, device="cpu", towers=("image",))
+
+
+def images() -> list:
+    rng = np.random.default_rng(3)
+    return [Image.fromarray(rng.integers(0, 256, (300, 200), dtype=np.uint8)),            # grey
+            Image.fromarray(rng.integers(0, 256, (64, 90, 3), dtype=np.uint8)),           # colour
+            rng.integers(0, 4096, (700, 500)).astype(np.uint16),                           # 12-bit array
+            Image.fromarray(rng.integers(0, 256, (480, 480), dtype=np.uint8))]             # already 480
+
+
+def test_resize_collate_normalize_equals_preprocess_bit_for_bit(model):
+    pre = model.preprocess
+    resized = [pre.resize(image) for image in images()]
+    assert [r.dtype for r in resized] == [np.uint8] * 4
+    assert resized[0].shape == (480, 480) and resized[1].shape == (480, 480, 3)  # grey stays one channel
+    batch = pre.normalize(pre.collate(resized))
+    expected = torch.stack([pre(image) for image in images()])
+    assert batch.dtype == torch.float32 and torch.equal(batch, expected)
+
+
+def test_encode_resized_equals_encode_pixels(model):
+    resized = [model.preprocess.resize(image) for image in images()]
+    via_uint8 = model.encode_resized(resized)
+    via_float = model.encode_pixels(torch.stack([model.preprocess(image) for image in images()]))
+    np.testing.assert_array_equal(via_uint8, via_float)
+    np.testing.assert_array_equal(model.encode_images(images()), via_float)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (pinned, non-blocking copies)")
+def test_on_cuda_the_batch_is_pinned_and_normalised_on_the_device():
+    gpu = load_model(FIXTURE, device="cuda", dtype="float32", towers=("image",))
+    resized = [gpu.preprocess.resize(image) for image in images()]
+    batch = gpu.preprocess.collate(resized, pin=True)
+    assert batch.is_pinned()
+    on_device = gpu.preprocess.normalize(batch.to("cuda", non_blocking=True))
+    torch.testing.assert_close(on_device.cpu(), gpu.preprocess.normalize(batch), rtol=0, atol=1e-6)
+    cpu = load_model(FIXTURE, device="cpu", towers=("image",))
+    np.testing.assert_allclose(gpu.encode_resized(resized), cpu.encode_resized(resized), atol=1e-4)
