@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +18,8 @@ from .config import ConfigError, ModelConfig, load_config
 from .model import TOWERS, MedImageInsightNet, build_from_checkpoint, store_matmul_weights_in
 from .preprocess import ImagePreprocessor
 from .tokenizer import ClipTokenizer
+
+log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -49,6 +52,19 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         return _DTYPES[str(dtype).lower().removeprefix("torch.")]
     except KeyError:
         raise ModelError(f"unknown dtype {dtype!r}; choose one of float32, bfloat16, float16") from None
+
+
+def cpu_lacks_native(dtype: torch.dtype, cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """True when the CPU is known to lack native arithmetic for `dtype` (bf16: AMX or
+    AVX-512 BF16; fp16: AVX-512 FP16 or AMX-FP16). False when it has it or cannot be told."""
+    flags = {torch.bfloat16: ("amx_bf16", "avx512_bf16"), torch.float16: ("avx512_fp16", "amx_fp16")}.get(dtype)
+    try:
+        with open(cpuinfo) as f:
+            text = f.read()
+    except OSError:
+        return False  # not Linux, or no /proc: do not guess
+    present = set(text.split())
+    return flags is not None and not any(flag in present for flag in flags)
 
 
 class MedImageInsight:
@@ -177,6 +193,10 @@ def load_model(source: str | os.PathLike | None = None, *, device: str | torch.d
     towers = tuple(t for t in TOWERS if t in requested)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
+    if device.type == "cpu" and dtype != torch.float32 and cpu_lacks_native(dtype):
+        log.warning("%s on this CPU (no %s instructions) is emulated and much slower than float32 "
+                    "(10x measured without AVX-512): use --dtype float32", str(dtype).removeprefix("torch."),
+                    "AMX/AVX-512 BF16" if dtype == torch.bfloat16 else "AVX-512 FP16/AMX-FP16")
     folder = resolve_model_source(source)
     try:
         cfg = load_config(folder / "config.yaml")

@@ -56,3 +56,19 @@ def test_on_cuda_the_batch_is_pinned_and_normalised_on_the_device():
     torch.testing.assert_close(on_device.cpu(), gpu.preprocess.normalize(batch), rtol=0, atol=1e-6)
     cpu = load_model(FIXTURE, device="cpu", towers=("image",))
     np.testing.assert_allclose(gpu.encode_resized(resized), cpu.encode_resized(resized), atol=1e-4)
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns_in_one_line(tmp_path, caplog):
+    from encoders.inference import cpu_lacks_native
+
+    without, with_amx = tmp_path / "without", tmp_path / "with"
+    without.write_text("flags\t\t: fpu sse sse2 avx avx2 fma\n")
+    with_amx.write_text("flags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16\n")
+    assert cpu_lacks_native(torch.bfloat16, str(without)) and not cpu_lacks_native(torch.bfloat16, str(with_amx))
+    assert not cpu_lacks_native(torch.bfloat16, str(tmp_path / "no-such-file"))  # cannot tell: no warning
+    import logging
+    with caplog.at_level(logging.WARNING, logger="encoders.inference"):
+        load_model(FIXTURE, device="cpu", dtype="bfloat16", towers=("image",))
+    warned = [r.getMessage() for r in caplog.records if r.name == "encoders.inference"]
+    assert bool(warned) == cpu_lacks_native(torch.bfloat16)  # this machine's own answer
+    assert all("\n" not in message and "--dtype float32" in message for message in warned)
