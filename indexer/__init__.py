@@ -31,6 +31,7 @@ def index_paths(paths: Sequence[str | os.PathLike], index_dir: str | os.PathLike
     the run's summary: integer counts new / updated / unchanged / removed / skipped / encoded /
     reused / images, the skipped files with their reasons, and timings."""
     from .pipeline import Indexer
+    from .sources import FolderSource
     from .store import DB_NAME, IndexStore
 
     options = options or IndexOptions(**option_values)
@@ -41,17 +42,16 @@ def index_paths(paths: Sequence[str | os.PathLike], index_dir: str | os.PathLike
         with ProgressBar(Console(stderr=True), enabled=True) as update:
             return index_paths(paths, index_dir, model=model, options=options, progress=update)
     roots = [Path(p).expanduser() for p in paths]
-    for root in roots:  # before the index folder is made: a mistyped path must leave nothing behind
-        if not root.exists():
-            raise PathNotFoundError(f"no such file or folder: {root}")
     folder = Path(index_dir or default_index_dir()).expanduser()
+    # Made before the index folder is: a mistyped path must leave nothing behind.
+    source = FolderSource(roots, skip=folder.resolve())
     new_index = not (folder / DB_NAME).exists()
     made_folders = [p for p in (folder, *folder.parents) if not p.exists()]
     try:
         with IndexStore.open(folder, create=True) as store:
             store.lock()
             run = Indexer(store, model=model, options=options, progress=progress if callable(progress) else None)
-            summary = run.run(roots)
+            summary = run.run(source)
             if summary.images == 0 and not summary.skipped_files and summary.unchanged == summary.removed == 0:
                 raise NoImagesError(f"no images found in {', '.join(map(str, roots))}: mi-index reads PNG, JPEG, "
                                     f"TIFF, BMP and DICOM files (.dcm, or any name with a DICOM preamble)")

@@ -118,7 +118,7 @@ def test_fuzzed_dicom_files_are_indexed_or_skipped_with_a_reason(tmp_path, model
 def test_a_transient_failure_is_retried_on_the_next_run(tmp_path, model, monkeypatch):
     data = tmp_path / "data"
     make_images(data, 3)
-    import indexer.pipeline as pipeline
+    import indexer.decoding as pipeline
     real = pipeline.decode_bytes
 
     def out_of_memory_for_img001(data_bytes, path, **kwargs):

@@ -176,7 +176,7 @@ def test_walk_rules(tmp_path, model):
 
 
 def test_a_decoder_crash_costs_one_file_not_the_run(tmp_path, model, monkeypatch):
-    import indexer.pipeline as pipeline
+    import indexer.decoding as pipeline
     real_decode = pipeline.decode_bytes
 
     def decode_or_crash(data, path, **kwargs):  # runs in the (forked) worker processes

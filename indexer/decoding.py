@@ -1,0 +1,155 @@
+"""The decoding stage, run in worker processes: an item -> its bytes -> hashed -> reused, or
+decoded to 8-bit pixels at the model's size, or skipped with a reason. Each outcome is a small
+record; the main process only collects them.
+
+Workers die with their parent (a SIGKILL of mi-index must not leave them holding anything),
+and hand files over in groups, so that the main process pays the hand-over once per group.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+
+from .decode import DecodeError, TransientDecodeError, content_hash, decode_bytes
+from .sources import Item, Source
+from .store import sqlite_uri
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Decoded:
+    """New content: metadata, and per frame its index, size and 8-bit pixels at the model's size."""
+
+    item: Item
+    content_hash: str
+    metadata: dict[str, Any]
+    frames: list[tuple[int, int, int]]            # (frame index, width, height) in the file
+    pixels: list[np.ndarray]                      # uint8 (H, W) or (H, W, 3), one per frame
+    seconds: float = 0.0
+
+
+@dataclass
+class Reused:
+    """Content the index already holds under another key (a rename, a copy): its vectors are reused."""
+
+    item: Item
+    content_hash: str
+    seconds: float = 0.0
+
+
+@dataclass
+class Skipped:
+    """An item that cannot be indexed, with the reason; `retry` when the cause was this run's
+    (out of memory), not the item's."""
+
+    item: Item
+    reason: str
+    content_hash: str | None = None
+    retry: bool = False
+    seconds: float = 0.0
+
+
+Outcome = Union[Decoded, Reused, Skipped]
+
+
+@dataclass
+class DecodingDataset:
+    """Items for a torch DataLoader: each read from its source, hashed, and (unless its content
+    is already indexed) decoded and resized, in the worker process."""
+
+    items: Sequence[Item]
+    source: Source
+    resize: Any                      # the model's `preprocess.resize`: an image -> uint8 pixels
+    db_path: Path
+    frames: str
+    max_megapixels: float
+    patient_key: bytes | None
+    _db: sqlite3.Connection | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Outcome:
+        return self.load(self.items[i])
+
+    def _known(self, digest: str) -> bool:
+        if self._db is None:  # one read-only connection per worker process
+            self._db = sqlite3.connect(sqlite_uri(self.db_path, mode="ro"), uri=True, timeout=30)
+        return self._db.execute("SELECT 1 FROM images WHERE content_hash = ? LIMIT 1", (digest,)).fetchone() is not None
+
+    def load(self, item: Item, reuse_known: bool = True) -> Outcome:
+        start = time.perf_counter()
+        digest = None
+        try:
+            data = self.source.read(item)
+            digest = content_hash(data)
+            if reuse_known and self._known(digest):
+                outcome: Outcome = Reused(item, digest)
+            else:
+                decoded = decode_bytes(data, Path(item.key), frames=self.frames, max_megapixels=self.max_megapixels,
+                                       patient_key=self.patient_key)
+                outcome = Decoded(item, digest, {**decoded.metadata, "source_format": decoded.source_format},
+                                  [(index, image.width, image.height) for index, image in decoded.frames],
+                                  [self.resize(image) for _, image in decoded.frames])
+        except DecodeError as e:
+            outcome = Skipped(item, str(e), digest, retry=isinstance(e, TransientDecodeError))
+        except MemoryError:
+            outcome = Skipped(item, "out of memory while reading (tried again next run)", digest, retry=True)
+        except OSError as e:
+            outcome = Skipped(item, f"unreadable: {e.strerror or e}", digest)
+        except Exception as e:  # never lose the run to one file
+            outcome = Skipped(item, f"{type(e).__name__}: {e}"[:200], digest)
+        outcome.seconds = time.perf_counter() - start
+        return outcome
+
+
+FILES_PER_HANDOVER = 8  # files a worker decodes and hands over at once: the hand-over costs per call
+
+
+def loader(dataset: DecodingDataset, indices: Sequence[int], workers: int, prefetch: int):
+    """Lists of up to FILES_PER_HANDOVER items of `dataset` at `indices`, in order, decoded by
+    `workers` processes (0: here). Handing files over in groups divides the main process's
+    per-call cost (the pipe, the unpickling, DataLoader's bookkeeping) by the group's size."""
+    from torch.utils.data import DataLoader, Subset
+    return DataLoader(Subset(dataset, list(indices)), batch_size=FILES_PER_HANDOVER, num_workers=workers,
+                      worker_init_fn=_worker_init, prefetch_factor=prefetch if workers else None,
+                      collate_fn=_identity, pin_memory=False, persistent_workers=False)
+
+
+def _identity(items: list[Outcome]) -> list[Outcome]:
+    return items
+
+
+def _worker_init(_worker_id: int) -> None:
+    import torch
+    _die_with_parent()
+    torch.set_num_threads(1)  # the model's process uses the cores; workers decode one file each
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to kill this worker when the process that started it dies: a worker orphaned
+    by a SIGKILL of mi-index would otherwise block forever writing into a pipe no one reads."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before the request took effect
+        os._exit(1)
+
+
