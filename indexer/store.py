@@ -556,12 +556,17 @@ class IndexStore:
         this generation and intact, else an older cached file brought up to date, else built
         from SQLite; all inside one read transaction (a consistent snapshot, even while
         mi-index writes)."""
+        return self.load_faiss_with_generation()[0]
+
+    def load_faiss_with_generation(self) -> tuple[Any, int]:
+        """`load_faiss()` and the generation it is of (read in the same snapshot)."""
         with self.engine.connect() as conn:
             conn.exec_driver_sql("BEGIN")  # a read snapshot: generation and vectors agree
             meta = self._meta(conn)
-            cached = self._faiss_path(int(meta["generation"]), meta["index_id"])
+            generation = int(meta["generation"])
+            cached = self._faiss_path(generation, meta["index_id"])
             index = self._read_verified(cached, meta, conn)
-            return index if index is not None else self._current_index(conn)
+            return (index if index is not None else self._current_index(conn)), generation
 
     def rebuild_faiss(self):
         """The FAISS index built from SQLite alone, ignoring every cache file."""

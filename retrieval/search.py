@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -88,6 +89,8 @@ class Searcher:
         self.device = device
         self._store = IndexStore.open(self.index_dir, readonly=True)
         self._faiss = None
+        self._faiss_generation = -1
+        self._faiss_lock = threading.Lock()
         self._towers: dict[str, Any] = {}
         self._loaded_model = model if hasattr(model, "encode_texts") else None
         self._model_source = None if self._loaded_model else model
@@ -277,9 +280,12 @@ class Searcher:
                        ) -> tuple[np.ndarray, np.ndarray]:
         from indexer import vectors
 
-        if self._faiss is None:
-            self._faiss = self._store.load_faiss()
-            self._faiss_gpu = self._faiss if self.device == "cpu" else vectors.to_gpu(self._faiss)
+        with self._faiss_lock:  # one reload at a time, however many threads search
+            # Live index: every search answers from the newest committed generation (one cheap
+            # read of meta), so an open Searcher sees what mi-index added and removed since.
+            if self._faiss is None or self._store.generation() != self._faiss_generation:
+                self._faiss, self._faiss_generation = self._store.load_faiss_with_generation()
+                self._faiss_gpu = self._faiss if self.device == "cpu" else vectors.to_gpu(self._faiss)
         if queries.shape[1] != self._faiss.d:
             raise QueryError(f"query vectors have {queries.shape[1]} dimensions, the index {self._faiss.d}")
         index = self._faiss_gpu if allowed is None else self._faiss  # GPU indexes take no IDSelector

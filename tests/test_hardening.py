@@ -454,3 +454,24 @@ def test_an_index_with_salted_hashes_is_migrated_to_keyed_pseudonyms(tmp_path):
         assert store.rows([1])[1]["patient_hash"] == pseudonym("salted-hash-of-patient-1", patient_key())
     meta = dict(sqlite3.connect(index_dir / "index.sqlite").execute("SELECT key, value FROM meta"))
     assert "patient_salt" not in meta and meta["schema_version"] == str(store_module.SCHEMA_VERSION)
+
+
+def test_an_open_searcher_answers_from_the_newest_generation(tmp_path, model):
+    data = tmp_path / "data"
+    paths = make_images(data, 3)
+    index_dir = tmp_path / "index"
+    indexer.index_paths([data], index_dir, model=model, workers=0)
+    with Searcher(index_dir, model=model) as searcher:
+        assert len(searcher.search("x", k=10)) == 3
+        Image.fromarray(np.full((64, 64), 9, np.uint8)).save(data / "added.png")
+        indexer.index_paths([data], index_dir, model=model, workers=0)  # only an addition: nothing fails
+        assert len(searcher.search("x", k=10)) == len(searcher) == 4
+        (data / "added.png").unlink()
+        make_images(tmp_path / "more", 2, seed=9)
+        for path in (tmp_path / "more").iterdir():
+            shutil.move(path, data / f"new-{path.name}")
+        paths[0].unlink()
+        indexer.index_paths([data], index_dir, model=model, workers=0)  # +2 -1 while the searcher is open
+        hits = searcher.search("x", k=10)
+        assert len(hits) == len(searcher) == 4
+        assert {Path(hit.path).name for hit in hits} == {p.name for p in data.iterdir()}
