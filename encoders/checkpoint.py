@@ -65,6 +65,7 @@ def resolve_model_source(source: str | os.PathLike | None = None) -> Path:
     Default: the MI_MODEL environment variable, else lion-ai/MedImageInsights. `hf-hub:OWNER/NAME`
     always means the hub; a plain `OWNER/NAME` is a local folder when one exists there, else the
     hub (and a failure says that both were tried)."""
+    named = source not in (None, "") or bool(os.environ.get(MODEL_ENV))
     source = str(source) if source not in (None, "") else os.environ.get(MODEL_ENV) or DEFAULT_MODEL
     if source.startswith(HUB_PREFIX):
         return find_model_folder(_download(source[len(HUB_PREFIX):], tried_folder=None))
@@ -73,7 +74,7 @@ def resolve_model_source(source: str | os.PathLike | None = None) -> Path:
         return find_model_folder(path)
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", source) or source.startswith("."):
         raise ModelNotFoundError(f"no model folder at {path}. {_HOW_TO_FIX}")
-    return find_model_folder(_download(source, tried_folder=path))
+    return find_model_folder(_download(source, tried_folder=path if named else None))
 
 
 def _download(repo_id: str, tried_folder: Path | None) -> Path:
@@ -91,7 +92,7 @@ def _download(repo_id: str, tried_folder: Path | None) -> Path:
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
         offline = os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0")
         why = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else \
-            f"the download failed ({type(e).__name__})"
+            f"the hub could not be reached or the download failed ({type(e).__name__})"
         raise ModelNotFoundError(f"cannot get model {repo_id!r} from Hugging Face: {why}"
                                  f"{_and_no_folder(tried_folder)}. {_HOW_TO_FIX}") from None
 

@@ -226,3 +226,15 @@ def test_the_mi_group_runs_both_commands(tmp_path):
     assert CliRunner().invoke(mi, ["index", str(data), *index, "--model", str(FIXTURE), "--workers", "0"]).exit_code == 0
     found = CliRunner().invoke(mi, ["search", "x", *index, "--json"])
     assert found.exit_code == 0 and len(json.loads(found.stdout)) == 1
+
+
+def test_the_default_model_s_message_does_not_talk_about_folders_the_user_never_named(monkeypatch, tmp_path):
+    from encoders import ModelNotFoundError
+    from encoders.checkpoint import resolve_model_source
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("MI_MODEL", raising=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelNotFoundError) as caught:
+        resolve_model_source(None)
+    assert "no local folder" not in str(caught.value) and "hf download" in str(caught.value)
