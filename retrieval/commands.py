@@ -8,6 +8,7 @@ from indexer.cli import main as index_command
 from indexer.terminal import console_script
 
 from .cli import main as search_command
+from .serve_cli import main as serve_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -18,6 +19,7 @@ def mi() -> None:
 
 mi.add_command(index_command, "index")
 mi.add_command(search_command, "search")
+mi.add_command(serve_command, "serve")
 
 
 def entry() -> None:

@@ -91,6 +91,7 @@ class Searcher:
         self._faiss = None
         self._faiss_generation = -1
         self._faiss_lock = threading.Lock()
+        self._tower_lock = threading.Lock()
         self._towers: dict[str, Any] = {}
         self._loaded_model = model if hasattr(model, "encode_texts") else None
         self._model_source = None if self._loaded_model else model
@@ -120,7 +121,12 @@ class Searcher:
 
     # ------------------------------------------------------------------ models
     def encoder(self, tower: str) -> Any:
-        """The encoder with `tower` ("text" or "image") loaded, loading it on first use."""
+        """The encoder with `tower` ("text" or "image") loaded, loading it on first use (once,
+        however many threads ask at the same time)."""
+        with self._tower_lock:
+            return self._encoder(tower)
+
+    def _encoder(self, tower: str) -> Any:
         if self._loaded_model is not None:
             if not self._towers:
                 self._check_model(self._loaded_model)
@@ -250,6 +256,20 @@ class Searcher:
                 values = self._store.values(column)
                 held.append(f"its {name}: {', '.join(f'{v} ({n})' for v, n in values.items()) or 'none recorded'}")
         return f"no image in the index matches {filters.describe()}" + ("; " + "; ".join(held) if held else "")
+
+    def vector_of(self, image_id: int) -> np.ndarray:
+        """The stored unit vector (D,) of an indexed image ("more like this"); QueryError if no such id."""
+        try:
+            return self._store.vectors([int(image_id)])[0]
+        except KeyError:
+            raise QueryError(f"no image with id {image_id} in the index") from None
+
+    def image(self, image_id: int) -> dict[str, Any]:
+        """The stored fields of an indexed image; QueryError if no such id."""
+        rows = self._store.rows([int(image_id)])
+        if int(image_id) not in rows:
+            raise QueryError(f"no image with id {image_id} in the index")
+        return {"id": int(image_id), **rows[int(image_id)]}
 
     def _checked_search(self, vector: np.ndarray, k: int, allowed: np.ndarray | None) -> list[tuple[float, int]]:
         """(score, id) of the top k, best first, each score recomputed from the vector SQLite
