@@ -15,10 +15,7 @@ from .errors import NoImagesError, PathNotFoundError, StoreError  # noqa: F401
 from .options import IndexOptions
 
 
-def default_index_dir() -> Path:
-    """MI_INDEX if set, else the per-user data folder (mi-index's default)."""
-    from .store import default_index_dir as folder
-    return folder()
+from .location import default_index_dir  # noqa: E402
 
 
 def index_paths(paths: Sequence[str | os.PathLike], index_dir: str | os.PathLike | None = None, *,

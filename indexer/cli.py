@@ -74,7 +74,7 @@ def main(paths: tuple[Path, ...], sample: bool, update: bool, folders_of: Path |
     from rich.console import Console
 
     from . import IndexOptions, index_paths
-    from .store import default_index_dir
+    from .location import default_index_dir
     from .terminal import ProgressBar, is_user_error
 
     err = Console(stderr=True)

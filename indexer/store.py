@@ -30,7 +30,6 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DatabaseError, OperationalError
 from sqlalchemy.pool import QueuePool
 
-INDEX_ENV = "MI_INDEX"
 DB_NAME = "index.sqlite"
 METADATA_FIELDS = ("width", "height", "source_format", "sop_instance_uid", "study_instance_uid",
                    "series_instance_uid", "modality", "body_part", "view_position", "study_date",
@@ -38,6 +37,7 @@ METADATA_FIELDS = ("width", "height", "source_format", "sop_instance_uid", "stud
 
 
 from .filters import SearchFilters
+from .location import INDEX_ENV, default_index_dir  # noqa: F401  (re-exported)
 from .errors import (IndexBusyError, IndexDamagedError, IndexFormatError, IndexNotFoundError,  # noqa: F401
                      IndexReadOnlyError, ModelMismatchError, StorageFullError, StoreError)
 
@@ -124,14 +124,6 @@ def _py_path(value: str | bytes) -> str:
 def _db_prefix(folder: str | os.PathLike) -> bytes:
     """`folder/` as bytes, compared with CAST(path AS BLOB): matches text and BLOB paths alike."""
     return os.fsencode(os.fspath(folder).rstrip(os.sep) + os.sep)
-
-
-def default_index_dir() -> Path:
-    """MI_INDEX if set, else the per-user data folder (e.g. ~/.local/share/medimageinsight-search/index)."""
-    if os.environ.get(INDEX_ENV):
-        return Path(os.environ[INDEX_ENV]).expanduser()
-    import platformdirs
-    return Path(platformdirs.user_data_dir("medimageinsight-search")) / "index"
 
 
 # --- schema: numbered migrations, applied in order; `meta.schema_version` says how far ------------

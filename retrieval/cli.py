@@ -70,28 +70,34 @@ COLUMNS = [("modality", "modality"), ("body part", "body_part"), ("view", "view_
 @click.option("--json", "as_json", is_flag=True, help="Print the hits as a JSON list.")
 @click.option("--paths", "paths_only", is_flag=True, help="Print only the paths, one per line, byte for byte.")
 @click.option("--print0", is_flag=True, help="With --paths: end each path with a NUL (for xargs -0).")
+@click.option("--no-server", is_flag=True, help="Search in this process even when a mi-serve serves the index.")
 @click.version_option(package_name="medimageinsight-search", prog_name="mi-search")
 def main(query: tuple[str, ...], index_dir: Path | None, model: str | None, device: str | None, k: int,
          modality: str | None, body_part: str | None, view: str | None, since: Any, until: Any,
          under: Path | None, min_score: float | None, labels: str | None, multilabel: bool,
          group: str | None, show_duplicates: bool, exclude_same: str | None,
-         force: str | None, as_json: bool, paths_only: bool, print0: bool) -> None:
+         force: str | None, as_json: bool, paths_only: bool, print0: bool, no_server: bool) -> None:
     """Search an index of X-rays and DICOM files by text, by example image, or both.
 
     QUERY is a text or an image file (PNG, JPEG, TIFF, BMP, DICOM); several are combined
-    with + and - (see below). Build the index first with mi-index.
+    with + and - (see below). Build the index first with mi-index. When mi-serve serves the
+    index (or MI_SERVER names a server), it answers: warm, without loading the model here.
     """
     from indexer.filters import SearchFilters
-
-    from .search import Searcher
 
     try:
         filters = SearchFilters.make(modality=modality, body_part=body_part, view=view, since=since, until=until,
                                      under=under)
-        with Searcher(index=index_dir, model=model, device=device) as searcher:
-            hits = searcher.search(list(query), k=k, force=force, filters=filters, min_score=min_score,
-                                   labels=labels, multilabel=multilabel, group=group, duplicates=show_duplicates,
-                                   exclude_same=exclude_same)
+        options = dict(k=k, min_score=min_score, labels=labels, multilabel=multilabel, group=group,
+                       duplicates=show_duplicates, exclude_same=exclude_same)
+        hits = None
+        if not (no_server or _given(("model", "device"))):  # a model or device asked for: search here
+            hits = _through_server(index_dir, list(query), force, filters, options)
+        if hits is None:
+            from .search import Searcher
+
+            with Searcher(index=index_dir, model=model, device=device) as searcher:
+                hits = searcher.search(list(query), force=force, filters=filters, **options)
     except KeyboardInterrupt:
         sys.exit(130)
     except Exception as error:  # only the expected, typed errors become one line
@@ -117,6 +123,35 @@ def main(query: tuple[str, ...], index_dir: Path | None, model: str | None, devi
         write_lines(["\t".join(header)] + ["\t".join(_cells(hit, score_format="{:.4f}")) for hit in hits])
 
 
+def _given(names: tuple[str, ...]) -> bool:
+    """Whether any of these options was given on the command line (not by the environment)."""
+    context = click.get_current_context()
+    return any(context.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE for name in names)
+
+
+def _through_server(index_dir: Path | None, query: list[str], force: str | None, filters: Any,
+                    options: dict[str, Any]) -> list | None:
+    """The hits of a running mi-serve of this index (or of MI_SERVER), else None: search here.
+    Imports neither PyTorch nor FAISS; image files are read here and sent."""
+    from indexer.location import default_index_dir
+
+    from .client import Client, ServerUnavailable
+    from .discovery import find_server
+    from .query import parse_query
+
+    folder = Path(index_dir or default_index_dir()).expanduser()
+    server = find_server(folder)
+    if server is None:
+        return None
+    terms = parse_query(query, force=force)  # the terms are this machine's files and texts
+    # Name the index unless MI_SERVER was chosen for whatever index it serves.
+    meant = str(folder.resolve()) if server.index or index_dir else None
+    try:
+        return Client(server, index=meant).search(terms, filters, **options)
+    except ServerUnavailable:
+        return None
+
+
 def _is_user_error(error: Exception) -> bool:
     """Typed errors of our libraries, and the OS saying a file cannot be read or written."""
     from indexer.terminal import is_user_error
@@ -127,7 +162,7 @@ def _is_user_error(error: Exception) -> bool:
 
 def _message(error: Exception, index_dir: Path | None) -> str:
     message = " ".join(str(error).split()) or type(error).__name__  # one line
-    from indexer.store import IndexNotFoundError
+    from indexer.errors import IndexNotFoundError
 
     if isinstance(error, IndexNotFoundError) and "mi-index" not in message:
         where = f" --index {index_dir}" if index_dir else ""

@@ -14,11 +14,9 @@ fingerprint differs from the index's is refused.
 """
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import os
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -27,51 +25,13 @@ import numpy as np
 from . import labels as zero_shot
 from .errors import EmptyIndexError, ModelMismatchError, QueryError
 from .grouping import GROUP_FIELDS, Candidate, collapse
+from .hits import Hit
 from .query import QueryTerm, combine, parse_query
 
 if TYPE_CHECKING:
     from indexer.filters import SearchFilters
 
 log = logging.getLogger(__name__)
-
-INDEX_ENV = "MI_INDEX"
-
-
-@dataclass
-class Hit:
-    """One search result. `metadata` holds the stored fields of the row (path, frame, modality,
-    body_part, view_position, study_date, ...); `labels` the zero-shot probabilities if asked."""
-
-    rank: int
-    score: float
-    id: int
-    path: str
-    metadata: dict[str, Any] = field(default_factory=dict)
-    labels: dict[str, float] | None = None
-    copies: int = 1            # exact duplicates shown as this one hit (itself included)
-    in_group: int = 1          # matching images of its study or patient, with group=
-    missing: bool = False      # the file is gone from disk since it was indexed
-
-    def to_dict(self) -> dict[str, Any]:
-        """A flat, JSON-ready dict: rank, score, id, path, copies, in_group, missing, the
-        metadata fields, labels if any."""
-        row = {"rank": self.rank, "score": round(self.score, 6), "id": self.id, "path": self.path,
-               "copies": self.copies, "in_group": self.in_group, "missing": self.missing}
-        row.update({key: _jsonable(value) for key, value in self.metadata.items() if key not in row})
-        if self.labels is not None:
-            row["labels"] = {label: round(p, 6) for label, p in self.labels.items()}
-        return row
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, (dt.date, dt.datetime)):
-        return value.isoformat()
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, bytes):
-        return value.hex()
-    return value
-
 
 class Searcher:
     """Search one index. `index`: the index folder (default: MI_INDEX, else the per-user folder
@@ -83,9 +43,10 @@ class Searcher:
 
     def __init__(self, index: str | Path | None = None, model: Any = None,
                  device: str | None = None) -> None:
-        from indexer.store import IndexStore, default_index_dir
+        from indexer.location import default_index_dir
+        from indexer.store import IndexStore
 
-        self.index_dir = Path(index or os.environ.get(INDEX_ENV) or default_index_dir()).expanduser()
+        self.index_dir = Path(index or default_index_dir()).expanduser()
         self.device = device
         self._store = IndexStore.open(self.index_dir, readonly=True)
         self._faiss = None

@@ -1,7 +1,11 @@
 """`mi-serve`: the warm search server and its web page (see retrieval.server)."""
 from __future__ import annotations
 
+import os
 import secrets
+import signal
+import socket
+import sys
 from pathlib import Path
 
 import click
@@ -22,27 +26,64 @@ Examples:
 @click.option("--device", metavar="DEVICE", callback=check_device, help=DEVICE_OPTION_HELP)
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on. Anything but loopback requires a token.")
-@click.option("--port", type=click.IntRange(1, 65535), default=8765, show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True)
 @click.option("--token", envvar="MI_SERVER_TOKEN", help="Token every request must carry (Authorization: Bearer). "
                                                         "[default: none on loopback, else generated and printed]")
 @click.version_option(package_name="medimageinsight-search", prog_name="mi-serve")
 def main(index_dir: Path | None, model: str | None, device: str | None, host: str, port: int,
          token: str | None) -> None:
-    """Serve an index: a JSON API (OpenAPI docs at /docs) and a web page to search it."""
+    """Serve an index: a JSON API (OpenAPI docs at /docs) and a web page to search it.
+
+    While it runs, mi-search on the same index asks it (warm: no model loading) unless given
+    --no-server; the server announces itself in INDEX/server.json (mode 0600: it holds the
+    token), removed when it stops. --port 0 takes a free port.
+    """
     import uvicorn
 
-    from indexer.store import default_index_dir
+    from indexer.location import default_index_dir
 
+    from .discovery import ServerInfo, remove_server_file, write_server_file
     from .server import create_app, is_loopback
 
     if not is_loopback(host) and not token:
         token = secrets.token_urlsafe(24)
         click.echo(f"listening beyond this machine: every request needs the token {token}", err=True)
-    index_dir = index_dir or default_index_dir()
+    index_dir = (index_dir or default_index_dir()).expanduser().resolve()
+    listener = _listen(host, port)  # before anything slow: a port in use is one line at once
+    port = listener.getsockname()[1]
     app = create_app(index_dir, model=model, device=device, token=token)
-    where = f"http://{host if ':' not in host else f'[{host}]'}:{port}/" + (f"?token={token}" if token else "")
-    click.echo(f"serving {index_dir} on {where}", err=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
+    announced = False
+    if index_dir.is_dir():  # a missing index is served (the page says so) but not announced in it
+        try:
+            write_server_file(index_dir, ServerInfo(url=url, token=token, pid=os.getpid(),
+                                                    host=socket.gethostname(), index=str(index_dir)))
+            announced = True
+        except OSError:  # a read-only index: mi-search finds the server through MI_SERVER only
+            pass
+    click.echo(f"serving {index_dir} on {url}/" + (f"?token={token}" if token else ""), err=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    # uvicorn shuts down cleanly on SIGTERM, then raises it again: exit, rather than die, then.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        server.run(sockets=[listener])
+    finally:
+        if announced:
+            remove_server_file(index_dir, os.getpid())
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, port))
+    except OSError as error:
+        listener.close()
+        raise click.ClickException(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+    listener.listen(128)
+    listener.set_inheritable(True)
+    return listener
 
 
 def entry() -> None:

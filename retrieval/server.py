@@ -15,15 +15,54 @@ import ipaddress
 import os
 import tempfile
 import threading
+import urllib.parse
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
+import base64
+import binascii
+import json
+from typing import Literal
+
+from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel, Field
 
 MAX_UPLOAD_BYTES = 64 << 20
 THUMBNAIL_SIZE = 256
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm")
+
+
+class TermIn(BaseModel):
+    """One parsed query term, as `mi-search` sends it: a text, or an image file's bytes (read
+    by the client: the server never opens a path it is sent)."""
+
+    kind: Literal["text", "image"]
+    text: str | None = None
+    data: str | None = Field(None, description="the image file, base64")
+    name: str = Field("", description="the image file's name (its suffix helps decoding)")
+    weight: float = 1.0
+
+
+class QueryIn(BaseModel):
+    """A search as `mi-search` asks it: terms plus every option of the command."""
+
+    terms: list[TermIn] = Field(min_length=1, max_length=64)
+    k: int = Field(10, ge=1, le=10000)
+    modality: str | None = None
+    body_part: str | None = None
+    view: str | None = None
+    since: str | None = None
+    until: str | None = None
+    under: str | None = Field(None, description="a resolved folder on the server's machine")
+    min_score: float | None = None
+    labels: str | None = None
+    multilabel: bool = False
+    group: Literal["study", "patient"] | None = None
+    duplicates: bool = False
+    exclude_same: Literal["study", "patient"] | None = None
 
 
 def create_app(index_dir: str | os.PathLike, *, model: Any = None, device: str | None = None,
@@ -60,6 +99,13 @@ def create_app(index_dir: str | os.PathLike, *, model: Any = None, device: str |
     @app.exception_handler(StoreError)
     async def one_line(_request: Request, error: Exception) -> JSONResponse:
         return JSONResponse({"error": " ".join(str(error).split())}, status_code=400)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, error: RequestValidationError) -> JSONResponse:
+        first = error.errors()[0] if error.errors() else {}
+        where = ".".join(str(part) for part in first.get("loc", ()) if part not in ("body", "query"))
+        return JSONResponse({"error": f"{where}: {first.get('msg', 'invalid request')}".strip(": ")},
+                            status_code=422)
 
     @app.exception_handler(HTTPException)
     async def http_error(_request: Request, error: HTTPException) -> JSONResponse:
@@ -123,18 +169,50 @@ def create_app(index_dir: str | os.PathLike, *, model: Any = None, device: str |
         data = await image.read(MAX_UPLOAD_BYTES + 1)
         if len(data) > MAX_UPLOAD_BYTES:
             raise HTTPException(413, f"the upload is over {MAX_UPLOAD_BYTES >> 20} MB")
-        suffix = Path(image.filename or "").suffix.lower()
-        suffix = suffix if suffix in (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm") else ""
         with tempfile.TemporaryDirectory(prefix="mi-serve-") as folder:
-            path = Path(folder) / f"query{suffix}"
+            path = Path(folder) / f"query{_suffix(image.filename)}"
             path.write_bytes(data)
             return run_search(None, str(path), None, k, modality, body_part, view, since, until, under, min_score,
                               labels, group, duplicates, exclude_same)
 
+    @app.post("/api/query", dependencies=[Depends(authorised)])
+    def query(request: QueryIn, x_mi_index: str | None = Header(None)) -> Response:
+        """The search of `mi-search` QUERY... [options]: parsed terms (image files sent as bytes)
+        and every option. Hits carry full-precision scores, so the client prints exactly what a
+        local search prints."""
+        from .query import QueryTerm
+
+        if x_mi_index is not None and os.fsencode(index_dir) != urllib.parse.unquote_to_bytes(x_mi_index):
+            raise HTTPException(421, f"this server serves {index_dir}, not the index asked for")
+        current = searcher()
+        filters = SearchFilters.make(modality=request.modality, body_part=request.body_part, view=request.view,
+                                     since=request.since, until=request.until, under=request.under)
+        with tempfile.TemporaryDirectory(prefix="mi-serve-") as folder:
+            terms, room = [], MAX_UPLOAD_BYTES
+            for number, term in enumerate(request.terms):
+                if term.kind == "text":
+                    if not (term.text or "").strip():
+                        raise HTTPException(422, f"term {number + 1}: a text term needs its text")
+                    terms.append(QueryTerm("text", term.text, term.weight))
+                    continue
+                data = _base64(term.data, number)
+                room -= len(data)
+                if room < 0:
+                    raise HTTPException(413, f"the query images are over {MAX_UPLOAD_BYTES >> 20} MB")
+                path = Path(folder) / f"term{number}{_suffix(term.name)}"
+                path.write_bytes(data)
+                terms.append(QueryTerm("image", str(path), term.weight))
+            hits = current.search(terms, k=request.k, filters=filters, min_score=request.min_score,
+                                  labels=request.labels, multilabel=request.multilabel, group=request.group,
+                                  duplicates=request.duplicates, exclude_same=request.exclude_same)
+        rows = [{**hit.to_dict(), "score": float(hit.score)} for hit in hits]
+        # ASCII JSON: a file name that is not UTF-8 travels as its surrogate escapes, losslessly.
+        return Response(json.dumps({"hits": rows}, default=str), media_type="application/json")
+
     @app.get("/api/images/{image_id}", dependencies=[Depends(authorised)])
     def image_fields(image_id: int) -> dict[str, Any]:
         """The stored fields of one indexed image."""
-        from .search import _jsonable
+        from .hits import _jsonable
         return {key: _jsonable(value) for key, value in searcher().image(image_id).items()}
 
     @app.get("/api/images/{image_id}/thumbnail", dependencies=[Depends(authorised)],
@@ -146,6 +224,23 @@ def create_app(index_dir: str | os.PathLike, *, model: Any = None, device: str |
                         headers={"Cache-Control": "private, max-age=3600"})
 
     return app
+
+
+def _suffix(name: str | None) -> str:
+    """The suffix of an uploaded file's name when it is one we decode, else none (sniffed)."""
+    suffix = Path(name or "").suffix.lower()
+    return suffix if suffix in IMAGE_SUFFIXES else ""
+
+
+def _base64(data: str | None, number: int) -> bytes:
+    if not data:
+        raise HTTPException(422, f"term {number + 1}: an image term needs its data")
+    if len(data) > MAX_UPLOAD_BYTES * 4 // 3 + 4:
+        raise HTTPException(413, f"the query images are over {MAX_UPLOAD_BYTES >> 20} MB")
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise HTTPException(422, f"term {number + 1}: the image data is not base64") from None
 
 
 def thumbnail_png(searcher: Any, index_dir: Path, image_id: int) -> bytes:

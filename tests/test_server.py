@@ -4,44 +4,21 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
 from pathlib import Path
 
-import numpy as np
-import pydicom
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-import indexer
-from encoders import load_model
 from retrieval.server import create_app, is_loopback
 
-FIXTURE = Path(__file__).parent / "fixtures" / "medimageinsight-tiny"
-PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
-REPO = Path(__file__).parents[1]
+from servers import build_archive, start_server, stop_server
 
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory):
-    root = tmp_path_factory.mktemp("served")
-    data = root / "data"
-    data.mkdir()
-    for name in ("CT_small.dcm", "MR_small.dcm", "examples_overlay.dcm"):
-        shutil.copy(PYDICOM_FILES / name, data)
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 256, (64, 64), dtype=np.uint8)).save(data / f"png{i}.png")
-    model = load_model(FIXTURE, device="cpu")
-    indexer.index_paths([data], root / "index", model=model, workers=0)
-    return {"root": root, "data": data, "index": root / "index", "model": model}
+    return build_archive(tmp_path_factory.mktemp("served"))
 
 
 @pytest.fixture(scope="module")
@@ -120,37 +97,15 @@ def test_loopback_detection():
     assert not is_loopback("0.0.0.0") and not is_loopback("192.0.2.1")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_a_real_server_process_serves_the_page_and_the_api(archive):
-    port = _free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    server = subprocess.Popen([sys.executable, "-c", "from retrieval.serve_cli import main; main()",
-                               "--index", str(archive["index"]), "--model", str(FIXTURE), "--port", str(port)],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    served = start_server(archive["index"])
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2) as response:
-                    health = json.load(response)
-                break
-            except OSError:
-                assert server.poll() is None and time.time() < deadline, "the server did not start"
-                time.sleep(0.2)
+        with urllib.request.urlopen(f"{served.url}/api/health", timeout=30) as response:
+            health = json.load(response)
         assert health["ready"] and health["images"] == 7
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
+        with urllib.request.urlopen(f"{served.url}/", timeout=5) as response:
             assert b"Medical image search" in response.read()
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/search?q=chest&k=2", timeout=30) as response:
+        with urllib.request.urlopen(f"{served.url}/api/search?q=chest&k=2", timeout=30) as response:
             assert len(json.load(response)) == 2
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_server(served.process)

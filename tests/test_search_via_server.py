@@ -1,0 +1,205 @@
+"""mi-search through a running mi-serve: the same output as a search in the process, without
+importing PyTorch, FAISS or SQLAlchemy; a fallback when no server answers; one-line errors; and
+8 clients searching while mi-index adds files."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from servers import FIXTURE, build_archive, command_env, start_server, stop_server
+
+# mi-search in a fresh process; afterwards it writes which heavy modules it imported.
+RUN = """import os, sys
+from retrieval.cli import main
+try:
+    main(sys.argv[1:])
+    code = 0
+except SystemExit as e:
+    code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+heavy = [m for m in ("torch", "faiss", "sqlalchemy") if m in sys.modules]
+open(os.environ["MODULES_OUT"], "w").write(" ".join(heavy))
+sys.stdout.flush()
+os._exit(code)
+"""
+HEAVY = ["torch", "faiss", "sqlalchemy"]
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    return build_archive(tmp_path_factory.mktemp("via-server"))
+
+
+@pytest.fixture(scope="module")
+def served(archive):
+    served = start_server(archive["index"])
+    yield served
+    stop_server(served.process)
+
+
+def mi_search(archive, *args: str, env: dict | None = None) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """mi-search ARGS --index INDEX as a fresh process: its result and the heavy modules it loaded."""
+    out = archive["root"] / "modules.txt"
+    out.unlink(missing_ok=True)
+    result = subprocess.run([sys.executable, "-c", RUN, *args, "--index", str(archive["index"])],
+                            env={**(env or command_env()), "MODULES_OUT": str(out)},
+                            capture_output=True, timeout=300)
+    return result, out.read_text().split() if out.exists() else []
+
+
+def queries(archive) -> list[list[str]]:
+    data = archive["data"]
+    return [
+        ["chest x-ray"],
+        [str(data / "png1.png")],
+        ["2:chest", "+", str(data / "CT_small.dcm"), "-", "pacemaker"],
+        [str(data / "MR_small.dcm"), "--exclude-same-study", "--labels", "normal,pneumonia", "-k", "4"],
+        ["x", "--group", "study", "-k", "3", "--min-score", "-1"],
+        ["x", "--modality", "ct"],
+        ["x", "--under", str(data), "--since", "1990-01-01", "--show-duplicates", "--multilabel",
+         "--labels", "a,b"],
+        ["--image", str(data / "png2.png")],
+    ]
+
+
+@pytest.mark.parametrize("output", [[], ["--json"], ["--paths"]], ids=["tsv", "json", "paths"])
+def test_the_output_is_identical_through_the_server(archive, served, output):
+    for query in queries(archive):
+        remote, heavy = mi_search(archive, *query, *output)
+        assert remote.returncode == 0, remote.stderr
+        assert heavy == [], f"{query}: the server's answer still imported {heavy}"
+        local, heavy = mi_search(archive, *query, *output, "--no-server")
+        assert local.returncode == 0, local.stderr
+        assert set(heavy) == set(HEAVY)  # it did search here
+        assert remote.stdout == local.stdout, query
+        assert remote.stdout.strip()
+
+
+def test_errors_are_the_same_one_line(archive, served):
+    for query in (["x", "--labels", " , "], [str(archive["data"] / "png1.png"), "-",
+                                              str(archive["data"] / "png1.png")]):
+        remote, heavy = mi_search(archive, *query)
+        local, _ = mi_search(archive, *query, "--no-server")
+        assert remote.returncode == local.returncode == 1 and heavy == []
+        assert remote.stderr == local.stderr and len(remote.stderr.strip().splitlines()) == 1, remote.stderr
+
+
+def test_the_server_file_names_the_server_and_leaves_with_it(archive, tmp_path):
+    index = tmp_path / "index"
+    import shutil
+    shutil.copytree(archive["index"], index)
+    served = start_server(index)
+    announced = json.loads((index / "server.json").read_text())
+    assert announced["url"] == served.url and announced["pid"] == served.process.pid
+    assert oct((index / "server.json").stat().st_mode & 0o777) == "0o600"
+    stop_server(served.process)
+    assert not (index / "server.json").exists()
+
+
+def test_a_dead_servers_file_and_a_wrong_index_fall_back_to_searching_here(archive, served, tmp_path):
+    import shutil
+    other = tmp_path / "other"
+    shutil.copytree(archive["index"], other)
+    (other / "server.json").write_text(json.dumps(
+        {"url": served.url, "pid": 2 ** 22 + 12345, "host": os.uname().nodename, "index": str(other)}))
+    result, heavy = mi_search({**archive, "index": other}, "chest")
+    assert result.returncode == 0 and set(heavy) == set(HEAVY)  # a dead process: searched here
+    # MI_SERVER names a live server, but of another index than the one asked for: searched here
+    result, heavy = mi_search({**archive, "index": other}, "chest", env=command_env(MI_SERVER=served.url))
+    assert result.returncode == 0 and set(heavy) == set(HEAVY)
+    # and of this index: answered there
+    result, heavy = mi_search(archive, "chest", env=command_env(MI_SERVER=served.url))
+    assert result.returncode == 0 and heavy == []
+
+
+def test_a_token_server_is_used_with_its_token(archive, tmp_path):
+    import shutil
+    index = tmp_path / "index"
+    shutil.copytree(archive["index"], index)
+    served = start_server(index, "--token", "s3cret")
+    try:
+        result, heavy = mi_search({**archive, "index": index}, "chest", "--json")
+        assert result.returncode == 0 and heavy == [], result.stderr
+        request = urllib.request.Request(f"{served.url}/api/query", data=b'{"terms":[{"kind":"text","text":"x"}]}',
+                                         headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        assert refused.value.code == 401
+    finally:
+        stop_server(served.process)
+
+
+def test_eight_clients_while_mi_index_adds_files(archive, tmp_path):
+    """Every answer comes from one committed generation: each hit's id is a row of the index with
+    that path, and a client never sees the index shrink while files are only added."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "live"
+    data = root / "data"
+    shutil.copytree(archive["data"], data)
+    index = root / "index"
+
+    def mi_index() -> None:
+        indexed = subprocess.run([sys.executable, "-c", "from indexer.cli import entry; entry()", str(data),
+                                  "--index", str(index), "--model", str(FIXTURE), "--workers", "0"],
+                                 env=command_env(), capture_output=True, text=True, timeout=300)
+        assert indexed.returncode == 0, indexed.stderr
+
+    mi_index()
+    served = start_server(index)
+    errors: list[str] = []
+    answers: list[list[tuple[int, list[tuple[int, str]]]]] = [[] for _ in range(8)]
+    stop = threading.Event()
+
+    def client(number: int) -> None:
+        body = json.dumps({"terms": [{"kind": "text", "text": f"query {number}"}], "k": 100}).encode()
+        while not stop.is_set():
+            request = urllib.request.Request(f"{served.url}/api/query", data=body,
+                                             headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=60) as response:
+                    hits = json.load(response)["hits"]
+            except Exception as error:  # noqa: BLE001 - any failure is the finding
+                errors.append(f"client {number}: {error}")
+                return
+            answers[number].append((len(hits), [(hit["id"], hit["path"]) for hit in hits]))
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    try:
+        rng = np.random.default_rng(1)
+        for batch in range(3):
+            folder = data / f"batch{batch}"
+            folder.mkdir()
+            for i in range(5):
+                Image.fromarray(rng.integers(0, 256, (48, 48), dtype=np.uint8)).save(folder / f"new{i}.png")
+            mi_index()
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=120)
+        stop_server(served.process)
+    assert errors == []
+    import sqlite3
+    with sqlite3.connect(index / "index.sqlite") as db:
+        rows = dict(db.execute("SELECT id, path FROM images"))
+    assert len(rows) == 7 + 15
+    for per_client in answers:
+        assert per_client, "a client got no answer"
+        sizes = [size for size, _ in per_client]
+        assert sizes == sorted(sizes), "an answer came from an older generation than one before it"
+        for _, hits in per_client:
+            for image_id, path in hits:
+                assert rows.get(image_id) == path
+    sizes = [size for per_client in answers for size, _ in per_client]
+    assert min(sizes) < 22 == max(sizes)  # answers from before, during and after the additions
