@@ -4,6 +4,7 @@
     python benchmarks/bench_search.py --sizes 10000        # quick
     python benchmarks/bench_search.py --skip-cold          # only the FAISS part
     python benchmarks/bench_search.py --skip-faiss --model tests/fixtures/medimageinsight-tiny
+    python benchmarks/bench_search.py --server 10000 --model /tmp/mi-full   # mi-serve only
 
 Prints numbers; asserts nothing. Two kinds of queries are measured against the same index:
 
@@ -200,6 +201,106 @@ def bench_cold(model: str) -> None:
                       f"p50 {np.percentile(times, 50):.1f} ms  p95 {np.percentile(times, 95):.1f} ms")
 
 
+class RandomEncoder:
+    """The model's identity (fingerprint, dimension, preprocessing) with random unit vectors as
+    embeddings: builds a large index for the server's latency quickly; queries use the real model."""
+
+    def __init__(self, model) -> None:
+        self.preprocess, self.dim, self.device, self.source = model.preprocess, model.dim, model.device, model.source
+        self.fingerprint = model.fingerprint
+        self.rng = np.random.default_rng(0)
+
+    def encode_pixels(self, pixels) -> np.ndarray:
+        return unit(self.rng.standard_normal((len(pixels), self.dim)).astype(np.float32))
+
+    encode_resized = encode_pixels
+
+
+def percentiles(times: list[float]) -> str:
+    return f"p50 {np.percentile(times, 50):.1f} ms  p95 {np.percentile(times, 95):.1f} ms  ({len(times)} queries)"
+
+
+def bench_server(model: str, n: int, repeats: int) -> None:
+    """A warm mi-serve over n images: API latency of text queries and image uploads, and the
+    wall time of `mi-search "text"` as a fresh process answered by it (and without it)."""
+    import io
+    import json
+    import shutil
+    import urllib.parse
+    import urllib.request
+
+    from PIL import Image
+
+    import indexer
+    from encoders import load_model
+
+    print(f"\n== mi-serve over {n} images, model {model}; {os.cpu_count()} CPUs; {load()} ==")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    with tempfile.TemporaryDirectory() as tmp:
+        images = Path(tmp, "images")
+        images.mkdir()
+        rng = np.random.default_rng(0)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(images / f"{i:06d}.png")
+        index_dir = Path(tmp, "index")
+        indexer.index_paths([images], index_dir, model=RandomEncoder(load_model(model, device="cpu")))
+        server = subprocess.Popen([sys.executable, "-m", "retrieval.serve_cli", "--index", str(index_dir),
+                                   "--model", model, "--port", "0"], cwd=ROOT, env=env, stderr=subprocess.PIPE,
+                                  text=True)
+        try:
+            line = server.stderr.readline()
+            url = line.strip().split(" on ")[-1].rstrip("/")
+            for _ in range(100):
+                try:
+                    urllib.request.urlopen(url + "/api/health", timeout=5).close()
+                    break
+                except OSError:
+                    time.sleep(0.1)
+
+            def timed(request) -> float:
+                start = time.perf_counter()
+                with urllib.request.urlopen(request, timeout=600) as response:
+                    response.read()
+                return (time.perf_counter() - start) * 1000
+
+            words = ["pleural effusion", "lumbar spine fracture", "cardiomegaly", "pneumothorax", "normal chest"]
+            texts = [f"{words[i % len(words)]} {i}" for i in range(repeats + 1)]
+            timed(f"{url}/api/search?q=warm+up&k=10")  # loads the text tower
+            latencies = [timed(f"{url}/api/search?" + urllib.parse.urlencode({"q": text, "k": 10})) for text in texts]
+            print(f"warm text query, GET /api/search: {percentiles(latencies)}")
+            body = lambda text: json.dumps({"terms": [{"kind": "text", "text": text}], "k": 10}).encode()  # noqa: E731
+            latencies = [timed(urllib.request.Request(f"{url}/api/query", data=body(text),
+                                                      headers={"Content-Type": "application/json"}))
+                         for text in texts]
+            print(f"warm text query, POST /api/query (what mi-search sends): {percentiles(latencies)}")
+
+            png = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (512, 512), dtype=np.uint8)).save(png, "PNG")
+            boundary = "mi-bench-boundary"
+            upload = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"q.png\"\r\n"
+                      f"Content-Type: image/png\r\n\r\n").encode() + png.getvalue() + f"\r\n--{boundary}--\r\n".encode()
+            request = lambda: urllib.request.Request(  # noqa: E731
+                f"{url}/api/search", data=upload, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+            timed(request())  # loads the image tower
+            latencies = [timed(request()) for _ in range(max(3, repeats // 10))]
+            print(f"warm image upload (512x512 PNG), POST /api/search: {percentiles(latencies)}")
+
+            mi_search = shutil.which("mi-search")
+            argv = [mi_search] if mi_search else [sys.executable, "-m", "retrieval.cli"]
+            for label, extra in (("through the server", []), ("--no-server (cold, in the process)", ["--no-server"])):
+                times = []
+                for text in texts[:5]:
+                    start = time.perf_counter()
+                    subprocess.run(argv + [text, "--index", str(index_dir), *extra], env=env, check=True,
+                                   capture_output=True)
+                    times.append(time.perf_counter() - start)
+                print(f'mi-search "text" as a fresh process, {label}: best {min(times):.2f} s, '
+                      f"median {np.median(times):.2f} s (5 runs)")
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="10000,1000000", help="comma-separated collection sizes")
@@ -210,7 +311,12 @@ def main() -> None:
     parser.add_argument("--model", default=str(ROOT / "tests/fixtures/medimageinsight-tiny"))
     parser.add_argument("--skip-cold", action="store_true")
     parser.add_argument("--skip-faiss", action="store_true")
+    parser.add_argument("--server", type=int, metavar="N", default=0,
+                        help="only mi-serve: latency over an index of N images (random vectors, real model)")
+    parser.add_argument("--repeats", type=int, default=50, help="warm queries per measurement (--server)")
     args = parser.parse_args()
+    if args.server:
+        return bench_server(args.model, args.server, args.repeats)
 
     import faiss
     print(f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads, "

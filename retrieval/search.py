@@ -276,14 +276,17 @@ class Searcher:
         return self._store.vectors(ids)
 
     # ------------------------------------------------------------------ zero-shot labels
-    def classify(self, image: str | Path | Any, labels: str | Sequence[str], *,
+    def classify(self, image: str | Path | int | Any, labels: str | Sequence[str], *,
                  multilabel: bool = False) -> dict[str, float]:
-        """Zero-shot probabilities of `labels` for one image (a file path, or a PIL image /
-        array): softmax over the labels with the model's logit scale, or one sigmoid per label
-        with `multilabel` (see retrieval.labels)."""
+        """Zero-shot probabilities of `labels` for one image (a file path, an indexed image's id,
+        or a PIL image / array): softmax over the labels with the model's logit scale, or one
+        sigmoid per label with `multilabel` (see retrieval.labels)."""
         label_list = zero_shot.parse_labels(labels)
-        picture = load_query_image(image) if isinstance(image, (str, Path)) else image
-        vector = self.encoder("image").encode_images([picture])
+        if isinstance(image, int):
+            vector = self.vector_of(image)[None, :]
+        else:
+            picture = load_query_image(image) if isinstance(image, (str, Path)) else image
+            vector = self.encoder("image").encode_images([picture])
         probabilities = self._label_probabilities(vector, label_list, multilabel)[0]
         return dict(zip(label_list, map(float, probabilities)))
 

@@ -89,3 +89,7 @@ def _listen(host: str, port: int) -> socket.socket:
 def entry() -> None:
     """The `mi-serve` console script (no fast exit: the server shuts down cleanly)."""
     main()
+
+
+if __name__ == "__main__":
+    main()

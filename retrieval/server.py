@@ -215,6 +215,12 @@ def create_app(index_dir: str | os.PathLike, *, model: Any = None, device: str |
         from .hits import _jsonable
         return {key: _jsonable(value) for key, value in searcher().image(image_id).items()}
 
+    @app.get("/api/images/{image_id}/labels", dependencies=[Depends(authorised)])
+    def image_labels(image_id: int, labels: str, multilabel: bool = False) -> dict[str, float]:
+        """Zero-shot probabilities of comma-separated `labels` for one indexed image: a softmax
+        over them, or one independent probability each with `multilabel`."""
+        return searcher().classify(image_id, labels, multilabel=multilabel)
+
     @app.get("/api/images/{image_id}/thumbnail", dependencies=[Depends(authorised)],
              responses={200: {"content": {"image/png": {}}}})
     def thumbnail(image_id: int) -> Response:

@@ -7,8 +7,6 @@ import os
 import shutil
 import sqlite3
 import subprocess
-import sys
-import tempfile
 import warnings
 from pathlib import Path
 

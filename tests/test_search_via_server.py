@@ -8,8 +8,8 @@ import os
 import subprocess
 import sys
 import threading
+import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 
