@@ -80,6 +80,11 @@ class Searcher:
     def __len__(self) -> int:
         return self._store.count()
 
+    def stats(self) -> dict[str, Any]:
+        """The index's counts (images, files, skipped by reason, modalities), folders, model,
+        size, last run and the generation that searches answer from now."""
+        return {**self._store.status(), "generation": self._store.generation()}
+
     # ------------------------------------------------------------------ models
     def encoder(self, tower: str) -> Any:
         """The encoder with `tower` ("text" or "image") loaded, loading it on first use (once,

@@ -117,13 +117,16 @@ def create_app(index_dir: str | os.PathLike, *, model: Any = None, device: str |
 
     @app.get("/api/health", dependencies=[Depends(authorised)])
     def health() -> dict[str, Any]:
-        """Whether the index can be searched, and what it holds."""
+        """Whether the index can be searched, and what it holds: images, model, generation,
+        when it was last indexed, images per modality, files skipped."""
         try:
             current = searcher()
         except (SearchError, StoreError) as error:
             return {"ready": False, "index": str(index_dir), "reason": " ".join(str(error).split())}
-        return {"ready": True, "index": str(index_dir), "images": len(current), "model": current.model_info,
-                "generation": current._store.generation()}
+        stats = current.stats()
+        return {"ready": True, "index": str(index_dir), "images": stats["images"], "model": current.model_info,
+                "generation": stats["generation"], "last_indexed": stats["last_run_at"],
+                "modalities": stats["modalities"], "skipped_files": sum(stats["skipped"].values())}
 
     def run_search(q: str | None, image_path: str | None, like: int | None, k: int, modality: str | None,
                    body_part: str | None, view: str | None, since: str | None, until: str | None,

@@ -29,6 +29,7 @@ def client(archive):
 def test_health_search_and_filters(client, archive):
     health = client.get("/api/health").json()
     assert health["ready"] and health["images"] == 7 and health["model"]["dim"] == archive["model"].dim
+    assert health["modalities"] == {"": 4, "CT": 1, "MR": 2} and health["last_indexed"].startswith("20")
     hits = client.get("/api/search", params={"q": "chest x-ray", "k": 5}).json()
     assert [hit["rank"] for hit in hits] == [1, 2, 3, 4, 5] and all(-1 <= hit["score"] <= 1 for hit in hits)
     mr = client.get("/api/search", params={"q": "x", "modality": "mr"}).json()
