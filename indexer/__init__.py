@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import NoImagesError, PathNotFoundError, StoreError  # noqa: F401
+from .errors import NoImagesError, PathNotFoundError, SourceError, StoreError  # noqa: F401
 from .options import IndexOptions
 
 
@@ -27,21 +27,50 @@ def index_paths(paths: Sequence[str | os.PathLike], index_dir: str | os.PathLike
     fields as keywords (batch_size, workers, device, dtype, max_megapixels, frames). Returns
     the run's summary: integer counts new / updated / unchanged / removed / skipped / encoded /
     reused / images, the skipped files with their reasons, and timings."""
-    from .pipeline import Indexer
     from .sources import FolderSource
-    from .store import DB_NAME, IndexStore
 
     options = options or IndexOptions(**option_values)
+    roots = [Path(p).expanduser() for p in paths]
+    folder = Path(index_dir or default_index_dir()).expanduser()
+    # Made before the index folder is: a mistyped path must leave nothing behind.
+    source = FolderSource(roots, skip=folder.resolve())
+    return index_source(source, folder, roots=[os.path.realpath(root) for root in roots], model=model,
+                        options=options, progress=progress)
+
+
+def index_dicomweb(url: str, index_dir: str | os.PathLike | None = None, *, modalities: Sequence[str] = (),
+                   study_date: str | None = None, body_part: str | None = None, user: str | None = None,
+                   password: str | None = None, token: str | None = None, connections: int = 4,
+                   model: Any = None, options: IndexOptions | None = None,
+                   progress: Callable[[int, int, int], None] | bool = False, **option_values: Any) -> dict[str, Any]:
+    """Index (or update) the instances a DICOMweb server lists, e.g.
+    `index_dicomweb("dicomweb+https://pacs/dicom-web", "./idx", modalities=["CR", "DX"])`.
+    Credentials: the arguments, else MI_DICOMWEB_USER / MI_DICOMWEB_PASSWORD / MI_DICOMWEB_TOKEN;
+    never stored. Returns the summary, as `index_paths` does."""
+    from .dicomweb import Credentials, DicomwebSource, QueryFilters
+
+    source = DicomwebSource(url, QueryFilters(tuple(m.upper() for m in modalities), study_date, body_part),
+                            Credentials.resolve(user, password, token), connections=connections)
+    return index_source(source, index_dir, roots=[source.url], model=model,
+                        options=options or IndexOptions(**option_values), progress=progress)
+
+
+def index_source(source: Any, index_dir: str | os.PathLike | None = None, *, roots: Sequence[str] = (),
+                 model: Any = None, options: IndexOptions | None = None,
+                 progress: Callable[[int, int, int], None] | bool = False) -> dict[str, Any]:
+    """Index (or update) what `source` (an `indexer.sources.Source`) lists; `roots` are
+    recorded for `mi-index --update`. A failed first run leaves no index behind."""
+    from .pipeline import Indexer
+    from .store import DB_NAME, IndexStore
+
+    options = options or IndexOptions()
     if progress is True:  # a rich bar on stderr, as mi-index shows
         from rich.console import Console
 
         from .terminal import ProgressBar
         with ProgressBar(Console(stderr=True), enabled=True) as update:
-            return index_paths(paths, index_dir, model=model, options=options, progress=update)
-    roots = [Path(p).expanduser() for p in paths]
+            return index_source(source, index_dir, roots=roots, model=model, options=options, progress=update)
     folder = Path(index_dir or default_index_dir()).expanduser()
-    # Made before the index folder is: a mistyped path must leave nothing behind.
-    source = FolderSource(roots, skip=folder.resolve())
     new_index = not (folder / DB_NAME).exists()
     made_folders = [p for p in (folder, *folder.parents) if not p.exists()]
     try:
@@ -50,9 +79,10 @@ def index_paths(paths: Sequence[str | os.PathLike], index_dir: str | os.PathLike
             run = Indexer(store, model=model, options=options, progress=progress if callable(progress) else None)
             summary = run.run(source)
             if summary.images == 0 and not summary.skipped_files and summary.unchanged == summary.removed == 0:
-                raise NoImagesError(f"no images found in {', '.join(map(str, roots))}: mi-index reads PNG, JPEG, "
-                                    f"TIFF, BMP and DICOM files (.dcm, or any name with a DICOM preamble)")
-            store.record_run([os.path.realpath(root) for root in roots], summary.seconds.get("total", 0.0))
+                what = (": mi-index reads PNG, JPEG, TIFF, BMP and DICOM files (.dcm, or any name with a DICOM "
+                        "preamble)") if hasattr(source, "roots") else " (none listed, or none matching the filters)"
+                raise NoImagesError(f"no images found in {source.name}{what}")
+            store.record_run(roots, summary.seconds.get("total", 0.0))
             return summary.as_dict()
     except BaseException:
         if new_index:
@@ -82,4 +112,4 @@ def _remove_empty_index(folder: Path, made_folders: list[Path]) -> None:
                 break
 
 
-__all__ = ["index_paths", "default_index_dir", "IndexOptions"]
+__all__ = ["index_paths", "index_dicomweb", "index_source", "default_index_dir", "IndexOptions"]

@@ -40,7 +40,7 @@ def _user_index_dir() -> str:
 
 
 @click.command(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@click.argument("paths", nargs=-1)  # str: a dicomweb+http:// URL must not go through Path (it folds the '//')
 @click.option("--sample", is_flag=True, help="Index a dozen real DICOM test images (CR chest, CT, MR, US) to try "
                                              "mi-search on.")
 @click.option("--update", is_flag=True, help="Update every folder the index already holds.")
@@ -65,36 +65,75 @@ def _user_index_dir() -> str:
 @click.option("--frames", type=click.Choice(["middle", "all"]), default="middle", show_default=True,
               help="Multi-frame files: the middle frame, or every frame.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+@click.option("--modality", metavar="LIST", help="PACS: the modalities to index, e.g. CR,DX (a QIDO-RS filter, "
+                                                 "applied by the server).")
+@click.option("--study-date", metavar="RANGE", help="PACS: study dates, e.g. 20200101-20201231, 20200101- or 20200101.")
+@click.option("--body-part", metavar="PART", help="PACS: the BodyPartExamined of the series, e.g. CHEST.")
+@click.option("--user", metavar="NAME", envvar="MI_DICOMWEB_USER", help="PACS: HTTP basic user. [default: "
+              "MI_DICOMWEB_USER; a bearer token: MI_DICOMWEB_TOKEN]")
+@click.option("--password", metavar="SECRET", envvar="MI_DICOMWEB_PASSWORD",
+              help="PACS: HTTP basic password (never stored). [default: MI_DICOMWEB_PASSWORD]")
+@click.option("--connections", type=click.IntRange(1, 64), default=4, show_default=True,
+              help="PACS: concurrent retrievals at most.")
 @click.version_option(package_name="medimageinsight-search", prog_name="mi-index")
-def main(paths: tuple[Path, ...], sample: bool, update: bool, folders_of: Path | None, remove: tuple[Path, ...],
+def main(paths: tuple[str, ...], sample: bool, update: bool, folders_of: Path | None, remove: tuple[Path, ...],
          status: bool, index_dir: Path | None, model: str | None, batch_size: int | None,
          workers: int | None, device: str | None, dtype: str | None, max_megapixels: float, frames: str,
-         as_json: bool) -> None:
-    """Index PATHS (folders, walked recursively, or files) for mi-search."""
+         as_json: bool, modality: str | None, study_date: str | None, body_part: str | None, user: str | None,
+         password: str | None, connections: int) -> None:
+    """Index PATHS (folders, walked recursively, or files; or a PACS: dicomweb+http(s)://HOST/PREFIX)
+    for mi-search."""
     from rich.console import Console
 
-    from . import IndexOptions, index_paths
+    from . import IndexOptions, index_dicomweb, index_paths
+    from .pacs_keys import is_dicomweb_url
     from .location import default_index_dir
-    from .terminal import ProgressBar, is_user_error
+    from .terminal import is_user_error
 
     err = Console(stderr=True)
     index_dir = index_dir or default_index_dir()
     try:
         if status or remove:
             return _manage(index_dir, status, remove, as_json)
-        paths += _more_paths(index_dir, sample, update, folders_of)
+        for path in paths:
+            if path.startswith(("http://", "https://")):
+                raise click.UsageError(f"to index a PACS over DICOMweb, write dicomweb+{path}")
+        urls = [path for path in paths if is_dicomweb_url(path)]
+        files = tuple(Path(path) for path in paths if not is_dicomweb_url(path))
+        more_files, more_urls = _more_paths(index_dir, sample, update, folders_of)
+        files, urls = files + more_files, urls + [url for url in more_urls if url not in urls]
+    except click.UsageError:
+        raise
     except Exception as e:
         if not is_user_error(e):
             raise
         from .terminal import visible
         raise click.ClickException(visible(" ".join(str(e).split()), markup=False)) from None
-    if not paths:
+    if not files and not urls:
         raise click.UsageError("give PATHS to index (or --sample, --update, --status; see --help)")
+    if (modality or study_date or body_part) and not urls:
+        raise click.UsageError("--modality, --study-date and --body-part filter a PACS: give its "
+                               "dicomweb+http(s):// URL")
+    options = IndexOptions(batch_size=batch_size, workers=workers, device=device, dtype=dtype,
+                           max_megapixels=max_megapixels, frames=frames)
+    modalities = tuple(m.strip() for m in (modality or "").split(",") if m.strip())
+    runs = ([lambda bar: index_paths(files, index_dir, model=model, options=options, progress=bar)] if files else [])
+    runs += [lambda bar, url=url: index_dicomweb(url, index_dir, modalities=modalities, study_date=study_date,
+                                                  body_part=body_part, user=user, password=password,
+                                                  connections=connections, model=model, options=options,
+                                                  progress=bar) for url in urls]
+    for run in runs:  # folders, then each PACS: one summary each
+        _run_and_report(run, err, as_json)
+
+
+def _run_and_report(run, err, as_json: bool) -> None:
+    from rich.console import Console
+
+    from .terminal import ProgressBar, is_user_error
+
     try:
         with ProgressBar(err, enabled=err.is_terminal and not as_json) as update:
-            options = IndexOptions(batch_size=batch_size, workers=workers, device=device, dtype=dtype,
-                                   max_megapixels=max_megapixels, frames=frames)
-            summary = index_paths(paths, index_dir, model=model, options=options, progress=update)
+            summary = run(update)
     except KeyboardInterrupt:
         err.print("interrupted: what was committed stays; run mi-index again to finish")
         sys.exit(130)
@@ -109,10 +148,14 @@ def main(paths: tuple[Path, ...], sample: bool, update: bool, folders_of: Path |
         _print_summary(Console(), summary)
 
 
-def _more_paths(index_dir: Path, sample: bool, update: bool, folders_of: Path | None) -> tuple[Path, ...]:
+def _more_paths(index_dir: Path, sample: bool, update: bool, folders_of: Path | None
+                ) -> tuple[tuple[Path, ...], list[str]]:
+    """The folders and PACS URLs that --sample, --update and --folders-of add."""
+    from .pacs_keys import is_dicomweb_url
     from .store import IndexStore, StoreError
 
     more: list[Path] = []
+    urls: list[str] = []
     if sample:
         from .sample import sample_folder
         more.append(sample_folder())
@@ -121,15 +164,17 @@ def _more_paths(index_dir: Path, sample: bool, update: bool, folders_of: Path | 
             continue
         with IndexStore.open(source, readonly=True) as store:
             roots = store.roots()
+        urls += [root for root in roots if is_dicomweb_url(root)]
+        roots = [root for root in roots if not is_dicomweb_url(root)]
         gone = [root for root in roots if not Path(root).exists()]
         if gone:
             raise StoreError(f"{gone[0]} is gone: take it out with `mi-index --remove {gone[0]}`"
                              + (f" --index {index_dir}" if source == index_dir else f" --index {source}"))
-        if not roots:
+        if not roots and not urls:
             raise StoreError(f"the index at {source} records no folders (made before mi-index recorded them): "
                              f"name them once, e.g. `mi-index FOLDER --index {source}`")
         more += [Path(root) for root in roots]
-    return tuple(more)
+    return tuple(more), urls
 
 
 def _manage(index_dir: Path, status: bool, remove: tuple[Path, ...], as_json: bool) -> None:

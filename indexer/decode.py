@@ -87,14 +87,15 @@ def content_hash(data: bytes) -> str:
 
 
 def decode_bytes(data: bytes, path: Path, *, frames: str = "middle", max_megapixels: float = 100.0,
-                 patient_key: bytes | None = None) -> Decoded:
+                 patient_key: bytes | None = None, kind: str | None = None) -> Decoded:
     """Decode one file's bytes. Raises DecodeError with the reason when it cannot be indexed.
-    `patient_key`: the key of PatientID's pseudonym (see indexer.privacy); None stores none."""
+    `patient_key`: the key of PatientID's pseudonym (see indexer.privacy); None stores none.
+    `kind`: "dicom" where the source knows (a PACS), else sniffed from the name and bytes."""
     if frames not in FRAMES_CHOICES:
         raise ValueError(f"frames must be one of {FRAMES_CHOICES}, not {frames!r}")
     if not data:
         raise DecodeError("empty file")
-    kind = sniff_kind(path, data[:132])
+    kind = kind or sniff_kind(path, data[:132])
     if kind == "dicom":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pydicom warns about every oddity it tolerates

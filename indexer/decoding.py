@@ -20,6 +20,7 @@ from typing import Any, Union
 import numpy as np
 
 from .decode import DecodeError, TransientDecodeError, content_hash, decode_bytes
+from .errors import SourceError
 from .sources import Item, Source
 from .store import sqlite_uri
 
@@ -50,13 +51,15 @@ class Reused:
 @dataclass
 class Skipped:
     """An item that cannot be indexed, with the reason; `retry` when the cause was this run's
-    (out of memory), not the item's."""
+    (out of memory), not the item's; `stop` when the source itself failed (a PACS that stopped
+    answering): the run stops there, and this item is not recorded."""
 
     item: Item
     reason: str
     content_hash: str | None = None
     retry: bool = False
     seconds: float = 0.0
+    stop: bool = False
 
 
 Outcome = Union[Decoded, Reused, Skipped]
@@ -82,25 +85,47 @@ class DecodingDataset:
     def __getitem__(self, i: int) -> Outcome:
         return self.load(self.items[i])
 
+    def __getitems__(self, indices: Sequence[int]) -> list[Outcome]:
+        """A worker's group of items; a source that can (a PACS) reads their bytes concurrently."""
+        read_many = getattr(self.source, "read_many", None)
+        if read_many is None or len(indices) < 2:
+            return [self.load(self.items[i]) for i in indices]
+        start = time.perf_counter()
+        items = [self.items[i] for i in indices]
+        datas = read_many(items)
+        share = (time.perf_counter() - start) / len(items)
+        outcomes = []
+        for item, data in zip(items, datas):
+            outcome = self.load(item, data=data)
+            outcome.seconds += share
+            outcomes.append(outcome)
+        return outcomes
+
     def _known(self, digest: str) -> bool:
         if self._db is None:  # one read-only connection per worker process
             self._db = sqlite3.connect(sqlite_uri(self.db_path, mode="ro"), uri=True, timeout=30)
         return self._db.execute("SELECT 1 FROM images WHERE content_hash = ? LIMIT 1", (digest,)).fetchone() is not None
 
-    def load(self, item: Item, reuse_known: bool = True) -> Outcome:
+    def load(self, item: Item, reuse_known: bool = True, data: bytes | BaseException | None = None) -> Outcome:
+        """`data`: the item's bytes (or the error reading them) when already read."""
         start = time.perf_counter()
         digest = None
         try:
-            data = self.source.read(item)
+            if isinstance(data, BaseException):
+                raise data
+            if data is None:
+                data = self.source.read(item)
             digest = content_hash(data)
             if reuse_known and self._known(digest):
                 outcome: Outcome = Reused(item, digest)
             else:
                 decoded = decode_bytes(data, Path(item.key), frames=self.frames, max_megapixels=self.max_megapixels,
-                                       patient_key=self.patient_key)
+                                       patient_key=self.patient_key, kind=getattr(self.source, "kind", None))
                 outcome = Decoded(item, digest, {**decoded.metadata, "source_format": decoded.source_format},
                                   [(index, image.width, image.height) for index, image in decoded.frames],
                                   [self.resize(image) for _, image in decoded.frames])
+        except SourceError as e:
+            outcome = Skipped(item, str(e), digest, retry=True, stop=True)
         except DecodeError as e:
             outcome = Skipped(item, str(e), digest, retry=isinstance(e, TransientDecodeError))
         except MemoryError:

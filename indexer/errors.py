@@ -55,3 +55,8 @@ class NoImagesError(StoreError):
 
 class FilterError(StoreError, ValueError):
     """A search filter that cannot be applied (a malformed date)."""
+
+
+class SourceError(StoreError):
+    """The source itself failed, not one item (a PACS that stopped answering or refused the
+    credentials): the run stops; what was committed stays and the next run resumes."""

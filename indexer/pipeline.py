@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from .decoding import FILES_PER_HANDOVER, Decoded, DecodingDataset, Outcome, Reused, Skipped, loader
+from .errors import SourceError
 from .model_choice import chosen_model_source, named_model_source
 from .options import IndexOptions
 from .sources import Item, Source
@@ -193,6 +194,9 @@ class Indexer:
         item = outcome.item
         record = {"path": item.key, "size": item.size, "mtime_ns": item.mtime_ns,
                   "content_hash": outcome.content_hash}
+        if isinstance(outcome, Skipped) and outcome.stop:
+            self._commit(force=True)  # the whole items done so far stay: the next run resumes after them
+            raise SourceError(outcome.reason)
         if isinstance(outcome, Skipped):
             self._pending_skipped.append({**record, "error": outcome.reason, "retry": outcome.retry})
             self.summary.skipped += 1

@@ -25,10 +25,14 @@ class Hit:
 
     def to_dict(self) -> dict[str, Any]:
         """A flat, JSON-ready dict: rank, score, id, path, copies, in_group, missing, the
-        metadata fields, labels if any."""
+        metadata fields (Study/Series/SOP Instance UIDs among them), labels if any, and for an
+        instance indexed from a PACS its `wado_rs_url`."""
+        from indexer.pacs_keys import wado_url
         row = {"rank": self.rank, "score": round(self.score, 6), "id": self.id, "path": self.path,
                "copies": self.copies, "in_group": self.in_group, "missing": self.missing}
         row.update({key: _jsonable(value) for key, value in self.metadata.items() if key not in row})
+        if wado_url(self.path):  # an instance indexed from a PACS: where to retrieve it
+            row["wado_rs_url"] = wado_url(self.path)
         if self.labels is not None:
             row["labels"] = {label: round(p, 6) for label, p in self.labels.items()}
         return row

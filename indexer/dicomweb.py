@@ -1,0 +1,297 @@
+"""A PACS as a source: list instances with QIDO-RS, retrieve each with WADO-RS (DICOMweb).
+
+`mi-index dicomweb+https://pacs.example.org/dicom-web --modality CR,DX` indexes the instances
+the server lists (filters applied by the server), decoded by the same decoder as files: the
+server's copy of a file and the file give the same pixels, metadata and embedding.
+
+- Key: the instance's WADO-RS URL behind a `dicomweb+` scheme (`indexer.pacs_keys`), never
+  with credentials.
+- Version token: an instance is immutable once its SOP Instance UID is issued, so the token is
+  0 and a hash of the key; a re-run retrieves only instances the index lacks.
+- Listing: studies -> series -> instances, each level paged with limit/offset until an empty
+  page (a server may cap a page below the limit asked, so a short page proves nothing).
+- Failures: a request is retried with backoff on 5xx, 408/429, timeouts and refused
+  connections; when the server still fails, or refuses the credentials, the run stops with a
+  `SourceError` (what was committed stays: the next run resumes). An instance the server no
+  longer has (404) is one skipped item.
+- Concurrency: retrievals run `connections` at a time at most, across all decoding processes
+  (one semaphore); each process fetches its group of items on that many threads.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import multiprocessing
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from .errors import SourceError
+from .pacs_keys import SCHEME_PREFIX, instance_key, is_dicomweb_url, wado_url
+from .sources import Item
+
+if TYPE_CHECKING:
+    from .store import IndexStore
+
+log = logging.getLogger(__name__)
+
+USER_ENV, PASSWORD_ENV, TOKEN_ENV = "MI_DICOMWEB_USER", "MI_DICOMWEB_PASSWORD", "MI_DICOMWEB_TOKEN"
+PAGE_SIZE = 500                     # QIDO results asked per request
+TIMEOUT = (10.0, 120.0)             # (connect, read) seconds per request
+RETRIED_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+# The instance as the archive stores it (transfer-syntax=*): the bytes of the file it received,
+# so its content hash and decoding are the file's.
+WADO_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+
+
+@dataclass(frozen=True)
+class QueryFilters:
+    """What to index of the archive, as QIDO-RS matching keys applied by the server."""
+
+    modalities: tuple[str, ...] = ()      # CR, DX: ModalitiesInStudy for studies, Modality for series
+    study_date: str | None = None         # 20200101-20201231, 20200101-, or one date
+    body_part: str | None = None          # BodyPartExamined of the series
+
+    def __post_init__(self) -> None:
+        if self.study_date and not re.fullmatch(r"\d{8}|\d{8}-|-\d{8}|\d{8}-\d{8}", self.study_date):
+            raise SourceError(f"--study-date {self.study_date}: write YYYYMMDD, a range YYYYMMDD-YYYYMMDD, "
+                              f"or an open one (YYYYMMDD- or -YYYYMMDD)")
+
+    def __bool__(self) -> bool:
+        return bool(self.modalities or self.study_date or self.body_part)
+
+    def study_params(self) -> dict[str, str]:
+        params = {"StudyDate": self.study_date} if self.study_date else {}
+        if self.modalities:
+            params["ModalitiesInStudy"] = ",".join(self.modalities)
+        return params
+
+    def series_params(self) -> dict[str, str]:
+        params = {"Modality": ",".join(self.modalities)} if self.modalities else {}
+        if self.body_part:
+            params["BodyPartExamined"] = self.body_part
+        return params
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """HTTP basic (user, password) or a bearer token; held in memory for the run, never stored."""
+
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def resolve(cls, user: str | None = None, password: str | None = None, token: str | None = None
+                ) -> Credentials:
+        """Options first, then MI_DICOMWEB_USER / MI_DICOMWEB_PASSWORD / MI_DICOMWEB_TOKEN."""
+        return cls(user or os.environ.get(USER_ENV) or None, password or os.environ.get(PASSWORD_ENV) or None,
+                   token or os.environ.get(TOKEN_ENV) or None)
+
+
+def base_url(text: str) -> str:
+    """The normalised `dicomweb+http(s)://host[:port]/prefix` of a DICOMweb service. Raises
+    SourceError for a URL that carries credentials (they would end up in the index's keys)."""
+    if not is_dicomweb_url(text):
+        raise SourceError(f"not a DICOMweb URL: {text} (write dicomweb+http://HOST:PORT/dicom-web, or https)")
+    parts = urlsplit(text[len(SCHEME_PREFIX):])
+    if parts.username or parts.password:
+        raise SourceError(f"put credentials in --user/--password or {USER_ENV}/{PASSWORD_ENV} (or {TOKEN_ENV}), "
+                          f"not in the URL: it names every indexed instance")
+    if not parts.hostname:
+        raise SourceError(f"no host in {text} (write dicomweb+http://HOST:PORT/dicom-web)")
+    if parts.query or parts.fragment:
+        raise SourceError(f"a DICOMweb URL names the service, without ?query or #fragment: {text} "
+                          f"(filters are --modality, --study-date, --body-part)")
+    return f"{SCHEME_PREFIX}{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
+
+
+def _uid(result: dict[str, Any], tag: str) -> str | None:
+    values = (result.get(tag) or {}).get("Value") or []
+    return str(values[0]) if values else None
+
+
+@dataclass
+class DicomwebSource:
+    """The instances a DICOMweb server lists (under `filters`), read over WADO-RS. Pickles
+    without its HTTP session (each decoding process opens its own)."""
+
+    url: str                               # dicomweb+http(s)://host[:port]/prefix
+    filters: QueryFilters = QueryFilters()
+    credentials: Credentials = Credentials()
+    connections: int = 4
+    verify: bool | str = True              # TLS verification; a CA bundle's path to trust a private CA
+    attempts: int = 4                      # tries per request before the run stops
+    backoff: float = 0.5                   # seconds before the 2nd try, doubled for each next one
+    refused: list[tuple[str, str]] = field(default_factory=list)
+    kind = "dicom"  # what it serves is DICOM, with or without a preamble (decoded as files named .dcm are)
+
+    def __post_init__(self) -> None:
+        self.url = base_url(self.url)
+        self.connections = max(1, int(self.connections))
+        self._http = self.url[len(SCHEME_PREFIX):]
+        self._slots = multiprocessing.get_context().BoundedSemaphore(self.connections)
+        self._local: threading.local | None = None
+        self._client_pid = -1
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.update(_local=None, _client_pid=-1)
+        return state
+
+    @property
+    def name(self) -> str:
+        return self.url
+
+    # ---------------------------------------------------------------- HTTP
+    def _client(self):
+        """This thread's DICOMweb client (a requests session is not shared across threads or processes)."""
+        if self._local is None or self._client_pid != os.getpid():
+            self._local, self._client_pid = threading.local(), os.getpid()
+        client = getattr(self._local, "client", None)
+        if client is None:
+            import requests
+            from dicomweb_client import DICOMwebClient
+
+            session = requests.Session()
+            session.verify = self.verify
+            if self.credentials.token:
+                session.headers["Authorization"] = f"Bearer {self.credentials.token}"
+            elif self.credentials.user:
+                session.auth = (self.credentials.user, self.credentials.password or "")
+            client = DICOMwebClient(self._http, session=session, timeout=TIMEOUT)
+            client.set_http_retry_params(retry=False)  # retried here, on more causes (5xx, refused connections)
+            self._local.client = client
+        return client
+
+    def _call(self, what: str, request: Callable[[Any], Any]) -> Any:
+        """`request(client)` with retries and backoff on failures of the server or the network;
+        SourceError when they persist or the credentials are refused. Other HTTP errors
+        (404: gone meanwhile) are raised as OSError, the cost of one item."""
+        import requests
+
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return request(self._client())
+            except requests.HTTPError as e:
+                status = e.response.status_code if e.response is not None else 0
+                if status in (401, 403):
+                    raise SourceError(f"{self.url} refused the credentials (HTTP {status}): give --user and "
+                                      f"--password (or {USER_ENV}/{PASSWORD_ENV}), or a token in {TOKEN_ENV}"
+                                      ) from None
+                if status not in RETRIED_STATUSES:
+                    raise OSError(f"HTTP {status} for {what}") from None
+                cause = f"HTTP {status}"
+            except requests.exceptions.SSLError as e:
+                raise SourceError(f"TLS failed for {self.url}: {_short(e)} (to trust a private CA, set "
+                                  f"REQUESTS_CA_BUNDLE to its certificate file)") from None
+            except (requests.ConnectionError, requests.Timeout) as e:
+                cause = "timed out" if isinstance(e, requests.Timeout) else "connection failed"
+            if attempt < self.attempts:
+                log.info("%s: %s, trying again (%d/%d)", what, cause, attempt + 1, self.attempts)
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+        raise SourceError(f"{self.url} stopped answering ({cause}, {self.attempts} tries, {what}): what was indexed "
+                          f"stays; run mi-index again to resume")
+
+    def _pages(self, what: str, search: str, **kwargs: Any) -> Iterator[dict]:
+        """Every result of a QIDO-RS search (a DICOMwebClient method's name), page after page,
+        until an empty page."""
+        offset = 0
+        while True:
+            page = self._call(what, lambda client: getattr(client, search)(offset=offset, limit=PAGE_SIZE, **kwargs))
+            if not page:
+                return
+            yield from page
+            offset += len(page)
+
+    # ---------------------------------------------------------------- Source
+    def items(self) -> Iterator[Item]:
+        study_filters, series_filters = self.filters.study_params(), self.filters.series_params()
+        try:
+            studies = list(self._pages("listing studies", "search_for_studies", search_filters=study_filters))
+        except OSError as e:  # a 400 for a query it cannot answer, a 404 for a wrong prefix
+            raise SourceError(f"{self.url} did not answer the study query ({e}): is it the DICOMweb root "
+                              f"(Orthanc: .../dicom-web)?") from None
+        for study in studies:
+            study_uid = _uid(study, "0020000D")
+            if not study_uid:
+                continue
+            for series in self._listed(f"listing series of study {study_uid}", "search_for_series",
+                                       study_instance_uid=study_uid, search_filters=series_filters):
+                series_uid = _uid(series, "0020000E")
+                if not series_uid:
+                    continue
+                for instance in self._listed(f"listing instances of series {series_uid}",
+                                             "search_for_instances",
+                                             study_instance_uid=study_uid, series_instance_uid=series_uid):
+                    sop_uid = _uid(instance, "00080018")
+                    if sop_uid:
+                        key = instance_key(self.url, study_uid, series_uid, sop_uid)
+                        yield Item(key, 0, version_token(key))
+
+    def _listed(self, what: str, search: str, **kwargs: Any) -> Iterator[dict]:
+        """A study's series or a series' instances; none when the server no longer has the
+        parent (deleted while listing: its instances are gone)."""
+        try:
+            yield from self._pages(what, search, **kwargs)
+        except OSError as e:
+            log.info("%s: %s", what, e)
+
+    def known(self, store: IndexStore, listed: Sequence[str]) -> dict[str, tuple]:
+        known = store.files_under([self.url])  # a key prefix, not a folder: str, as Path would fold the '//'
+        if self.filters:
+            # Only what the filters cover is in this run's view: the instances that do not match
+            # stay indexed (an unfiltered run sweeps the ones deleted from the archive).
+            wanted = set(listed)
+            known = {key: record for key, record in known.items() if key in wanted}
+        return known
+
+    def accepts(self, item: Item) -> bool:
+        return True  # an instance without pixels (a report) is skipped with its reason
+
+    def sweepable(self, key: str) -> bool:
+        return True  # listing failures stop the run before anything is swept
+
+    def read(self, item: Item) -> bytes:
+        return self.read_many([item])[0]
+
+    def read_many(self, items: Sequence[Item]) -> list[bytes | BaseException]:
+        """The bytes of each item (or the exception reading it raised), fetched concurrently:
+        the latency of the server, not its bandwidth, bounds one request."""
+        if len(items) == 1:
+            return [self._retrieve(items[0])]
+        with ThreadPoolExecutor(min(self.connections, len(items))) as pool:
+            futures = [pool.submit(self._retrieve, item) for item in items]
+        return [future.result() if future.exception() is None else future.exception() for future in futures]
+
+    def _retrieve(self, item: Item) -> bytes:
+        url = wado_url(item.key)
+
+        def get(client) -> bytes:
+            with self._slots:
+                response = client._http_get(url, headers={"Accept": WADO_ACCEPT})
+                if response.headers.get("Content-Type", "").startswith("application/dicom"):
+                    return response.content   # a server sending the part bare (tolerated)
+                # dicomweb-client's multipart reader: its public retrieve_instance parses the
+                # dataset, and the indexer needs the bytes the archive holds
+                for part in client._decode_multipart_message(response, stream=False):
+                    return bytes(part)
+            raise OSError("the server sent no instance")
+
+        return self._call(f"retrieving {item.key}", get)
+
+
+def version_token(key: str) -> int:
+    """A stable stand-in for a file's mtime: an instance does not change under its UID."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") >> 2
+
+
+def _short(error: BaseException, limit: int = 160) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,33 @@
+"""The key of an instance indexed from a PACS, and what it tells: its WADO-RS URL and its UIDs.
+Imports nothing, so that every front end (a thin mi-search client too) can read a hit's key.
+
+A key is the instance's WADO-RS URL behind a `dicomweb+` scheme, never with credentials:
+`dicomweb+https://host/dicom-web/studies/S/series/SE/instances/I`.
+"""
+from __future__ import annotations
+
+SCHEME_PREFIX = "dicomweb+"
+
+
+def is_dicomweb_url(text: str) -> bool:
+    return text.startswith((SCHEME_PREFIX + "http://", SCHEME_PREFIX + "https://"))
+
+
+def instance_key(service: str, study_uid: str, series_uid: str, sop_uid: str) -> str:
+    """The key of an instance of the DICOMweb `service` (dicomweb+http(s)://host/prefix)."""
+    return f"{service}/studies/{study_uid}/series/{series_uid}/instances/{sop_uid}"
+
+
+def wado_url(key: str) -> str | None:
+    """The WADO-RS URL of an indexed PACS instance (None for a file)."""
+    return key[len(SCHEME_PREFIX):] if is_dicomweb_url(key) else None
+
+
+def instance_uids(key: str) -> tuple[str, str, str] | None:
+    """(study, series, SOP instance) UIDs named by a PACS key, None for a file."""
+    if not is_dicomweb_url(key):
+        return None
+    parts = key.rstrip("/").split("/")
+    if len(parts) < 6 or (parts[-6], parts[-4], parts[-2]) != ("studies", "series", "instances"):
+        return None
+    return parts[-5], parts[-3], parts[-1]

@@ -1,0 +1,212 @@
+"""Indexing from a PACS over DICOMweb, against a real Orthanc: the PACS index equals the folder
+index of the same files; re-runs pick up added and deleted instances; a server that dies mid-run
+gives one clear line and a resumable index; wrong credentials give one line."""
+from __future__ import annotations
+
+import functools
+import shutil
+import signal
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from click.testing import CliRunner
+
+import indexer
+from encoders import load_model
+from indexer.cli import main as mi_index
+from indexer.decode import DecodeError, decode_file
+from indexer.dicomweb import DicomwebSource, QueryFilters
+from indexer.pacs_keys import instance_uids, wado_url
+from indexer.errors import SourceError
+from orthanc_server import MISSING, Orthanc
+
+pytestmark = pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
+
+FIXTURE = Path(__file__).parent / "fixtures" / "medimageinsight-tiny"
+PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
+FIELDS = ("sop_instance_uid", "study_instance_uid", "series_instance_uid", "modality", "body_part",
+          "study_date", "width", "height", "source_format", "patient_sex", "patient_age", "patient_hash",
+          "content_hash", "frame")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(FIXTURE, device="cpu", towers=("image",))
+
+
+@functools.lru_cache
+def dicom_files(limit: int = 10) -> list[Path]:
+    """Small real DICOM images that mi-index decodes, with distinct SOP Instance UIDs (the PACS
+    keys an instance by it)."""
+    chosen, uids = [], set()
+    for path in sorted(PYDICOM_FILES.glob("*.dcm")):
+        if path.stat().st_size > 300_000:
+            continue
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=False, force=True)
+            uid = str(ds.SOPInstanceUID)
+        except Exception:
+            continue
+        if "PixelData" in ds and uid not in uids and ds.get("Modality") and _decodes(path):
+            chosen.append(path)
+            uids.add(uid)
+        if len(chosen) == limit:
+            break
+    return chosen
+
+
+def _decodes(path: Path) -> bool:
+    try:
+        decode_file(path)
+        return True
+    except DecodeError:
+        return False
+
+
+def stocked(orthanc: Orthanc, files: list[Path], folder: Path | None = None) -> dict[Path, str]:
+    """Upload `files` ({file: Orthanc's id} of those Orthanc takes), copying them to `folder`."""
+    ids = {}
+    for path in files:
+        orthanc_id = orthanc.upload(path)
+        if orthanc_id is not None:
+            ids[path] = orthanc_id
+            if folder is not None:
+                folder.mkdir(exist_ok=True)
+                shutil.copy(path, folder / path.name)
+    return ids
+
+
+def rows(index_dir: Path) -> dict[str, dict]:
+    """{sop_instance_uid: stored fields and embedding}, after checking there are no duplicates."""
+    db = sqlite3.connect(index_dir / "index.sqlite")
+    db.row_factory = sqlite3.Row
+    found = [dict(row) for row in db.execute("SELECT * FROM images")]
+    assert len({(row["path"], row["frame"]) for row in found}) == len(found), "duplicate images"
+    return {row["sop_instance_uid"]: row for row in found}
+
+
+@pytest.fixture
+def orthanc(tmp_path):
+    server = Orthanc(tmp_path / "orthanc").start()
+    yield server
+    server.stop()
+
+
+def test_pacs_index_equals_folder_index_and_hits_point_back(tmp_path, model, orthanc):
+    uploaded = stocked(orthanc, dicom_files(), tmp_path / "files")
+    assert len(uploaded) >= 6
+    # One image per model call: a batch's other images would move the last bits of a vector, and
+    # the PACS lists the instances in another order than the folder's
+    from_pacs = indexer.index_dicomweb(orthanc.url, tmp_path / "pacs", model=model, workers=1, batch_size=1)
+    from_files = indexer.index_paths([tmp_path / "files"], tmp_path / "folder", model=model, workers=0, batch_size=1)
+    assert from_pacs["new"] == from_files["new"] == len(uploaded)
+    assert from_pacs["images"] == from_files["images"] > 0
+    pacs, files = rows(tmp_path / "pacs"), rows(tmp_path / "folder")
+    assert pacs.keys() == files.keys()
+    for uid, row in pacs.items():
+        for name in FIELDS:
+            assert row[name] == files[uid][name], (uid, name)
+        np.testing.assert_array_equal(np.frombuffer(row["embedding"], np.float32),
+                                      np.frombuffer(files[uid]["embedding"], np.float32))
+        assert instance_uids(row["path"]) == (row["study_instance_uid"], row["series_instance_uid"], uid)
+
+    from retrieval import Searcher
+    with Searcher(tmp_path / "pacs", model=model) as searcher:
+        some = next(iter(files.values()))
+        (hit,) = searcher.search(str(some["path"]), k=1)
+    found = hit.to_dict()
+    assert found["sop_instance_uid"] == some["sop_instance_uid"]
+    assert found["study_instance_uid"] and found["series_instance_uid"]
+    assert found["wado_rs_url"] == wado_url(found["path"]) and found["wado_rs_url"].startswith(orthanc.root)
+    assert not found["missing"]
+
+    again = indexer.index_dicomweb(orthanc.url, tmp_path / "pacs", model=model, workers=0)
+    assert (again["unchanged"], again["new"], again["encoded"], again["removed"]) == (len(uploaded), 0, 0, 0)
+
+
+def test_filters_are_applied_by_the_server(tmp_path, model, orthanc):
+    uploaded = stocked(orthanc, dicom_files())
+    modalities = {pydicom.dcmread(path, stop_before_pixels=True).Modality for path in uploaded}
+    wanted = sorted(modalities)[0]
+    expected = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+                for p in uploaded if pydicom.dcmread(p, stop_before_pixels=True).Modality == wanted}
+    source = DicomwebSource(orthanc.url, QueryFilters(modalities=(wanted,)))
+    assert {instance_uids(item.key)[2] for item in source.items()} == expected
+    dated = DicomwebSource(orthanc.url, QueryFilters(study_date="19000101-19000102"))
+    assert list(dated.items()) == []
+    with pytest.raises(SourceError, match="--study-date"):
+        QueryFilters(study_date="2020-01-01")
+
+
+def test_rerun_picks_up_added_and_deleted_instances(tmp_path, model, orthanc):
+    files = dicom_files()
+    first, later = files[:4], files[4:6]
+    ids = stocked(orthanc, first)
+    summary = indexer.index_dicomweb(orthanc.url, tmp_path / "index", model=model, workers=0)
+    assert summary["new"] == len(ids)
+    gone = next(iter(ids))
+    orthanc.delete(ids[gone])
+    added = stocked(orthanc, later)
+    summary = indexer.index_dicomweb(orthanc.url, tmp_path / "index", model=model, workers=0)
+    assert (summary["new"], summary["removed"], summary["unchanged"]) == (len(added), 1, len(ids) - 1)
+    held = rows(tmp_path / "index")
+    assert str(pydicom.dcmread(gone, stop_before_pixels=True).SOPInstanceUID) not in held
+    for path in added:
+        assert str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID) in held
+
+
+def test_server_killed_mid_run_gives_one_line_and_a_resumable_index(tmp_path, model, orthanc, monkeypatch):
+    uploaded = stocked(orthanc, dicom_files())
+    retrieve = DicomwebSource._retrieve
+    calls = []
+
+    def dies_on_the_fifth(self, item):
+        calls.append(item.key)
+        if len(calls) == 5:
+            orthanc.stop(signal.SIGKILL)
+        return retrieve(self, item)
+
+    monkeypatch.setattr(DicomwebSource, "_retrieve", dies_on_the_fifth)
+    result = CliRunner().invoke(mi_index, [orthanc.url, "--index", str(tmp_path / "index"), "--workers", "0",
+                                           "--batch-size", "1", "--connections", "1"],
+                                env={"MI_MODEL": str(FIXTURE)})
+    assert result.exit_code == 1
+    message = result.output.strip()
+    assert "stopped answering" in message and "run mi-index again" in message, message
+    assert len(message.splitlines()) == 1 and "Traceback" not in message
+    kept = rows(tmp_path / "index")
+    assert 0 < len(kept) < len(uploaded)
+
+    monkeypatch.setattr(DicomwebSource, "_retrieve", retrieve)
+    orthanc.start()  # same storage, same port
+    summary = indexer.index_dicomweb(orthanc.url, tmp_path / "index", model=model, workers=0)
+    assert summary["unchanged"] == len(kept) and summary["new"] == len(uploaded) - len(kept)
+    assert len(rows(tmp_path / "index")) == len(uploaded)
+
+
+def test_credentials_are_checked_and_never_stored(tmp_path, model, monkeypatch):
+    server = Orthanc(tmp_path / "orthanc", users={"alice": "s3cret-pass"}).start()
+    try:
+        stocked(server, dicom_files(2))
+        result = CliRunner().invoke(mi_index, [server.url, "--index", str(tmp_path / "index"), "--user", "alice",
+                                               "--password", "wrong"], env={"MI_MODEL": str(FIXTURE)})
+        assert result.exit_code == 1
+        message = result.output.strip()
+        assert "refused the credentials" in message and len(message.splitlines()) == 1, message
+        assert not (tmp_path / "index").exists()  # a failed first run leaves nothing behind
+
+        result = CliRunner().invoke(mi_index, [server.url.replace("://", "://alice:s3cret-pass@"), "--index",
+                                               str(tmp_path / "index")])
+        assert result.exit_code != 0 and "not in the URL" in result.output
+
+        monkeypatch.setenv("MI_DICOMWEB_USER", "alice")
+        monkeypatch.setenv("MI_DICOMWEB_PASSWORD", "s3cret-pass")
+        summary = indexer.index_dicomweb(server.url, tmp_path / "index", model=model, workers=0)
+        assert summary["new"] == 2
+        for path in (tmp_path / "index").iterdir():
+            assert b"s3cret-pass" not in path.read_bytes() and b"alice" not in path.read_bytes()
+    finally:
+        server.stop()
