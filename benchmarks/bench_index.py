@@ -4,6 +4,7 @@ unchanged re-run over 10,000 small files.
     python benchmarks/bench_index.py [MODEL_FOLDER] [--images 48] [--batch-size 8] [--workers 1]
                                      [--device cpu|cuda] [--dtype ...] [--unchanged-files 10000]
     python benchmarks/bench_index.py --null-encoder 2000 [--workers 1] [--batch-size 64]
+    python benchmarks/bench_index.py [MODEL_FOLDER] --ray [--images 48]   # local vs through Ray
 
 Default model: the tiny test fixture (offline). End-to-end = files on disk (1024x1024 16-bit
 PNGs and real DICOM files, all distinct) -> decode in worker processes -> encode -> SQLite ->
@@ -127,6 +128,29 @@ def null_encoder(model, root: Path, count: int, workers: int | None, batch_size:
           f"per image, {summary['encoded'] / wall:.0f} images/s wall ({workers} workers, batch {batch_size})")
 
 
+def local_vs_ray(model_folder: Path, root: Path, count: int, batch_size: int, workers: int | None) -> None:
+    """The same files indexed locally and through Ray Data on this machine (a local cluster over
+    its cores; model loading in each run included): the engine's overhead. Target >= 0.8x."""
+    import ray
+
+    make_images(root / "images", count)
+    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    print(f"Ray {ray.__version__}: {ray.cluster_resources().get('CPU', 0):.0f} CPUs, "
+          f"{ray.cluster_resources().get('GPU', 0):.0f} GPUs")
+    try:
+        rates = {}
+        for label, options in (("local", {"workers": workers}), ("ray", {"ray": "local"})):
+            start = time.perf_counter()
+            summary = indexer.index_paths([root / "images"], root / f"index-{label}", model=str(model_folder),
+                                          batch_size=batch_size, **options)
+            seconds = time.perf_counter() - start
+            rates[label] = summary["encoded"] / seconds
+            print(f"{label:5s}: {summary['encoded']} images in {seconds:.2f} s = {rates[label]:.2f} images/s")
+        print(f"through Ray / local: {rates['ray'] / rates['local']:.2f}x")
+    finally:
+        ray.shutdown()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", nargs="?", type=Path, default=FIXTURE)
@@ -138,7 +162,11 @@ def main() -> None:
     parser.add_argument("--unchanged-files", type=int, default=10_000)
     parser.add_argument("--null-encoder", type=int, metavar="N", default=0,
                         help="only measure the pipeline's own cost over N images, with a model returning zeros")
+    parser.add_argument("--ray", action="store_true", help="only compare a local run with one through Ray Data")
     args = parser.parse_args()
+    if args.ray:
+        with tempfile.TemporaryDirectory() as tmp:
+            return local_vs_ray(args.model, Path(tmp), args.images, args.batch_size, args.workers)
 
     model = load_model(args.model, device=args.device, dtype=args.dtype, towers=("image",))
     print(f"model {args.model}  device {model.device}  dtype {model.dtype}  batch {args.batch_size}  "

@@ -21,6 +21,7 @@ Examples:
   mi-index ./xrays ./more/case1.dcm        several folders and files into one index
   mi-index /archive --index /data/idx --device cuda --batch-size 128 --workers 12
   mi-index ./xrays --json                  the summary as one JSON object
+  mi-index /shared/archive --ray          decode and encode on the Ray cluster of RAY_ADDRESS
 
 \b
 Files: PNG, JPEG, TIFF, BMP (8/16-bit grey, RGB) and DICOM (by extension or its DICM
@@ -64,6 +65,12 @@ def _user_index_dir() -> str:
               help="Skip larger images (decompression bombs).")
 @click.option("--frames", type=click.Choice(["middle", "all"]), default="middle", show_default=True,
               help="Multi-frame files: the middle frame, or every frame.")
+@click.option("--ray", "use_ray", is_flag=True,
+              help="Decode and encode on a Ray cluster (pip install '.[ray]'): the one at RAY_ADDRESS, else a "
+                   "new one on this machine. The index stays here.")
+@click.option("--ray-address", metavar="ADDRESS", help="With --ray: the cluster, e.g. ray://head:10001.")
+@click.option("--ray-actors", type=click.IntRange(min=1), metavar="N",
+              help="With --ray: encoding actors. [default: one per GPU, else 1]")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 @click.option("--modality", metavar="LIST", help="PACS: the modalities to index, e.g. CR,DX (a QIDO-RS filter, "
                                                  "applied by the server).")
@@ -79,6 +86,7 @@ def _user_index_dir() -> str:
 def main(paths: tuple[str, ...], sample: bool, update: bool, folders_of: Path | None, remove: tuple[Path, ...],
          status: bool, index_dir: Path | None, model: str | None, batch_size: int | None,
          workers: int | None, device: str | None, dtype: str | None, max_megapixels: float, frames: str,
+         use_ray: bool, ray_address: str | None, ray_actors: int | None,
          as_json: bool, modality: str | None, study_date: str | None, body_part: str | None, user: str | None,
          password: str | None, connections: int) -> None:
     """Index PATHS (folders, walked recursively, or files; or a PACS: dicomweb+http(s)://HOST/PREFIX)
@@ -115,7 +123,8 @@ def main(paths: tuple[str, ...], sample: bool, update: bool, folders_of: Path | 
         raise click.UsageError("--modality, --study-date and --body-part filter a PACS: give its "
                                "dicomweb+http(s):// URL")
     options = IndexOptions(batch_size=batch_size, workers=workers, device=device, dtype=dtype,
-                           max_megapixels=max_megapixels, frames=frames)
+                           max_megapixels=max_megapixels, frames=frames,
+                           ray=(ray_address or "local") if use_ray or ray_address else None, ray_actors=ray_actors)
     modalities = tuple(m.strip() for m in (modality or "").split(",") if m.strip())
     runs = ([lambda bar: index_paths(files, index_dir, model=model, options=options, progress=bar)] if files else [])
     runs += [lambda bar, url=url: index_dicomweb(url, index_dir, modalities=modalities, study_date=study_date,

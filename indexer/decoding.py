@@ -62,7 +62,20 @@ class Skipped:
     stop: bool = False
 
 
-Outcome = Union[Decoded, Reused, Skipped]
+@dataclass
+class Encoded:
+    """Decoded content already through the model (on a cluster's encoding actor): per frame
+    its index, size and unit vector, in place of the pixels."""
+
+    item: Item
+    content_hash: str
+    metadata: dict[str, Any]
+    frames: list[tuple[int, int, int]]            # (frame index, width, height) in the file
+    vectors: np.ndarray                           # float32 (frames, dim)
+    seconds: float = 0.0
+
+
+Outcome = Union[Decoded, Encoded, Reused, Skipped]
 
 
 @dataclass

@@ -53,6 +53,10 @@ class NoImagesError(StoreError):
     """Nothing under the given paths is an image or DICOM file."""
 
 
+class ClusterError(StoreError):
+    """The cluster named by --ray cannot be reached or used (Ray missing, a failed run)."""
+
+
 class FilterError(StoreError, ValueError):
     """A search filter that cannot be applied (a malformed date)."""
 

@@ -12,7 +12,10 @@ class IndexOptions:
     """batch_size: images per model call (None: 64 on CUDA, 8 on CPU; capped at 256);
     workers: decoding processes (None: cores - 1, at most 8; 0: in this process); device and
     dtype: as encoders.load_model; max_megapixels: larger images are skipped (decompression
-    bombs); frames: "middle" or "all" frames of multi-frame files."""
+    bombs); frames: "middle" or "all" frames of multi-frame files; ray: None for this machine,
+    else a Ray cluster's address or "local" (RAY_ADDRESS, else a new local cluster) to decode
+    and encode on (indexer.distributed); ray_actors: encoding actors there (None: one per GPU,
+    or one CPU actor without GPUs)."""
 
     batch_size: int | None = None
     workers: int | None = None
@@ -20,6 +23,8 @@ class IndexOptions:
     dtype: str | None = None
     max_megapixels: float = 100.0
     frames: str = "middle"
+    ray: str | None = None
+    ray_actors: int | None = None
 
     def __post_init__(self) -> None:
         if self.frames not in FRAMES_CHOICES:

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .decoding import FILES_PER_HANDOVER, Decoded, DecodingDataset, Outcome, Reused, Skipped, loader
+from .decoding import FILES_PER_HANDOVER, Decoded, DecodingDataset, Encoded, Outcome, Reused, Skipped, loader
 from .errors import SourceError
 from .model_choice import chosen_model_source, named_model_source
 from .options import IndexOptions
@@ -155,6 +155,8 @@ class Indexer:
         self._dataset = dataset
         prefetch = max(2, self.batch_size // (max(workers, 1) * FILES_PER_HANDOVER))
         decode_seconds, position = 0.0, 0
+        if self.options.ray is not None:
+            return self._process_on_ray(todo, dataset)
 
         def take(outcome: Outcome) -> None:
             nonlocal decode_seconds, position
@@ -190,6 +192,26 @@ class Indexer:
             self._encode_queue()
         self.summary.seconds["read_decode_in_workers"] = decode_seconds
 
+    def _process_on_ray(self, todo: list[Item], dataset: DecodingDataset) -> None:
+        """Decode and encode on a Ray cluster; commit here, as a local run does."""
+        from .distributed import outcomes_on_ray
+
+        decode_seconds = 0.0
+        start = time.perf_counter()
+        outcomes = outcomes_on_ray(todo, dataset, self.store.content_hashes(), model_source=self.model.source,
+                                   device=self.options.device, dtype=self.options.dtype,
+                                   batch_size=self.batch_size, address=self.options.ray,
+                                   actors=self.options.ray_actors)
+        done = 0
+        for batch in outcomes:  # a batch is what one encoding call made: committed at once, as locally
+            for outcome in batch:
+                decode_seconds += outcome.seconds
+                self._take(outcome)
+            self._commit(force=True)
+            done += len(batch)
+            self.progress(done, len(todo), self.summary.encoded)
+        self.summary.seconds.update(read_decode_in_workers=decode_seconds, on_ray=time.perf_counter() - start)
+
     def _take(self, outcome: Outcome) -> None:
         item = outcome.item
         record = {"path": item.key, "size": item.size, "mtime_ns": item.mtime_ns,
@@ -208,6 +230,11 @@ class Indexer:
             images = [{**row, "embedding": np.frombuffer(row["embedding"], np.float32)} for row in rows]
             self._pending_indexed.append({**record, "images": images})
             self.summary.reused += 1
+        elif isinstance(outcome, Encoded):
+            images = [{**outcome.metadata, "frame": index, "width": w, "height": h, "embedding": vector}
+                      for (index, w, h), vector in zip(outcome.frames, outcome.vectors)]
+            self._pending_indexed.append({**record, "images": images})
+            self.summary.encoded += len(images)
         elif isinstance(outcome, Decoded):
             images = [{**outcome.metadata, "frame": index, "width": w, "height": h, "embedding": None}
                       for index, w, h in outcome.frames]

@@ -412,6 +412,11 @@ class IndexStore:
                                      "content_hash = :h LIMIT 1) ORDER BY frame"), {"h": content_hash})
             return [dict(r) for r in rows.mappings()]
 
+    def content_hashes(self) -> frozenset[str]:
+        """The hashes of all content indexed now (for workers that cannot open the index)."""
+        with self.engine.connect() as conn:
+            return frozenset(conn.execute(text("SELECT DISTINCT content_hash FROM images")).scalars())
+
     def skipped(self) -> list[tuple[str, str]]:
         with self.engine.connect() as conn:
             return [(_py_path(path), error) for path, error in conn.execute(

@@ -1,0 +1,152 @@
+"""Distributed encoding on Ray Data (`mi-index PATHS --ray [ADDRESS]`).
+
+This process plans the run, and alone holds the index: it lists the source, decides what is
+new, changed or gone, and commits every result exactly as a local run does (so a killed run
+resumes the same way). Only the new and changed items go to the cluster:
+
+    plan (here) -> read, hash, decode, resize: CPU tasks, FILES_PER_HANDOVER items each
+                -> encode: a pool of model actors (one GPU each; CPU actors without GPUs),
+                   each loading the model once
+                -> Decoded pixels come back as Encoded vectors, streamed to the writer (here)
+
+What the workers must reach: the items (a shared file system mounted at the same paths, or the
+PACS for a DICOMweb source) and the model (the same folder path on every node, or the Hugging
+Face hub / its cache). The index itself never leaves this machine. Content the index held
+before the run is recognised by its hash and not decoded again (its vectors are reused).
+
+Ray is an optional extra (`pip install ".[ray]"`); nothing else imports this module.
+"""
+from __future__ import annotations
+
+import logging
+import pickle
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from .decoding import FILES_PER_HANDOVER, Decoded, DecodingDataset, Encoded, Outcome
+from .errors import ClusterError
+from .sources import Item
+
+log = logging.getLogger(__name__)
+LOCAL = "local"  # --ray without an address: RAY_ADDRESS if set, else a cluster on this machine
+
+
+class KnownContent(DecodingDataset):
+    """The decoding stage for a worker that cannot open the index: content already indexed is
+    recognised from the set of hashes the index held when the run began."""
+
+    known_hashes: frozenset = frozenset()
+
+    def _known(self, digest: str) -> bool:
+        return digest in self.known_hashes
+
+
+def outcomes_on_ray(todo: Sequence[Item], decoding: DecodingDataset, known_hashes: frozenset, *,
+                    model_source: str, device: str | None, dtype: str | None, batch_size: int,
+                    address: str = LOCAL, actors: int | None = None) -> Iterator[list[Outcome]]:
+    """Every item of `todo` as an outcome (Encoded, Reused or Skipped), in batches as the
+    encoding actors finish them, in no particular order, from the Ray cluster at `address`."""
+    ray = connect(address)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    use_gpu = gpus > 0 and device != "cpu"
+    actors = actors or (gpus if use_gpu else 1)
+    worker_decoding = KnownContent(**{name: getattr(decoding, name) for name in
+                                      ("items", "source", "resize", "db_path", "frames", "max_megapixels",
+                                       "patient_key")})
+    worker_decoding.items = ()  # the items travel as rows; the stage needs only its settings
+    worker_decoding.known_hashes = known_hashes
+    rows = [{"key": item.key, "size": item.size, "mtime_ns": item.mtime_ns} for item in todo]
+    dataset = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // FILES_PER_HANDOVER, 200)))
+    decoded = dataset.map_batches(_decode_rows, fn_kwargs={"decoding": worker_decoding},
+                                  batch_size=FILES_PER_HANDOVER, batch_format="numpy", num_cpus=1,
+                                  scheduling_strategy="SPREAD")  # over every node; not fused into the actors
+    # max_restarts=0: a failed actor fails the run (resumable: nothing uncommitted is lost), and
+    # Ray does not warn on stderr that a restarted one could lose its constructor arguments.
+    with warnings.catch_warnings():  # max_restarts is a "deprecated" remote argument until Ray 2.64
+        warnings.simplefilter("ignore", DeprecationWarning)
+        encoded = decoded.map_batches(
+            EncodingActor, fn_constructor_kwargs={"model_source": model_source, "dtype": dtype,
+                                                  "device": "cuda" if use_gpu else "cpu"}, max_restarts=0,
+            batch_size=max(1, batch_size), batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=1 if use_gpu else 0, num_cpus=1)
+    try:
+        for batch in encoded.iter_batches(batch_size=None, batch_format="numpy"):
+            yield [pickle.loads(blob) for blob in batch["outcome"]]
+    except ray.exceptions.RayError as error:
+        raise ClusterError(f"the Ray run failed: {_first_line(error)}") from None
+
+
+def connect(address: str = LOCAL) -> Any:
+    """Ray, initialised once: connected to `address`, or (LOCAL) to RAY_ADDRESS or a new local
+    cluster. ClusterError, one line, when Ray is missing or the cluster cannot be reached."""
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        raise ClusterError('--ray needs Ray: pip install "medimageinsight-search[ray]"') from None
+    # Ray's own chatter (token notices, "execution finished") stays off stderr: mi-index prints
+    # its own progress and summary; errors still surface as ClusterError.
+    for name in ("ray", "ray.data", "ray._private"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    if not ray.is_initialized():
+        _check_reachable(address)
+        try:
+            ray.init(address=None if address == LOCAL else address, include_dashboard=False,
+                     log_to_driver=False, logging_level=logging.ERROR, configure_logging=False)
+        except (ConnectionError, RuntimeError, ValueError) as error:
+            raise ClusterError(f"cannot reach the Ray cluster at {address}: {_first_line(error)}") from None
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # mi-index draws its own
+    context.print_on_execution_start = False
+    return ray
+
+
+def _check_reachable(address: str) -> None:
+    """A cluster address that does not answer fails here at once: Ray itself would retry for
+    minutes before giving up."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if address == LOCAL or address == "auto" or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+    except OSError as error:
+        raise ClusterError(f"cannot reach the Ray cluster at {address}: {error.strerror or error}") from None
+
+
+def _decode_rows(batch: dict[str, np.ndarray], decoding: KnownContent) -> dict[str, np.ndarray]:
+    """A CPU task: read, hash and decode a few items (the same code as a local worker)."""
+    outcomes = [decoding.load(Item(str(key), int(size), int(mtime_ns)))
+                for key, size, mtime_ns in zip(batch["key"], batch["size"], batch["mtime_ns"])]
+    return {"outcome": np.array([pickle.dumps(outcome) for outcome in outcomes], dtype=object)}
+
+
+class EncodingActor:
+    """A model loaded once per actor; turns the Decoded records of a batch into Encoded ones."""
+
+    def __init__(self, model_source: str, device: str, dtype: str | None) -> None:
+        from encoders import load_model
+        self.model = load_model(model_source, device=device, dtype=dtype, towers=("image",))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outcomes = [pickle.loads(blob) for blob in batch["outcome"]]
+        pixels = [picture for outcome in outcomes if isinstance(outcome, Decoded) for picture in outcome.pixels]
+        vectors = self.model.encode_resized(pixels) if pixels else np.zeros((0, self.model.dim), np.float32)
+        out, at = [], 0
+        for outcome in outcomes:
+            if isinstance(outcome, Decoded):
+                count = len(outcome.pixels)
+                outcome = Encoded(outcome.item, outcome.content_hash, outcome.metadata, outcome.frames,
+                                  vectors[at:at + count], outcome.seconds)
+                at += count
+            out.append(pickle.dumps(outcome))
+        return {"outcome": np.array(out, dtype=object)}
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
