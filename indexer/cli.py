@@ -22,6 +22,9 @@ Examples:
   mi-index /archive --index /data/idx --device cuda --batch-size 128 --workers 12
   mi-index ./xrays --json                  the summary as one JSON object
   mi-index /shared/archive --ray          decode and encode on the Ray cluster of RAY_ADDRESS
+  mi-index dicomweb+https://pacs/dicom-web --modality CR,DX --study-date 20200101-20201231
+                                           index from a PACS over DICOMweb (MI_DICOMWEB_USER,
+                                           MI_DICOMWEB_PASSWORD or MI_DICOMWEB_TOKEN for its login)
 
 \b
 Files: PNG, JPEG, TIFF, BMP (8/16-bit grey, RGB) and DICOM (by extension or its DICM
@@ -47,8 +50,8 @@ def _user_index_dir() -> str:
 @click.option("--update", is_flag=True, help="Update every folder the index already holds.")
 @click.option("--folders-of", "folders_of", metavar="INDEX", type=click.Path(file_okay=False, path_type=Path),
               help="Index the folders another index holds (e.g. to rebuild it with another --model).")
-@click.option("--remove", "remove", metavar="PATH", multiple=True, type=click.Path(path_type=Path),
-              help="Take a folder (or file) out of the index; the files stay on disk.")
+@click.option("--remove", "remove", metavar="PATH", multiple=True,  # str: a PACS URL must keep its '//'
+              help="Take a folder (or file, or a PACS URL) out of the index; the files stay where they are.")
 @click.option("--status", is_flag=True, help="Show what the index holds and exit.")
 @click.option("--index", "index_dir", envvar="MI_INDEX", type=click.Path(file_okay=False, path_type=Path),
               help=f"Index folder. [default: MI_INDEX, else {_user_index_dir()}]")
@@ -83,7 +86,7 @@ def _user_index_dir() -> str:
 @click.option("--connections", type=click.IntRange(1, 64), default=4, show_default=True,
               help="PACS: concurrent retrievals at most.")
 @click.version_option(package_name="medimageinsight-search", prog_name="mi-index")
-def main(paths: tuple[str, ...], sample: bool, update: bool, folders_of: Path | None, remove: tuple[Path, ...],
+def main(paths: tuple[str, ...], sample: bool, update: bool, folders_of: Path | None, remove: tuple[str, ...],
          status: bool, index_dir: Path | None, model: str | None, batch_size: int | None,
          workers: int | None, device: str | None, dtype: str | None, max_megapixels: float, frames: str,
          use_ray: bool, ray_address: str | None, ray_actors: int | None,
@@ -186,7 +189,7 @@ def _more_paths(index_dir: Path, sample: bool, update: bool, folders_of: Path | 
     return tuple(more), urls
 
 
-def _manage(index_dir: Path, status: bool, remove: tuple[Path, ...], as_json: bool) -> None:
+def _manage(index_dir: Path, status: bool, remove: tuple[str, ...], as_json: bool) -> None:
     from rich.console import Console
 
     from .store import IndexStore

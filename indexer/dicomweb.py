@@ -148,7 +148,16 @@ class DicomwebSource:
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state.update(_local=None, _client_pid=-1)
+        if multiprocessing.context.get_spawning_popen() is None:
+            # pickled for elsewhere (a Ray task), not for a process started from here: the bound
+            # holds per process there
+            state["_slots"] = None
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if self._slots is None:
+            self._slots = threading.BoundedSemaphore(self.connections)
 
     @property
     def name(self) -> str:
@@ -310,6 +319,15 @@ class DicomwebSource:
             raise
         except OSError as e:
             raise TransientDecodeError(f"the server refused it: {e} (tried again next run)") from None
+
+
+def read_instance(key: str, credentials: Credentials | None = None) -> bytes:
+    """The bytes of one indexed PACS instance, by its key (a thumbnail for mi-serve, say).
+    Credentials: the environment's unless given. Raises SourceError, or OSError / DecodeError
+    for an instance the server no longer has or refuses."""
+    service = key[:key.index("/studies/")] if "/studies/" in key else key
+    source = DicomwebSource(service, credentials=credentials or Credentials.resolve(), connections=1, attempts=2)
+    return source.read(Item(key, 0, version_token(key)))
 
 
 def first_part(body: bytes, content_type: str) -> bytes:

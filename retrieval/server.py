@@ -256,7 +256,9 @@ def thumbnail_png(searcher: Any, index_dir: Path, image_id: int) -> bytes:
     """The thumbnail of an indexed image, from the cache folder or rendered once."""
     from PIL import Image
 
-    from indexer.decode import DecodeError, decode_file
+    from indexer.decode import DecodeError, decode_bytes, decode_file
+    from indexer.errors import StoreError
+    from indexer.pacs_keys import is_dicomweb_url
 
     from .errors import QueryError
 
@@ -264,9 +266,14 @@ def thumbnail_png(searcher: Any, index_dir: Path, image_id: int) -> bytes:
     cached = index_dir / "thumbnails" / f"{image_id}.png"
     if cached.exists():
         return cached.read_bytes()
+    frames = "all" if fields.get("frame") else "middle"
     try:
-        decoded = decode_file(fields["path"], frames="all" if fields.get("frame") else "middle")
-    except DecodeError as error:
+        if is_dicomweb_url(fields["path"]):  # indexed from a PACS: retrieved from it (MI_DICOMWEB_* login)
+            from indexer.dicomweb import read_instance
+            decoded = decode_bytes(read_instance(fields["path"]), Path("instance.dcm"), frames=frames, kind="dicom")
+        else:
+            decoded = decode_file(fields["path"], frames=frames)
+    except (DecodeError, StoreError, OSError) as error:
         raise QueryError(f"cannot render image {image_id}: {error}") from None
     frames = dict(decoded.frames)
     picture = frames.get(fields.get("frame") or 0) or decoded.frames[0][1]

@@ -4,6 +4,8 @@ gives one clear line and a resumable index; wrong credentials give one line."""
 from __future__ import annotations
 
 import functools
+import json
+import pickle
 import shutil
 import signal
 import sqlite3
@@ -123,6 +125,15 @@ def test_pacs_index_equals_folder_index_and_hits_point_back(tmp_path, model, ort
     assert found["wado_rs_url"] == wado_url(found["path"]) and found["wado_rs_url"].startswith(orthanc.root)
     assert not found["missing"]
 
+    # mi-serve renders a PACS hit's thumbnail from the instance it retrieves: the file's thumbnail
+    from retrieval.server import thumbnail_png
+    with Searcher(tmp_path / "pacs", model=model) as searcher:
+        from_server = thumbnail_png(searcher, tmp_path / "pacs", hit.id)
+    with Searcher(tmp_path / "folder", model=model) as searcher:
+        (same,) = searcher.search(str(some["path"]), k=1)
+        assert same.metadata["sop_instance_uid"] == found["sop_instance_uid"]
+        assert from_server == thumbnail_png(searcher, tmp_path / "folder", same.id)
+
     again = indexer.index_dicomweb(orthanc.url, tmp_path / "pacs", model=model, workers=0)
     assert (again["unchanged"], again["new"], again["encoded"], again["removed"]) == (len(uploaded), 0, 0, 0)
 
@@ -137,6 +148,8 @@ def test_filters_are_applied_by_the_server(tmp_path, model, orthanc):
     assert {instance_uids(item.key)[2] for item in source.items()} == expected
     dated = DicomwebSource(orthanc.url, QueryFilters(study_date="19000101-19000102"))
     assert list(dated.items()) == []
+    copy = pickle.loads(pickle.dumps(source))  # as a Ray task receives it: reads on its own session
+    assert copy.read(next(copy.items()))[128:132] == b"DICM"
     with pytest.raises(SourceError, match="--study-date"):
         QueryFilters(study_date="2020-01-01")
 
@@ -150,12 +163,20 @@ def test_rerun_picks_up_added_and_deleted_instances(tmp_path, model, orthanc):
     gone = next(iter(ids))
     orthanc.delete(ids[gone])
     added = stocked(orthanc, later)
-    summary = indexer.index_dicomweb(orthanc.url, tmp_path / "index", model=model, workers=0)
+    # --update re-lists the PACS the index records
+    result = CliRunner().invoke(mi_index, ["--update", "--index", str(tmp_path / "index"), "--workers", "0", "--json"],
+                                env={"MI_MODEL": str(FIXTURE)})
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
     assert (summary["new"], summary["removed"], summary["unchanged"]) == (len(added), 1, len(ids) - 1)
     held = rows(tmp_path / "index")
     assert str(pydicom.dcmread(gone, stop_before_pixels=True).SOPInstanceUID) not in held
     for path in added:
         assert str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID) in held
+
+    result = CliRunner().invoke(mi_index, ["--remove", orthanc.url, "--index", str(tmp_path / "index")])
+    assert result.exit_code == 0 and f"removed {len(held)} files" in result.output, result.output
+    assert rows(tmp_path / "index") == {}
 
 
 def test_server_killed_mid_run_gives_one_line_and_a_resumable_index(tmp_path, model, orthanc, monkeypatch):
