@@ -71,6 +71,21 @@ class QueryFilters:
     def __bool__(self) -> bool:
         return bool(self.modalities or self.study_date or self.body_part)
 
+    def covers(self, modality: str | None, body_part: str | None, study_date: str | None) -> bool:
+        """Whether an indexed instance with these stored fields (study_date ISO) is one the server
+        would list under these filters."""
+        if self.modalities and (modality or "").upper() not in {m.upper() for m in self.modalities}:
+            return False
+        if self.body_part and (body_part or "").upper() != self.body_part.upper():
+            return False
+        if self.study_date:
+            if not study_date:
+                return False
+            low, _, high = self.study_date.partition("-") if "-" in self.study_date else (self.study_date, "", self.study_date)
+            day = study_date.replace("-", "")
+            return (not low or day >= low) and (not high or day <= high)
+        return True
+
     def study_params(self) -> dict[str, str]:
         params = {"StudyDate": self.study_date} if self.study_date else {}
         if self.modalities:
@@ -272,10 +287,13 @@ class DicomwebSource:
     def known(self, store: IndexStore, listed: Sequence[str]) -> dict[str, tuple]:
         known = store.files_under([self.url])  # a key prefix, not a folder: str, as Path would fold the '//'
         if self.filters:
-            # Only what the filters cover is in this run's view: the instances that do not match
-            # stay indexed (an unfiltered run sweeps the ones deleted from the archive).
-            wanted = set(listed)
-            known = {key: record for key, record in known.items() if key in wanted}
+            # A filtered run covers the instances listed and those whose stored fields match its
+            # filters (gone from the archive: swept); the others stay indexed as they are.
+            listed_now = set(listed)
+            others = [key for key in known if key not in listed_now]
+            fields = store.first_image_fields(others, ("modality", "body_part", "study_date"))
+            known = {key: record for key, record in known.items()
+                     if key in listed_now or (key in fields and self.filters.covers(**fields[key]))}
         return known
 
     def accepts(self, item: Item) -> bool:

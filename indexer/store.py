@@ -404,6 +404,23 @@ class IndexStore:
                 found.update({_py_path(row[0]): tuple(row[1:4]) + (bool(row[4]),) for row in rows})
         return found
 
+    def first_image_fields(self, paths: Sequence[str], columns: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """{path: {column: value}} of the first image of each of `paths` that has one (columns
+        among METADATA_FIELDS)."""
+        unknown = set(columns) - set(METADATA_FIELDS)
+        if unknown:
+            raise ValueError(f"not metadata fields: {sorted(unknown)}")
+        found: dict[str, dict[str, Any]] = {}
+        with self.engine.connect() as conn:
+            for start in range(0, len(paths), 500):
+                chunk = list(paths[start:start + 500])
+                rows = conn.execute(text(f"SELECT path, {', '.join(columns)} FROM images WHERE frame = "
+                                         f"(SELECT MIN(frame) FROM images AS first WHERE first.path = images.path) "
+                                         f"AND path IN ({', '.join(f':p{i}' for i in range(len(chunk)))})"),
+                                    {f"p{i}": _db_path(path) for i, path in enumerate(chunk)})
+                found.update({_py_path(row[0]): dict(zip(columns, row[1:])) for row in rows})
+        return found
+
     def images_with_hash(self, content_hash: str) -> list[dict[str, Any]]:
         """Stored rows (metadata + embedding) of content already indexed under some path: the
         rows of one such path (a thousand copies must not make the thousand-and-first slow)."""

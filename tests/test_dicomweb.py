@@ -138,12 +138,11 @@ def test_pacs_index_equals_folder_index_and_hits_point_back(tmp_path, model, ort
     assert (again["unchanged"], again["new"], again["encoded"], again["removed"]) == (len(uploaded), 0, 0, 0)
 
 
-def test_filters_are_applied_by_the_server(tmp_path, model, orthanc):
-    uploaded = stocked(orthanc, dicom_files())
-    modalities = {pydicom.dcmread(path, stop_before_pixels=True).Modality for path in uploaded}
-    wanted = sorted(modalities)[0]
-    expected = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
-                for p in uploaded if pydicom.dcmread(p, stop_before_pixels=True).Modality == wanted}
+def test_filters_are_applied_by_the_server_and_sweep_only_what_they_cover(tmp_path, model, orthanc):
+    ids = stocked(orthanc, dicom_files())
+    modality = {path: pydicom.dcmread(path, stop_before_pixels=True).Modality for path in ids}
+    wanted = max(set(modality.values()), key=list(modality.values()).count)
+    expected = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in ids if modality[p] == wanted}
     source = DicomwebSource(orthanc.url, QueryFilters(modalities=(wanted,)))
     assert {instance_uids(item.key)[2] for item in source.items()} == expected
     dated = DicomwebSource(orthanc.url, QueryFilters(study_date="19000101-19000102"))
@@ -152,6 +151,18 @@ def test_filters_are_applied_by_the_server(tmp_path, model, orthanc):
     assert copy.read(next(copy.items()))[128:132] == b"DICM"
     with pytest.raises(SourceError, match="--study-date"):
         QueryFilters(study_date="2020-01-01")
+
+    # A filtered re-run removes the deleted instances it covers, and only those
+    indexer.index_dicomweb(orthanc.url, tmp_path / "index", model=model, workers=0)
+    covered = next(path for path in ids if modality[path] == wanted)
+    other = next(path for path in ids if modality[path] != wanted)
+    orthanc.delete(ids[covered])
+    orthanc.delete(ids[other])
+    filtered = indexer.index_dicomweb(orthanc.url, tmp_path / "index", model=model, workers=0, modalities=[wanted])
+    assert (filtered["removed"], filtered["unchanged"]) == (1, len(expected) - 1)
+    assert str(pydicom.dcmread(other, stop_before_pixels=True).SOPInstanceUID) in rows(tmp_path / "index")
+    unfiltered = indexer.index_dicomweb(orthanc.url, tmp_path / "index", model=model, workers=0)
+    assert unfiltered["removed"] == 1 and len(rows(tmp_path / "index")) == len(ids) - 2
 
 
 def test_rerun_picks_up_added_and_deleted_instances(tmp_path, model, orthanc):
