@@ -74,6 +74,9 @@ def _user_index_dir() -> str:
 @click.option("--ray-address", metavar="ADDRESS", help="With --ray: the cluster, e.g. ray://head:10001.")
 @click.option("--ray-actors", type=click.IntRange(min=1), metavar="N",
               help="With --ray: encoding actors. [default: one per GPU, else 1]")
+@click.option("--faiss-memory", type=click.FloatRange(min=0), metavar="GB",
+              help="Keep the search index within GB of memory (flat, then IVF fp16, then IVF-PQ); kept in "
+                   "the index; 0 removes the budget. [default: none: exact up to 50,000 images]")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 @click.option("--modality", metavar="LIST", help="PACS: the modalities to index, e.g. CR,DX (a QIDO-RS filter, "
                                                  "applied by the server).")
@@ -89,7 +92,7 @@ def _user_index_dir() -> str:
 def main(paths: tuple[str, ...], sample: bool, update: bool, folders_of: Path | None, remove: tuple[str, ...],
          status: bool, index_dir: Path | None, model: str | None, batch_size: int | None,
          workers: int | None, device: str | None, dtype: str | None, max_megapixels: float, frames: str,
-         use_ray: bool, ray_address: str | None, ray_actors: int | None,
+         use_ray: bool, ray_address: str | None, ray_actors: int | None, faiss_memory: float | None,
          as_json: bool, modality: str | None, study_date: str | None, body_part: str | None, user: str | None,
          password: str | None, connections: int) -> None:
     """Index PATHS (folders, walked recursively, or files; or a PACS: dicomweb+http(s)://HOST/PREFIX)
@@ -127,7 +130,8 @@ def main(paths: tuple[str, ...], sample: bool, update: bool, folders_of: Path | 
                                "dicomweb+http(s):// URL")
     options = IndexOptions(batch_size=batch_size, workers=workers, device=device, dtype=dtype,
                            max_megapixels=max_megapixels, frames=frames,
-                           ray=(ray_address or "local") if use_ray or ray_address else None, ray_actors=ray_actors)
+                           ray=(ray_address or "local") if use_ray or ray_address else None, ray_actors=ray_actors,
+                           faiss_memory=faiss_memory)
     modalities = tuple(m.strip() for m in (modality or "").split(",") if m.strip())
     runs = ([lambda bar: index_paths(files, index_dir, model=model, options=options, progress=bar)] if files else [])
     runs += [lambda bar, url=url: index_dicomweb(url, index_dir, modalities=modalities, study_date=study_date,

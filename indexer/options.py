@@ -15,7 +15,8 @@ class IndexOptions:
     bombs); frames: "middle" or "all" frames of multi-frame files; ray: None for this machine,
     else a Ray cluster's address or "local" (RAY_ADDRESS, else a new local cluster) to decode
     and encode on (indexer.distributed); ray_actors: encoding actors there (None: one per GPU,
-    or one CPU actor without GPUs)."""
+    or one CPU actor without GPUs); faiss_memory: the FAISS index's memory budget in GB, kept
+    in the index (None: leave it as it is; 0: no budget)."""
 
     batch_size: int | None = None
     workers: int | None = None
@@ -25,6 +26,7 @@ class IndexOptions:
     frames: str = "middle"
     ray: str | None = None
     ray_actors: int | None = None
+    faiss_memory: float | None = None
 
     def __post_init__(self) -> None:
         if self.frames not in FRAMES_CHOICES:

@@ -135,6 +135,8 @@ class Indexer:
         # Swept last, so that a renamed file can still reuse the vectors stored under its old path.
         self.store.commit(removed=removed)
         self.summary.removed = len(removed)
+        if self.options.faiss_memory is not None:
+            self.store.set_faiss_memory(self.options.faiss_memory or None)
         write_start = time.perf_counter()
         self.store.write_faiss()
         self._write_seconds += time.perf_counter() - write_start

@@ -674,8 +674,8 @@ class IndexStore:
         if index is not None:
             cached = np.sort(_faiss_ids(index))
             gone, new = np.setdiff1d(cached, db_ids), np.setdiff1d(db_ids, cached)
-            flat = vector_index.index_kind(index) == "flat"
-            same_kind = flat == (len(db_ids) <= vector_index.FLAT_MAX_VECTORS)
+            same_kind = vector_index.index_kind(index) == vector_index.choose_kind(
+                len(db_ids), index.d, self._memory_budget(meta))
             if same_kind and len(new) <= max(len(cached) - len(gone), 0):  # IVF lists trained on most of it
                 if len(gone):
                     index.remove_ids(faiss.IDSelectorBatch(gone))
@@ -683,7 +683,26 @@ class IndexStore:
                     index.add_with_ids(self.vectors(new.tolist(), conn), new)
                 return index
         ids, vectors = self.all_vectors(conn)
-        return vector_index.build_faiss_index(vectors, ids)
+        return vector_index.build_faiss_index(vectors, ids, memory_budget=self._memory_budget(meta))
+
+    @staticmethod
+    def _memory_budget(meta: dict[str, str]) -> int | None:
+        return int(meta["faiss_memory_bytes"]) if meta.get("faiss_memory_bytes") else None
+
+    def set_faiss_memory(self, gigabytes: float | None) -> None:
+        """Keep the FAISS index within this many GB from now on (None: no budget): flat, IVF
+        fp16 or IVF-PQ, whichever fits (indexer.vectors.choose_kind). A change rebuilds it."""
+        value = str(int(gigabytes * 1e9)) if gigabytes else None
+        with self.engine.begin() as conn:
+            if self._meta(conn).get("faiss_memory_bytes") == value:
+                return
+            if value is None:
+                conn.execute(text("DELETE FROM meta WHERE key = 'faiss_memory_bytes'"))
+            else:
+                conn.execute(text("INSERT OR REPLACE INTO meta VALUES ('faiss_memory_bytes', :v)"), {"v": value})
+            conn.execute(text("DELETE FROM meta WHERE key = 'faiss_digest'"))
+        for cached in self.folder.glob("vectors.*"):  # built for the old budget
+            cached.unlink(missing_ok=True)
 
     # ---------------------------------------------------------------- writing (one transaction per call)
     def commit(self, indexed: Sequence[dict[str, Any]] = (), skipped: Sequence[dict[str, Any]] = (),

@@ -241,9 +241,11 @@ class Searcher:
         """(score, id) of the top k, best first, each score recomputed from the vector SQLite
         holds: the FAISS file is a cache, and a damaged one (a flipped bit gave a "cosine" of
         1391.99) must never reach the user. A score that disagrees with SQLite's by more than
-        fp16 storage explains means the cache is damaged: rebuild it from SQLite and search again."""
+        fp16 storage explains means the cache is damaged: rebuild it from SQLite and search again.
+        An IVF-PQ index (a memory budget) is coarse by design: it proposes RERANK_FACTOR times k
+        candidates, and the exact scores rank them."""
         for attempt in range(2):
-            scores, ids = self._vector_search(vector[None], k, allowed)
+            scores, ids, coarse = self._vector_search(vector[None], k, allowed)
             found = [int(i) for i in ids[0] if i >= 0]
             if not found:
                 return []
@@ -254,16 +256,18 @@ class Searcher:
                     raise
                 self._faiss = None  # the newest committed state, on the next try
                 continue
-            if np.all(np.abs(exact - scores[0][:len(found)]) <= 0.02) or attempt == 1:
+            if coarse or np.all(np.abs(exact - scores[0][:len(found)]) <= 0.02) or attempt == 1:
                 break
             log.warning("the FAISS cache of %s disagrees with SQLite: rebuilding it from SQLite", self.index_dir)
             self._faiss = self._store.rebuild_faiss()
             self._faiss_gpu = self._faiss
-        order = np.argsort(-exact, kind="stable")
+        order = np.argsort(-exact, kind="stable")[:k]
         return [(float(np.clip(exact[j], -1.0, 1.0)), found[j]) for j in order]
 
     def _vector_search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None
-                       ) -> tuple[np.ndarray, np.ndarray]:
+                       ) -> tuple[np.ndarray, np.ndarray, bool]:
+        """(scores, ids, coarse): the index's top k, or RERANK_FACTOR times k candidates with
+        approximate scores (coarse) from an IVF-PQ index."""
         from indexer import vectors
 
         with self._faiss_lock:  # one reload at a time, however many threads search
@@ -272,10 +276,12 @@ class Searcher:
             if self._faiss is None or self._store.generation() != self._faiss_generation:
                 self._faiss, self._faiss_generation = self._store.load_faiss_with_generation()
                 self._faiss_gpu = self._faiss if self.device == "cpu" else vectors.to_gpu(self._faiss)
-        if queries.shape[1] != self._faiss.d:
-            raise QueryError(f"query vectors have {queries.shape[1]} dimensions, the index {self._faiss.d}")
-        index = self._faiss_gpu if allowed is None else self._faiss  # GPU indexes take no IDSelector
-        return vectors.search(index, queries, k, allowed)
+            loaded = self._faiss
+        if queries.shape[1] != loaded.d:
+            raise QueryError(f"query vectors have {queries.shape[1]} dimensions, the index {loaded.d}")
+        coarse = vectors.index_kind(loaded) == "ivfpq"
+        index = self._faiss_gpu if allowed is None else loaded  # GPU indexes take no IDSelector
+        return (*vectors.search(index, queries, k * vectors.RERANK_FACTOR if coarse else k, allowed), coarse)
 
     def _stored_vectors(self, ids: list[int]) -> np.ndarray:
         return self._store.vectors(ids)

@@ -1,6 +1,8 @@
 """indexer.vectors: exact and IVF indexes, filtered top-k that applies the filter before the cut."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import faiss
 import numpy as np
 import pytest
@@ -122,3 +124,54 @@ def test_empty_index_and_bad_input():
 
 def test_ivf_lists_grow_with_size():
     assert vectors.ivf_lists(10_000) < vectors.ivf_lists(1_000_000) <= 16384
+
+
+def test_a_memory_budget_chooses_flat_then_fp16_then_pq():
+    dim = 1024
+    assert vectors.choose_kind(10_000, dim) == "flat" and vectors.choose_kind(10**7, dim) == "ivf"
+    assert vectors.choose_kind(10_000, dim, memory_budget=10**9) == "flat"          # 41 MB fits
+    assert vectors.choose_kind(10_000, dim, memory_budget=30 * 10**6) == "ivf"      # 20.6 MB fp16 fits
+    assert vectors.choose_kind(10**7, dim, memory_budget=10**9) == "ivfpq"          # fp16 would be 20 GB
+    assert vectors.pq_bytes(10**7, dim, 10**9) == 64 and vectors.pq_bytes(10**7, dim, 3 * 10**8) == 16
+    with pytest.raises(ValueError, match="at least 0.120 GB"):
+        vectors.pq_bytes(10**7, dim, 10**8)
+
+
+def test_an_ivfpq_index_fits_its_budget_and_finds_each_vector_after_reranking(tmp_path):
+    data = unit(np.random.default_rng(5).standard_normal((3000, 64)).astype(np.float32))
+    budget = 3000 * (16 + 8)
+    index = vectors.build_faiss_index(data, np.arange(3000) + 100, memory_budget=budget)
+    assert vectors.index_kind(index) == "ivfpq"
+    faiss.write_index(index, str(tmp_path / "pq.faiss"))
+    assert (tmp_path / "pq.faiss").stat().st_size < 2 * budget < data.nbytes / 4
+    scores, ids = vectors.search(index, data[:50], 10 * vectors.RERANK_FACTOR)
+    found = [row - 100 for row in ids]
+    # ranked by exact scores (as the Searcher does), every vector finds itself first
+    firsts = [int(rows[np.argmax(data[rows[rows >= 0]] @ q)]) for rows, q in zip(found, data[:50])]
+    assert firsts == list(range(50))
+
+
+def test_mi_index_faiss_memory_builds_pq_and_searches_exactly(tmp_path):
+    from PIL import Image
+
+    import indexer
+    from retrieval import Searcher
+
+    FIXTURE = Path(__file__).parent / "fixtures" / "medimageinsight-tiny"
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(2)
+    for i in range(300):
+        Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+    index_dir = tmp_path / "index"
+    indexer.index_paths([folder], index_dir, model=str(FIXTURE), workers=0, faiss_memory=300 * 30 / 1e9)
+    with Searcher(index_dir, model=str(FIXTURE)) as searcher:
+        assert vectors.index_kind(searcher._store.load_faiss()) == "ivfpq"
+        pq_hits = searcher.search(image=folder / "007.png", k=5)
+        assert pq_hits[0].path.endswith("007.png") and pq_hits[0].score == pytest.approx(1.0, abs=1e-5)
+    indexer.index_paths([folder], index_dir, model=str(FIXTURE), workers=0, faiss_memory=0)  # no budget: exact
+    with Searcher(index_dir, model=str(FIXTURE)) as searcher:
+        assert vectors.index_kind(searcher._store.load_faiss()) == "flat"
+        exact = searcher.search(image=folder / "007.png", k=5)
+    assert [h.id for h in exact][:1] == [h.id for h in pq_hits][:1]
+    assert all(abs(a.score - b.score) < 1e-6 for a, b in zip(exact, pq_hits) if a.id == b.id)
