@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from servers import FIXTURE, build_archive, command_env, start_server, stop_server
+from servers import FIXTURE, command_env, start_server, stop_server
 
 # mi-search in a fresh process; afterwards it writes which heavy modules it imported.
 RUN = """import os, sys
@@ -29,18 +29,6 @@ sys.stdout.flush()
 os._exit(code)
 """
 HEAVY = ["torch", "faiss", "sqlalchemy"]
-
-
-@pytest.fixture(scope="module")
-def archive(tmp_path_factory):
-    return build_archive(tmp_path_factory.mktemp("via-server"))
-
-
-@pytest.fixture(scope="module")
-def served(archive):
-    served = start_server(archive["index"])
-    yield served
-    stop_server(served.process)
 
 
 def mi_search(archive, *args: str, env: dict | None = None) -> tuple[subprocess.CompletedProcess, list[str]]:

@@ -13,12 +13,7 @@ from PIL import Image
 
 from retrieval.server import create_app, is_loopback
 
-from servers import build_archive, start_server, stop_server
-
-
-@pytest.fixture(scope="module")
-def archive(tmp_path_factory):
-    return build_archive(tmp_path_factory.mktemp("served"))
+from servers import start_server, stop_server
 
 
 @pytest.fixture(scope="module")

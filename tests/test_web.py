@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from servers import REPO, build_archive, start_server, stop_server
+from servers import REPO, start_server, stop_server
 
 CHROMIUM = "/usr/bin/chromium"
 sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (pip install playwright)")
@@ -20,18 +20,6 @@ if not Path(CHROMIUM).exists():
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
                  "--disable-background-networking", "--disable-component-update"]
 ARTIFACTS = Path(os.environ.get("MI_TEST_ARTIFACTS", REPO / "test-artifacts"))
-
-
-@pytest.fixture(scope="module")
-def archive(tmp_path_factory):
-    return build_archive(tmp_path_factory.mktemp("web"))
-
-
-@pytest.fixture(scope="module")
-def served(archive):
-    served = start_server(archive["index"])
-    yield served
-    stop_server(served.process)
 
 
 @pytest.fixture()
