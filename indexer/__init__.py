@@ -55,6 +55,22 @@ def index_dicomweb(url: str, index_dir: str | os.PathLike | None = None, *, moda
                         options=options or IndexOptions(**option_values), progress=progress)
 
 
+def index_dimse(url: str, index_dir: str | os.PathLike | None = None, *, modalities: Sequence[str] = (),
+                study_date: str | None = None, body_part: str | None = None, calling_aet: str | None = None,
+                connections: int = 4, model: Any = None, options: IndexOptions | None = None,
+                progress: Callable[[int, int, int], None] | bool = False, **option_values: Any) -> dict[str, Any]:
+    """Index (or update) the instances a DIMSE archive lists (C-FIND) and sends (C-GET), e.g.
+    `index_dimse("dimse://ORTHANC@pacs:4242", "./idx", calling_aet="MI-INDEX")`. The archive
+    must allow C-FIND and C-GET from `calling_aet`. Returns the summary, as `index_paths` does."""
+    from .dicomweb import QueryFilters
+    from .dimse import DEFAULT_CALLING_AET, DimseSource
+
+    source = DimseSource(url, QueryFilters(tuple(m.upper() for m in modalities), study_date, body_part),
+                         calling_aet=calling_aet or DEFAULT_CALLING_AET, connections=connections)
+    return index_source(source, index_dir, roots=[source.url], model=model,
+                        options=options or IndexOptions(**option_values), progress=progress)
+
+
 def index_source(source: Any, index_dir: str | os.PathLike | None = None, *, roots: Sequence[str] = (),
                  model: Any = None, options: IndexOptions | None = None,
                  progress: Callable[[int, int, int], None] | bool = False) -> dict[str, Any]:
@@ -112,4 +128,4 @@ def _remove_empty_index(folder: Path, made_folders: list[Path]) -> None:
                 break
 
 
-__all__ = ["index_paths", "index_dicomweb", "index_source", "default_index_dir", "IndexOptions"]
+__all__ = ["index_paths", "index_dicomweb", "index_dimse", "index_source", "default_index_dir", "IndexOptions"]

@@ -25,6 +25,8 @@ Examples:
   mi-index dicomweb+https://pacs/dicom-web --modality CR,DX --study-date 20200101-20201231
                                            index from a PACS over DICOMweb (MI_DICOMWEB_USER,
                                            MI_DICOMWEB_PASSWORD or MI_DICOMWEB_TOKEN for its login)
+  mi-index dimse://PACS_AET@pacs:104 --calling-aet MI-INDEX
+                                           from an older PACS over DIMSE (C-FIND, C-GET)
 
 \b
 Files: PNG, JPEG, TIFF, BMP (8/16-bit grey, RGB) and DICOM (by extension or its DICM
@@ -88,19 +90,22 @@ def _user_index_dir() -> str:
               help="PACS: HTTP basic password (never stored). [default: MI_DICOMWEB_PASSWORD]")
 @click.option("--connections", type=click.IntRange(1, 64), default=4, show_default=True,
               help="PACS: concurrent retrievals at most.")
+@click.option("--calling-aet", metavar="AET", envvar="MI_DIMSE_AET",
+              help="DIMSE: this side's AE title, which the archive must allow C-FIND and C-GET from. "
+                   "[default: MI_DIMSE_AET, else MI-INDEX]")
 @click.version_option(package_name="medimageinsight-search", prog_name="mi-index")
 def main(paths: tuple[str, ...], sample: bool, update: bool, folders_of: Path | None, remove: tuple[str, ...],
          status: bool, index_dir: Path | None, model: str | None, batch_size: int | None,
          workers: int | None, device: str | None, dtype: str | None, max_megapixels: float, frames: str,
          use_ray: bool, ray_address: str | None, ray_actors: int | None, faiss_memory: float | None,
          as_json: bool, modality: str | None, study_date: str | None, body_part: str | None, user: str | None,
-         password: str | None, connections: int) -> None:
+         password: str | None, connections: int, calling_aet: str | None) -> None:
     """Index PATHS (folders, walked recursively, or files; or a PACS: dicomweb+http(s)://HOST/PREFIX)
     for mi-search."""
     from rich.console import Console
 
-    from . import IndexOptions, index_dicomweb, index_paths
-    from .pacs_keys import is_dicomweb_url
+    from . import IndexOptions, index_dicomweb, index_dimse, index_paths
+    from .pacs_keys import is_dicomweb_url, is_pacs_url
     from .location import default_index_dir
     from .terminal import is_user_error
 
@@ -112,8 +117,8 @@ def main(paths: tuple[str, ...], sample: bool, update: bool, folders_of: Path | 
         for path in paths:
             if path.startswith(("http://", "https://")):
                 raise click.UsageError(f"to index a PACS over DICOMweb, write dicomweb+{path}")
-        urls = [path for path in paths if is_dicomweb_url(path)]
-        files = tuple(Path(path) for path in paths if not is_dicomweb_url(path))
+        urls = [path for path in paths if is_pacs_url(path)]
+        files = tuple(Path(path) for path in paths if not is_pacs_url(path))
         more_files, more_urls = _more_paths(index_dir, sample, update, folders_of)
         files, urls = files + more_files, urls + [url for url in more_urls if url not in urls]
     except click.UsageError:
@@ -127,17 +132,18 @@ def main(paths: tuple[str, ...], sample: bool, update: bool, folders_of: Path | 
         raise click.UsageError("give PATHS to index (or --sample, --update, --status; see --help)")
     if (modality or study_date or body_part) and not urls:
         raise click.UsageError("--modality, --study-date and --body-part filter a PACS: give its "
-                               "dicomweb+http(s):// URL")
+                               "dicomweb+http(s):// or dimse:// URL")
     options = IndexOptions(batch_size=batch_size, workers=workers, device=device, dtype=dtype,
                            max_megapixels=max_megapixels, frames=frames,
                            ray=(ray_address or "local") if use_ray or ray_address else None, ray_actors=ray_actors,
                            faiss_memory=faiss_memory)
     modalities = tuple(m.strip() for m in (modality or "").split(",") if m.strip())
     runs = ([lambda bar: index_paths(files, index_dir, model=model, options=options, progress=bar)] if files else [])
-    runs += [lambda bar, url=url: index_dicomweb(url, index_dir, modalities=modalities, study_date=study_date,
-                                                  body_part=body_part, user=user, password=password,
-                                                  connections=connections, model=model, options=options,
-                                                  progress=bar) for url in urls]
+    pacs = dict(modalities=modalities, study_date=study_date, body_part=body_part, connections=connections,
+                model=model, options=options)
+    runs += [lambda bar, url=url: index_dicomweb(url, index_dir, user=user, password=password, progress=bar, **pacs)
+             if is_dicomweb_url(url) else index_dimse(url, index_dir, calling_aet=calling_aet, progress=bar, **pacs)
+             for url in urls]
     for run in runs:  # folders, then each PACS: one summary each
         _run_and_report(run, err, as_json)
 
@@ -167,7 +173,7 @@ def _run_and_report(run, err, as_json: bool) -> None:
 def _more_paths(index_dir: Path, sample: bool, update: bool, folders_of: Path | None
                 ) -> tuple[tuple[Path, ...], list[str]]:
     """The folders and PACS URLs that --sample, --update and --folders-of add."""
-    from .pacs_keys import is_dicomweb_url
+    from .pacs_keys import is_pacs_url
     from .store import IndexStore, StoreError
 
     more: list[Path] = []
@@ -180,8 +186,8 @@ def _more_paths(index_dir: Path, sample: bool, update: bool, folders_of: Path | 
             continue
         with IndexStore.open(source, readonly=True) as store:
             roots = store.roots()
-        urls += [root for root in roots if is_dicomweb_url(root)]
-        roots = [root for root in roots if not is_dicomweb_url(root)]
+        urls += [root for root in roots if is_pacs_url(root)]
+        roots = [root for root in roots if not is_pacs_url(root)]
         gone = [root for root in roots if not Path(root).exists()]
         if gone:
             raise StoreError(f"{gone[0]} is gone: take it out with `mi-index --remove {gone[0]}`"

@@ -285,16 +285,7 @@ class DicomwebSource:
             raise SourceError(f"{self.url} refused {what} ({e})") from None
 
     def known(self, store: IndexStore, listed: Sequence[str]) -> dict[str, tuple]:
-        known = store.files_under([self.url])  # a key prefix, not a folder: str, as Path would fold the '//'
-        if self.filters:
-            # A filtered run covers the instances listed and those whose stored fields match its
-            # filters (gone from the archive: swept); the others stay indexed as they are.
-            listed_now = set(listed)
-            others = [key for key in known if key not in listed_now]
-            fields = store.first_image_fields(others, ("modality", "body_part", "study_date"))
-            known = {key: record for key, record in known.items()
-                     if key in listed_now or (key in fields and self.filters.covers(**fields[key]))}
-        return known
+        return known_under(store, self.url, self.filters, listed)
 
     def accepts(self, item: Item) -> bool:
         return True  # an instance without pixels (a report) is skipped with its reason
@@ -337,6 +328,20 @@ class DicomwebSource:
             raise
         except OSError as e:
             raise TransientDecodeError(f"the server refused it: {e} (tried again next run)") from None
+
+
+def known_under(store: IndexStore, service: str, filters: QueryFilters, listed: Sequence[str]) -> dict[str, tuple]:
+    """The index's records of a PACS's instances that a run under `filters` covers: all of them
+    unfiltered; filtered, those listed and those whose stored fields match the filters (gone
+    from the archive: swept), the others staying indexed as they are."""
+    known = store.files_under([service])  # a key prefix, not a folder: str, as Path would fold the '//'
+    if not filters:
+        return known
+    listed_now = set(listed)
+    others = [key for key in known if key not in listed_now]
+    fields = store.first_image_fields(others, ("modality", "body_part", "study_date"))
+    return {key: record for key, record in known.items()
+            if key in listed_now or (key in fields and filters.covers(**fields[key]))}
 
 
 def read_instance(key: str, credentials: Credentials | None = None) -> bytes:

@@ -521,10 +521,10 @@ class IndexStore:
     def remove_root(self, root: str | os.PathLike) -> int:
         """Take a folder (or file, or PACS) out of the index: its files, their images, and the
         root itself. Returns the number of files removed; the FAISS cache follows on write_faiss()."""
-        from .pacs_keys import is_dicomweb_url
+        from .pacs_keys import is_pacs_url
 
         root = os.fspath(root)
-        root = root.rstrip("/") if is_dicomweb_url(root) else os.path.realpath(root)
+        root = root.rstrip("/") if is_pacs_url(root) else os.path.realpath(root)
         with self.engine.connect() as conn:
             paths = [_py_path(p) for p in conn.execute(
                 text("SELECT path FROM files WHERE path = :p OR substr(CAST(path AS BLOB), 1, length(:prefix)) = :prefix"),

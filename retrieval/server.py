@@ -258,7 +258,7 @@ def thumbnail_png(searcher: Any, index_dir: Path, image_id: int) -> bytes:
 
     from indexer.decode import DecodeError, decode_bytes, decode_file
     from indexer.errors import StoreError
-    from indexer.pacs_keys import is_dicomweb_url
+    from indexer.pacs_keys import is_dicomweb_url, is_dimse_url
 
     from .errors import QueryError
 
@@ -268,8 +268,12 @@ def thumbnail_png(searcher: Any, index_dir: Path, image_id: int) -> bytes:
         return cached.read_bytes()
     frames = "all" if fields.get("frame") else "middle"
     try:
-        if is_dicomweb_url(fields["path"]):  # indexed from a PACS: retrieved from it (MI_DICOMWEB_* login)
-            from indexer.dicomweb import read_instance
+        if is_dicomweb_url(fields["path"]) or is_dimse_url(fields["path"]):
+            # indexed from a PACS: retrieved from it (MI_DICOMWEB_* login, MI_DIMSE_AET)
+            if is_dicomweb_url(fields["path"]):
+                from indexer.dicomweb import read_instance
+            else:
+                from indexer.dimse import read_instance
             decoded = decode_bytes(read_instance(fields["path"]), Path("instance.dcm"), frames=frames, kind="dicom")
         else:
             decoded = decode_file(fields["path"], frames=frames)

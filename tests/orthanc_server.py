@@ -1,12 +1,15 @@
-"""A real Orthanc with its DICOMweb plugin, on free loopback ports in a temporary folder: for
-the PACS tests and `benchmarks/bench_index.py --dicomweb`. Started by its binary, stopped by
-its PID."""
+"""A real Orthanc with its DICOMweb plugin, on free loopback ports in a temporary folder, and the
+real DICOM files the PACS tests give it: for the PACS tests and `benchmarks/bench_index.py
+--dicomweb`. Started by its binary, stopped by its PID."""
 from __future__ import annotations
 
+import functools
 import json
 import os
+import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import time
 import urllib.request
@@ -15,6 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.error import HTTPError, URLError
 
+import pydicom
+
+PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 ORTHANC = Path("/usr/sbin/Orthanc")
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 MISSING = (None if ORTHANC.exists() and DICOMWEB_PLUGIN.exists() else
@@ -32,7 +38,9 @@ def free_port() -> int:
 class Orthanc:
     folder: Path
     users: dict[str, str] = field(default_factory=dict)   # RegisteredUsers: authentication on when any
+    extra: dict = field(default_factory=dict)            # more configuration (DIMSE permissions, say)
     http_port: int = 0
+    dicom_port: int = 0
     process: subprocess.Popen | None = None
 
     @property
@@ -44,15 +52,21 @@ class Orthanc:
         """The DICOMweb service as mi-index names it."""
         return f"dicomweb+{self.root}/dicom-web"
 
+    @property
+    def dimse_url(self) -> str:
+        return f"dimse://ORTHANC@127.0.0.1:{self.dicom_port}"
+
     def start(self) -> Orthanc:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.http_port = self.http_port or free_port()
+        self.dicom_port = self.dicom_port or free_port()
         config = {
-            "Name": "mi-test", "HttpPort": self.http_port, "DicomPort": free_port(),
+            "Name": "mi-test", "HttpPort": self.http_port, "DicomPort": self.dicom_port, "DicomAet": "ORTHANC",
             "StorageDirectory": str(self.folder / "storage"), "IndexDirectory": str(self.folder / "storage"),
             "RemoteAccessAllowed": False, "AuthenticationEnabled": bool(self.users),
             "RegisteredUsers": self.users, "Plugins": [str(DICOMWEB_PLUGIN)],
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "Host": f"127.0.0.1:{self.http_port}"},
+            **self.extra,
         }
         (self.folder / "orthanc.json").write_text(json.dumps(config))
         log = open(self.folder / "orthanc.log", "ab")
@@ -99,3 +113,56 @@ class Orthanc:
 
     def delete(self, orthanc_id: str) -> None:
         self.request("DELETE", f"/instances/{orthanc_id}")
+
+
+@functools.lru_cache
+def dicom_files(limit: int = 10) -> list[Path]:
+    """Small real DICOM images that mi-index decodes, with distinct SOP Instance UIDs (the PACS
+    keys an instance by it)."""
+    chosen, uids = [], set()
+    for path in sorted(PYDICOM_FILES.glob("*.dcm")):
+        if path.stat().st_size > 300_000:
+            continue
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=False, force=True)
+            uid = str(ds.SOPInstanceUID)
+        except Exception:
+            continue
+        if "PixelData" in ds and uid not in uids and ds.get("Modality") and _decodes(path):
+            chosen.append(path)
+            uids.add(uid)
+        if len(chosen) == limit:
+            break
+    return chosen
+
+
+def _decodes(path: Path) -> bool:
+    from indexer.decode import DecodeError, decode_file
+
+    try:
+        decode_file(path)
+        return True
+    except DecodeError:
+        return False
+
+
+def stocked(orthanc: Orthanc, files: list[Path], folder: Path | None = None) -> dict[Path, str]:
+    """Upload `files` ({file: Orthanc's id} of those Orthanc takes), copying them to `folder`."""
+    ids = {}
+    for path in files:
+        orthanc_id = orthanc.upload(path)
+        if orthanc_id is not None:
+            ids[path] = orthanc_id
+            if folder is not None:
+                folder.mkdir(exist_ok=True)
+                shutil.copy(path, folder / path.name)
+    return ids
+
+
+def rows(index_dir: Path) -> dict[str, dict]:
+    """{sop_instance_uid: stored fields and embedding}, after checking there are no duplicates."""
+    db = sqlite3.connect(index_dir / "index.sqlite")
+    db.row_factory = sqlite3.Row
+    found = [dict(row) for row in db.execute("SELECT * FROM images")]
+    assert len({(row["path"], row["frame"]) for row in found}) == len(found), "duplicate images"
+    return {row["sop_instance_uid"]: row for row in found}

@@ -3,12 +3,9 @@ index of the same files; re-runs pick up added and deleted instances; a server t
 gives one clear line and a resumable index; wrong credentials give one line."""
 from __future__ import annotations
 
-import functools
 import json
 import pickle
-import shutil
 import signal
-import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -19,16 +16,14 @@ from click.testing import CliRunner
 import indexer
 from encoders import load_model
 from indexer.cli import main as mi_index
-from indexer.decode import DecodeError, decode_file
 from indexer.dicomweb import DicomwebSource, QueryFilters
 from indexer.pacs_keys import instance_uids, wado_url
 from indexer.errors import SourceError
-from orthanc_server import MISSING, Orthanc
+from orthanc_server import MISSING, Orthanc, dicom_files, rows, stocked
 
 pytestmark = pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
 
 FIXTURE = Path(__file__).parent / "fixtures" / "medimageinsight-tiny"
-PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 FIELDS = ("sop_instance_uid", "study_instance_uid", "series_instance_uid", "modality", "body_part",
           "study_date", "width", "height", "source_format", "patient_sex", "patient_age", "patient_hash",
           "content_hash", "frame")
@@ -37,57 +32,6 @@ FIELDS = ("sop_instance_uid", "study_instance_uid", "series_instance_uid", "moda
 @pytest.fixture(scope="module")
 def model():
     return load_model(FIXTURE, device="cpu", towers=("image",))
-
-
-@functools.lru_cache
-def dicom_files(limit: int = 10) -> list[Path]:
-    """Small real DICOM images that mi-index decodes, with distinct SOP Instance UIDs (the PACS
-    keys an instance by it)."""
-    chosen, uids = [], set()
-    for path in sorted(PYDICOM_FILES.glob("*.dcm")):
-        if path.stat().st_size > 300_000:
-            continue
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=False, force=True)
-            uid = str(ds.SOPInstanceUID)
-        except Exception:
-            continue
-        if "PixelData" in ds and uid not in uids and ds.get("Modality") and _decodes(path):
-            chosen.append(path)
-            uids.add(uid)
-        if len(chosen) == limit:
-            break
-    return chosen
-
-
-def _decodes(path: Path) -> bool:
-    try:
-        decode_file(path)
-        return True
-    except DecodeError:
-        return False
-
-
-def stocked(orthanc: Orthanc, files: list[Path], folder: Path | None = None) -> dict[Path, str]:
-    """Upload `files` ({file: Orthanc's id} of those Orthanc takes), copying them to `folder`."""
-    ids = {}
-    for path in files:
-        orthanc_id = orthanc.upload(path)
-        if orthanc_id is not None:
-            ids[path] = orthanc_id
-            if folder is not None:
-                folder.mkdir(exist_ok=True)
-                shutil.copy(path, folder / path.name)
-    return ids
-
-
-def rows(index_dir: Path) -> dict[str, dict]:
-    """{sop_instance_uid: stored fields and embedding}, after checking there are no duplicates."""
-    db = sqlite3.connect(index_dir / "index.sqlite")
-    db.row_factory = sqlite3.Row
-    found = [dict(row) for row in db.execute("SELECT * FROM images")]
-    assert len({(row["path"], row["frame"]) for row in found}) == len(found), "duplicate images"
-    return {row["sop_instance_uid"]: row for row in found}
 
 
 @pytest.fixture

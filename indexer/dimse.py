@@ -1,0 +1,266 @@
+"""An older PACS as a source, over DIMSE: list with C-FIND, retrieve with C-GET (pynetdicom).
+
+`mi-index dimse://ARCHIVE_AET@host:104 --calling-aet MI-INDEX --modality CR,DX` indexes what the
+archive lists under the filters (the same QIDO-like keys as DICOMweb, in C-FIND identifiers),
+decoded by the file decoder. What the archive must allow: C-FIND and C-GET from the calling AE
+title (`--calling-aet`, default MI-INDEX; Orthanc: a `DicomModalities` entry for it, or
+`DicomAlwaysAllowFind`/`DicomAlwaysAllowGet`). C-GET sends the instances back over the same
+association, so the archive needs no route to this machine (no C-MOVE destination, no port).
+
+- Key: `dimse://ARCHIVE_AET@host:port/studies/S/series/SE/instances/I` (`indexer.pacs_keys`);
+  version token, incremental runs, sweeping and filters as for DICOMweb (`indexer.dicomweb`).
+- Bytes: the instance as received over C-GET, as a Part 10 file. Every transfer syntax is
+  offered, so an archive can send what it stores without transcoding.
+- Failures: an association that cannot be opened is tried again with backoff; when it still
+  fails, or the archive rejects the association (an AE title it does not know), the run stops
+  with a `SourceError` (what was committed stays). An instance the archive no longer has is
+  one skipped item. At most `connections` associations retrieve at once.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import re
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .dicomweb import QueryFilters, known_under, version_token
+from .errors import SourceError
+from .pacs_keys import DIMSE_SCHEME, instance_key
+from .sources import Item
+
+if TYPE_CHECKING:
+    from .store import IndexStore
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CALLING_AET = "MI-INDEX"
+AET_ENV = "MI_DIMSE_AET"
+TIMEOUT = 60.0                              # seconds: association, DIMSE message, network
+# C-GET needs a presentation context for each SOP class and transfer syntax an instance may come
+# in (one context carries one accepted transfer syntax): an archive sends what it stores only
+# where a context has its syntax, and cannot always transcode (Orthanc has no JPEG 2000 encoder).
+# 128 contexts at most: the SOP classes of the group being retrieved (known from the listing),
+# each with every syntax below; FALLBACK_CLASSES when the class is not known.
+TRANSFER_SYNTAXES = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2",
+                     "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57",
+                     "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81",
+                     "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.5")
+FALLBACK_CLASSES = ("1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1.1",
+                    "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.6.1",
+                    "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.1.2")  # CR, DX, DX, CT, MR, US, SC, MG
+MAX_CLASSES = 126 // len(TRANSFER_SYNTAXES)
+SUCCESS, PENDING = 0x0000, (0xFF00, 0xFF01)
+
+
+def parse_url(text: str) -> tuple[str, str, int]:
+    """(archive AE title, host, port) of dimse://AET@host:port; SourceError when malformed."""
+    match = re.fullmatch(r"dimse://([^@/]{1,16})@([^:/@]+|\[[0-9a-fA-F:]+\]):(\d{1,5})/?", text)
+    if not match:
+        raise SourceError(f"not a DIMSE address: {text} (write dimse://ARCHIVE_AET@HOST:PORT, e.g. "
+                          f"dimse://ORTHANC@127.0.0.1:4242)")
+    return match.group(1), match.group(2).strip("[]"), int(match.group(3))
+
+
+@dataclass
+class DimseSource:
+    """The instances a DIMSE archive lists (C-FIND, under `filters`), read with C-GET. Pickles
+    without its associations (each process opens its own)."""
+
+    url: str                                # dimse://ARCHIVE_AET@host:port
+    filters: QueryFilters = QueryFilters()
+    calling_aet: str = DEFAULT_CALLING_AET
+    connections: int = 4
+    attempts: int = 4                       # tries to open an association before the run stops
+    backoff: float = 0.5
+    refused: list[tuple[str, str]] = field(default_factory=list)
+    kind = "dicom"  # what it serves is DICOM
+    _classes: dict[str, str] = field(default_factory=dict, repr=False)  # SOP instance UID -> SOP class UID
+
+    def __post_init__(self) -> None:
+        self.called_aet, self.host, self.port = parse_url(self.url)
+        self.url = f"{DIMSE_SCHEME}{self.called_aet}@{self.host}:{self.port}"
+        if not 0 < len(self.calling_aet) <= 16:
+            raise SourceError(f"--calling-aet {self.calling_aet!r}: an AE title has 1 to 16 characters")
+        self.connections = max(1, int(self.connections))
+        self._slots = multiprocessing.get_context().BoundedSemaphore(self.connections)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        if multiprocessing.context.get_spawning_popen() is None:
+            state["_slots"] = None  # pickled for elsewhere (a Ray task): the bound holds per process there
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if self._slots is None:
+            self._slots = threading.BoundedSemaphore(self.connections)
+
+    @property
+    def name(self) -> str:
+        return self.url
+
+    # ---------------------------------------------------------------- associations
+    def _associate(self, received: dict[str, bytes] | None = None, classes: Sequence[str] = ()):
+        """An open association (for C-GET of instances of `classes` when `received` collects the
+        instances sent back)."""
+        from pynetdicom import AE, build_role, evt
+        from pynetdicom.sop_class import (StudyRootQueryRetrieveInformationModelFind,
+                                          StudyRootQueryRetrieveInformationModelGet)
+
+        ae = AE(ae_title=self.calling_aet)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = TIMEOUT
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+        roles, handlers = [], []
+        if received is not None:
+            ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+            for sop_class in classes:
+                for syntax in TRANSFER_SYNTAXES:
+                    ae.add_requested_context(sop_class, syntax)
+            roles = [build_role(sop_class, scp_role=True) for sop_class in classes]
+
+            def store(event) -> int:
+                received[str(event.request.AffectedSOPInstanceUID)] = bytes(event.encoded_dataset())
+                return SUCCESS
+
+            handlers = [(evt.EVT_C_STORE, store)]
+        for attempt in range(1, self.attempts + 1):
+            assoc = ae.associate(self.host, self.port, ae_title=self.called_aet, ext_neg=roles or None,
+                                 evt_handlers=handlers or None)
+            if assoc.is_established:
+                return assoc
+            if assoc.is_rejected:
+                raise SourceError(f"{self.url} rejected the association from AE title {self.calling_aet}: the "
+                                  f"archive must know it (and allow C-FIND and C-GET from it), and its own AE "
+                                  f"title must be {self.called_aet}")
+            if attempt < self.attempts:
+                log.info("%s: no association, trying again (%d/%d)", self.url, attempt + 1, self.attempts)
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+        raise SourceError(f"{self.url} stopped answering (no association after {self.attempts} tries): what was "
+                          f"indexed stays; run mi-index again to resume")
+
+    def _find(self, assoc, level: str, **keys: str) -> Iterator[Any]:
+        """The identifiers a C-FIND at `level` answers (Study Root)."""
+        from pydicom.dataset import Dataset
+        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+        query = Dataset()
+        query.QueryRetrieveLevel = level
+        for keyword, value in keys.items():
+            setattr(query, keyword, value)
+        for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
+            if not status:  # an empty status: the association was aborted or timed out
+                raise SourceError(f"{self.url} broke off the {level} query: it may not allow C-FIND from AE title "
+                                  f"{self.calling_aet} (configure it on the archive), or it stopped answering (what "
+                                  f"was indexed stays; run mi-index again to resume)")
+            if status.Status in PENDING and identifier is not None:
+                yield identifier
+            elif status.Status != SUCCESS:
+                raise SourceError(f"{self.url} refused the {level} query (status 0x{status.Status:04X})")
+
+    # ---------------------------------------------------------------- Source
+    def items(self) -> Iterator[Item]:
+        assoc = self._associate()
+        try:
+            yield from self._listed(assoc)
+        finally:
+            assoc.release()
+
+    def _listed(self, assoc) -> Iterator[Item]:
+        study_keys = {"StudyInstanceUID": "", "StudyDate": self.filters.study_date or ""}
+        # One query per modality: C-FIND has no OR across values of a non-UID attribute
+        modalities = self.filters.modalities or ("",)
+        seen: set[str] = set()
+        studies = []
+        for modality in modalities:
+            for study in self._find(assoc, "STUDY", **study_keys, ModalitiesInStudy=modality):
+                uid = str(study.get("StudyInstanceUID", ""))
+                if uid and uid not in seen:
+                    seen.add(uid)
+                    studies.append(uid)
+        for study_uid in studies:
+            series_uids = []
+            for modality in modalities:
+                for series in self._find(assoc, "SERIES", StudyInstanceUID=study_uid, SeriesInstanceUID="",
+                                         Modality=modality, BodyPartExamined=self.filters.body_part or ""):
+                    uid = str(series.get("SeriesInstanceUID", ""))
+                    if uid and uid not in seen:
+                        seen.add(uid)
+                        series_uids.append(uid)
+            for series_uid in series_uids:
+                for instance in self._find(assoc, "IMAGE", StudyInstanceUID=study_uid,
+                                           SeriesInstanceUID=series_uid, SOPInstanceUID="", SOPClassUID=""):
+                    sop_uid = str(instance.get("SOPInstanceUID", ""))
+                    if sop_uid:
+                        if instance.get("SOPClassUID"):
+                            self._classes[sop_uid] = str(instance.SOPClassUID)
+                        key = instance_key(self.url, study_uid, series_uid, sop_uid)
+                        yield Item(key, 0, version_token(key))
+
+    def known(self, store: IndexStore, listed: Sequence[str]) -> dict[str, tuple]:
+        return known_under(store, self.url, self.filters, listed)
+
+    def accepts(self, item: Item) -> bool:
+        return True
+
+    def sweepable(self, key: str) -> bool:
+        return True  # listing failures stop the run before anything is swept
+
+    def read(self, item: Item) -> bytes:
+        return self.read_many([item])[0]
+
+    def read_many(self, items: Sequence[Item]) -> list[bytes | BaseException]:
+        """The bytes of each item (or the error reading it), over one association for each
+        MAX_CLASSES SOP classes among them."""
+        classes = list(dict.fromkeys(self._classes.get(item.key.rsplit("/", 1)[-1]) for item in items))
+        if None in classes:
+            classes = list(dict.fromkeys([c for c in classes if c] + list(FALLBACK_CLASSES)))
+        if len(classes) > MAX_CLASSES and len(items) > 1:
+            half = len(items) // 2
+            return self.read_many(items[:half]) + self.read_many(items[half:])
+        return self._get(items, classes[:MAX_CLASSES])
+
+    def _get(self, items: Sequence[Item], classes: Sequence[str]) -> list[bytes | BaseException]:
+        from pydicom.dataset import Dataset
+        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
+
+        results: list[bytes | BaseException] = []
+        with self._slots:
+            received: dict[str, bytes] = {}
+            assoc = None
+            try:
+                assoc = self._associate(received, classes)
+                for item in items:
+                    study_uid, series_uid, sop_uid = item.key.split("/studies/", 1)[1].split("/")[::2]
+                    query = Dataset()
+                    query.QueryRetrieveLevel = "IMAGE"
+                    query.StudyInstanceUID, query.SeriesInstanceUID, query.SOPInstanceUID = study_uid, series_uid, sop_uid
+                    for status, _ in assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet):
+                        if not status:  # aborted or timed out
+                            raise SourceError(f"{self.url} stopped answering while sending instances: what was "
+                                              f"indexed stays; run mi-index again to resume")
+                    data = received.pop(sop_uid, None)
+                    results.append(data if data is not None else
+                                   FileNotFoundError(f"{self.url} sent no instance {sop_uid} (gone from it?)"))
+            except SourceError as error:
+                results += [error] * (len(items) - len(results))
+            finally:
+                if assoc is not None and assoc.is_established:
+                    assoc.release()
+        return results
+
+
+def read_instance(key: str, calling_aet: str | None = None) -> bytes:
+    """The bytes of one indexed DIMSE instance, by its key (a thumbnail for mi-serve); the
+    calling AE title: MI_DIMSE_AET unless given, else MI-INDEX."""
+    service = key[:key.index("/studies/")] if "/studies/" in key else key
+    calling_aet = calling_aet or os.environ.get(AET_ENV) or DEFAULT_CALLING_AET
+    data = DimseSource(service, calling_aet=calling_aet, connections=1, attempts=2).read_many(
+        [Item(key, 0, version_token(key))])[0]
+    if isinstance(data, BaseException):
+        raise data
+    return data
