@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ImageTowerConfig
+from .layers import LayerNormFP32
 
 
 class DepthWiseConv(nn.Module):
@@ -103,7 +104,8 @@ class ChannelAttention(nn.Module):
         N, g = H * W, self.groups
         # (B, N, 3C) -> 3 x (B, g, N, C/g)
         q, k, v = self.qkv(x.view(B, N, C)).view(B, N, 3, g, C // g).permute(2, 0, 3, 1, 4).unbind(0)
-        attn = ((q * N ** -0.5).transpose(-1, -2) @ k).softmax(dim=-1)  # (B, g, C/g, C/g)
+        # softmax in float32 (CPU autocast would run it in bfloat16), back to v's dtype
+        attn = ((q * N ** -0.5).transpose(-1, -2) @ k).softmax(dim=-1, dtype=torch.float32).to(v.dtype)
         x = (attn @ v.transpose(-1, -2)).transpose(-1, -2)             # (B, g, N, C/g)
         x = x.transpose(1, 2).reshape(B, N, C)
         return self.proj(x).view(B, H, W, C)
@@ -113,9 +115,9 @@ class SpatialBlock(nn.Module):
     def __init__(self, dim: int, heads: int, window_size: int, mlp_ratio: float):
         super().__init__()
         self.conv1 = Residual(DepthWiseConv(dim))
-        self.window_attn = Residual(WindowAttention(dim, heads, window_size), nn.LayerNorm(dim))
+        self.window_attn = Residual(WindowAttention(dim, heads, window_size), LayerNormFP32(dim))
         self.conv2 = Residual(DepthWiseConv(dim))
-        self.ffn = Residual(Mlp(dim, int(dim * mlp_ratio)), nn.LayerNorm(dim))
+        self.ffn = Residual(Mlp(dim, int(dim * mlp_ratio)), LayerNormFP32(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.ffn(self.conv2(self.window_attn(self.conv1(x))))
@@ -125,9 +127,9 @@ class ChannelBlock(nn.Module):
     def __init__(self, dim: int, groups: int, mlp_ratio: float):
         super().__init__()
         self.conv1 = Residual(DepthWiseConv(dim))
-        self.channel_attn = Residual(ChannelAttention(dim, groups), nn.LayerNorm(dim))
+        self.channel_attn = Residual(ChannelAttention(dim, groups), LayerNormFP32(dim))
         self.conv2 = Residual(DepthWiseConv(dim))
-        self.ffn = Residual(Mlp(dim, int(dim * mlp_ratio)), nn.LayerNorm(dim))
+        self.ffn = Residual(Mlp(dim, int(dim * mlp_ratio)), LayerNormFP32(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.ffn(self.conv2(self.channel_attn(self.conv1(x))))
@@ -156,7 +158,7 @@ class PatchEmbed(nn.Module):
         super().__init__()
         self.prenorm = prenorm
         self.proj = nn.Conv2d(in_dim, dim, kernel_size=kernel, stride=stride, padding=padding)
-        self.norm = nn.LayerNorm(in_dim if prenorm else dim)
+        self.norm = LayerNormFP32(in_dim if prenorm else dim)
 
     def forward(self, x: torch.Tensor, is_pixels: bool) -> torch.Tensor:
         if is_pixels:
@@ -189,7 +191,7 @@ class DaViT(nn.Module):
             ])
             for i in range(len(cfg.dims))
         )
-        self.norms = nn.LayerNorm(cfg.dims[-1])
+        self.norms = LayerNormFP32(cfg.dims[-1])
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = pixels

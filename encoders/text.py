@@ -12,18 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TextTowerConfig
+from .layers import LayerNormFP32
 
 
-class LayerNormFP32(nn.LayerNorm):
-    """LayerNorm computed in float32 with eps 1e-12, cast back to the input's dtype."""
-
-    def __init__(self, dim: int):
-        super().__init__(dim, eps=1e-12)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            y = F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps)
-        return y.to(x.dtype)
+LN_EPS = 1e-12  # as MedImageInsight trained the text tower (not the usual 1e-5)
 
 
 class QuickGELU(nn.Module):
@@ -56,12 +48,12 @@ class ResidualAttentionBlock(nn.Module):
     def __init__(self, dim: int, heads: int, mlp_ratio: float):
         super().__init__()
         self.attn = MultiheadAttention(dim, heads)
-        self.ln_1 = LayerNormFP32(dim)
+        self.ln_1 = LayerNormFP32(dim, eps=LN_EPS)
         self.mlp = nn.Sequential()
         self.mlp.add_module("c_fc", nn.Linear(dim, int(dim * mlp_ratio)))
         self.mlp.add_module("gelu", QuickGELU())
         self.mlp.add_module("c_proj", nn.Linear(int(dim * mlp_ratio), dim))
-        self.ln_2 = LayerNormFP32(dim)
+        self.ln_2 = LayerNormFP32(dim, eps=LN_EPS)
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), keep)
@@ -86,7 +78,7 @@ class TextTransformer(nn.Module):
         self.resblocks = nn.ModuleList(
             ResidualAttentionBlock(cfg.width, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.layers)
         )
-        self.ln_final = LayerNormFP32(cfg.width)
+        self.ln_final = LayerNormFP32(cfg.width, eps=LN_EPS)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         B, L = input_ids.shape

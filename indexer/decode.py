@@ -87,10 +87,14 @@ def content_hash(data: bytes) -> str:
 
 
 def decode_bytes(data: bytes, path: Path, *, frames: str = "middle", max_megapixels: float = 100.0,
-                 patient_key: bytes | None = None, kind: str | None = None) -> Decoded:
+                 patient_key: bytes | None = None, kind: str | None = None,
+                 j2k_reduce_to: int | None = None) -> Decoded:
     """Decode one file's bytes. Raises DecodeError with the reason when it cannot be indexed.
     `patient_key`: the key of PatientID's pseudonym (see indexer.privacy); None stores none.
-    `kind`: "dicom" where the source knows (a PACS), else sniffed from the name and bytes."""
+    `kind`: "dicom" where the source knows (a PACS), else sniffed from the name and bytes.
+    `j2k_reduce_to`: decode a grey JPEG 2000 DICOM image at least twice this size (pixels, the
+    shorter side) at a reduced resolution level that stays at least this size: 4x to 18x
+    faster, not exact (see `_reduced_j2k`); None decodes every image exactly."""
     if frames not in FRAMES_CHOICES:
         raise ValueError(f"frames must be one of {FRAMES_CHOICES}, not {frames!r}")
     if not data:
@@ -99,7 +103,7 @@ def decode_bytes(data: bytes, path: Path, *, frames: str = "middle", max_megapix
     if kind == "dicom":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pydicom warns about every oddity it tolerates
-            return _decode_dicom(data, frames, max_megapixels, patient_key)
+            return _decode_dicom(data, frames, max_megapixels, patient_key, j2k_reduce_to)
     if kind == "image":
         return _decode_image(data, frames, max_megapixels)
     raise DecodeError("not an image or DICOM file")
@@ -292,7 +296,8 @@ def _transfer_syntax(ds):
     return syntax
 
 
-def _decode_dicom(data: bytes, frames: str, max_megapixels: float, patient_key: bytes | None) -> Decoded:
+def _decode_dicom(data: bytes, frames: str, max_megapixels: float, patient_key: bytes | None,
+                  j2k_reduce_to: int | None = None) -> Decoded:
     import pydicom
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import get_decoder, pixel_array
@@ -319,9 +324,11 @@ def _decode_dicom(data: bytes, frames: str, max_megapixels: float, patient_key: 
         _check_size(columns, rows, len(wanted), max_megapixels)
         images = []
         for index in wanted:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                arr = pixel_array(ds, index=index if n_frames > 1 else None)
+            arr = _reduced_j2k(ds, syntax, index, n_frames, j2k_reduce_to) if j2k_reduce_to else None
+            if arr is None:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    arr = pixel_array(ds, index=index if n_frames > 1 else None)
             if arr.ndim == 3 and arr.shape[-1] != 3 and n_frames == 1:
                 arr = arr[0]
             if arr.ndim == 3 or ds.get("PhotometricInterpretation") == "PALETTE COLOR":
@@ -341,6 +348,55 @@ def _decode_dicom(data: bytes, frames: str, max_megapixels: float, patient_key: 
             raise
         raise DecodeError(f"truncated or corrupt DICOM: {_short(e)}") from None
     return Decoded(source_format="dicom", frames=images, metadata=dicom_metadata(ds, patient_key))
+
+
+J2K_SYNTAXES = ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91")  # JPEG 2000 lossless, and lossy
+
+
+def reduction_level(rows: int, columns: int, target: int) -> int:
+    """Resolution levels to drop (each halves both sides) so that the shorter side stays at
+    least `target`: 0 below twice the target."""
+    short = min(rows, columns)
+    return max(0, (short // target).bit_length() - 1)
+
+
+def _reduced_j2k(ds, syntax, index: int, n_frames: int, target: int) -> np.ndarray | None:
+    """The stored values of one grey JPEG 2000 frame decoded at a reduced resolution level by
+    OpenJPEG through Pillow (`reduce`), or None where the exact path must decode it (another
+    syntax, colour, signed samples, an image under twice the target, a codec refusal).
+
+    Pillow scales samples of fewer than 16 bits up to 16 (12-bit values come out 16x larger):
+    shifted back here, so windowing sees the stored values."""
+    if str(syntax) not in J2K_SYNTAXES or int(ds.get("SamplesPerPixel", 1)) != 1:
+        return None
+    if int(ds.get("PixelRepresentation", 0)) != 0:
+        return None
+    level = reduction_level(int(ds.Rows), int(ds.Columns), target)
+    if level == 0:
+        return None
+    from itertools import islice
+
+    from pydicom.encaps import generate_frames
+    try:
+        codestream = next(islice(generate_frames(ds.PixelData, number_of_frames=n_frames), index, None))
+        with Image.open(io.BytesIO(codestream)) as image:
+            image.reduce = level
+            image.load()
+            arr = np.asarray(image)
+    except (OSError, ValueError, StopIteration, SyntaxError):
+        return None
+    precision = _j2k_precision(codestream)
+    if arr.dtype == np.uint16 and precision is not None and 8 < precision < 16:
+        arr = arr >> (16 - precision)
+    return arr
+
+
+def _j2k_precision(codestream: bytes) -> int | None:
+    """Bits per sample of the first component, from the SIZ marker segment (ISO 15444-1 A.5.1),
+    which follows the SOC marker: Ssiz at byte 42 holds the precision minus one."""
+    if len(codestream) < 43 or codestream[:4] != b"\xff\x4f\xff\x51":
+        return None
+    return (codestream[42] & 0x7F) + 1
 
 
 def _short(error: BaseException, limit: int = 120) -> str:

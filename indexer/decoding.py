@@ -90,6 +90,7 @@ class DecodingDataset:
     frames: str
     max_megapixels: float
     patient_key: bytes | None
+    j2k_reduce_to: int | None = None  # decode_bytes's: large JPEG 2000 at a reduced level (--fast-j2k)
     _db: sqlite3.Connection | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
@@ -133,7 +134,8 @@ class DecodingDataset:
                 outcome: Outcome = Reused(item, digest)
             else:
                 decoded = decode_bytes(data, Path(item.key), frames=self.frames, max_megapixels=self.max_megapixels,
-                                       patient_key=self.patient_key, kind=getattr(self.source, "kind", None))
+                                       patient_key=self.patient_key, kind=getattr(self.source, "kind", None),
+                                       j2k_reduce_to=self.j2k_reduce_to)
                 outcome = Decoded(item, digest, {**decoded.metadata, "source_format": decoded.source_format},
                                   [(index, image.width, image.height) for index, image in decoded.frames],
                                   [self.resize(image) for _, image in decoded.frames])

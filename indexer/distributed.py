@@ -55,7 +55,7 @@ def outcomes_on_ray(todo: Sequence[Item], decoding: DecodingDataset, known_hashe
     actors = actors or (gpus if use_gpu else 1)
     worker_decoding = KnownContent(**{name: getattr(decoding, name) for name in
                                       ("items", "source", "resize", "db_path", "frames", "max_megapixels",
-                                       "patient_key")})
+                                       "patient_key", "j2k_reduce_to")})
     worker_decoding.items = ()  # the items travel as rows; the stage needs only its settings
     worker_decoding.known_hashes = known_hashes
     rows = [{"key": item.key, "size": item.size, "mtime_ns": item.mtime_ns} for item in todo]

@@ -16,7 +16,8 @@ class IndexOptions:
     else a Ray cluster's address or "local" (RAY_ADDRESS, else a new local cluster) to decode
     and encode on (indexer.distributed); ray_actors: encoding actors there (None: one per GPU,
     or one CPU actor without GPUs); faiss_memory: the FAISS index's memory budget in GB, kept
-    in the index (None: leave it as it is; 0: no budget)."""
+    in the index (None: leave it as it is; 0: no budget); fast_j2k: decode JPEG 2000 DICOM
+    images of at least twice the model's input at a reduced resolution level (faster, not exact)."""
 
     batch_size: int | None = None
     workers: int | None = None
@@ -27,6 +28,7 @@ class IndexOptions:
     ray: str | None = None
     ray_actors: int | None = None
     faiss_memory: float | None = None
+    fast_j2k: bool = False
 
     def __post_init__(self) -> None:
         if self.frames not in FRAMES_CHOICES:

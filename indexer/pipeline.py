@@ -153,7 +153,8 @@ class Indexer:
         self.batch_size = min(self.batch_size or (64 if model.device.type == "cuda" else 8), MAX_BATCH_SIZE)
         workers = self.options.workers if self.options.workers is not None else min(8, max(1, (os.cpu_count() or 2) - 1))
         dataset = DecodingDataset(todo, source, model.preprocess.resize, self.store.folder / DB_NAME,
-                                  self.options.frames, self.options.max_megapixels, self.store.patient_key())
+                                  self.options.frames, self.options.max_megapixels, self.store.patient_key(),
+                                  j2k_reduce_to=min(model.preprocess.size) if self.options.fast_j2k else None)
         self._dataset = dataset
         prefetch = max(2, self.batch_size // (max(workers, 1) * FILES_PER_HANDOVER))
         decode_seconds, position = 0.0, 0

@@ -146,12 +146,16 @@ def index_kind(index: faiss.Index) -> str:
 
 
 def search(index: faiss.Index, queries: np.ndarray, k: int, allowed_ids: np.ndarray | None = None,
-           *, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+           *, nprobe: int | None = None, gpu: faiss.Index | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Top-k (scores, ids), each (Q, min(k, rows that can answer)), best first; ids -1 where an
     approximate index finds fewer.
 
     `allowed_ids` restricts the search before the cut, so k filtered hits come back when k exist;
-    an empty `allowed_ids` gives no hits. `nprobe` overrides DEFAULT_NPROBE for IVF indexes."""
+    an empty `allowed_ids` gives no hits. `nprobe` overrides DEFAULT_NPROBE for IVF indexes.
+    `gpu`: a GPU copy of `index` (`to_gpu`), used for unfiltered searches only: the classic FAISS
+    GPU kernels ignore an IDSelector (faiss issue #3924) and would return rows outside the filter."""
+    if gpu is not None and allowed_ids is None:
+        index = gpu
     queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
     # No more results than rows that can answer: FAISS allocates (Q, k) results up front, and
     # `-k 1000000000` must not end in a MemoryError.

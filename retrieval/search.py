@@ -276,12 +276,13 @@ class Searcher:
             if self._faiss is None or self._store.generation() != self._faiss_generation:
                 self._faiss, self._faiss_generation = self._store.load_faiss_with_generation()
                 self._faiss_gpu = self._faiss if self.device == "cpu" else vectors.to_gpu(self._faiss)
-            loaded = self._faiss
+            loaded, gpu = self._faiss, self._faiss_gpu  # one generation's pair
         if queries.shape[1] != loaded.d:
             raise QueryError(f"query vectors have {queries.shape[1]} dimensions, the index {loaded.d}")
         coarse = vectors.index_kind(loaded) == "ivfpq"
-        index = self._faiss_gpu if allowed is None else loaded  # GPU indexes take no IDSelector
-        return (*vectors.search(index, queries, k * vectors.RERANK_FACTOR if coarse else k, allowed), coarse)
+        return (*vectors.search(loaded, queries, k * vectors.RERANK_FACTOR if coarse else k, allowed,
+                                gpu=gpu if gpu is not loaded else None),
+                coarse)
 
     def _stored_vectors(self, ids: list[int]) -> np.ndarray:
         return self._store.vectors(ids)

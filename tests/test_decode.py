@@ -145,3 +145,30 @@ def test_unsupported_transfer_syntax_is_a_reason():
     ds.save_as(buffer, enforce_file_format=True)
     with pytest.raises(DecodeError, match="unsupported transfer syntax: MPEG2"):
         decode_bytes(buffer.getvalue(), Path("video.dcm"))
+
+
+def test_reduction_levels_keep_the_shorter_side_at_least_the_target():
+    from indexer.decode import reduction_level
+    assert [reduction_level(n, n + 100, 480) for n in (479, 959, 960, 1841, 1920, 3840)] == [0, 0, 1, 1, 2, 3]
+
+
+@pytest.mark.parametrize("name", ["RG1_J2KR.dcm", "RG3_J2KR.dcm", "MR2_J2KR.dcm", "RG1_J2KI.dcm"])
+def test_fast_j2k_decodes_a_reduced_level_close_to_the_exact_image(name):
+    """Real JPEG 2000 CR and MR files (pydicom-data): half the size, stored values scaled back
+    (Pillow widens 15-, 12- and 10-bit samples to 16 bits), so windowing gives the same picture."""
+    from encoders.preprocess import ImagePreprocessor
+
+    exact = decode_file(DATA_STORE / name).frames[0][1]
+    fast = decode_file(DATA_STORE / name, j2k_reduce_to=480).frames[0][1]
+    assert fast.size == ((exact.width + 1) // 2, (exact.height + 1) // 2)
+    resize = ImagePreprocessor((480, 480), (0.5,) * 3, (0.5,) * 3).resize
+    difference = np.abs(resize(exact).astype(np.float32) - resize(fast).astype(np.float32))
+    assert difference.mean() < 3.0 and np.percentile(difference, 99) < 24  # of 255 (MR texture: 17)
+
+
+def test_fast_j2k_leaves_small_and_other_images_exact():
+    small = DATA_STORE / "US1_J2KR.dcm"  # 480 x 640: under twice the target
+    uncompressed = DATA_STORE / "RG3_UNCR.dcm"
+    for path in (small, uncompressed):
+        exact, fast = decode_file(path).frames[0][1], decode_file(path, j2k_reduce_to=480).frames[0][1]
+        assert fast.size == exact.size and np.array_equal(np.asarray(fast), np.asarray(exact))

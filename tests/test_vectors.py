@@ -175,3 +175,19 @@ def test_mi_index_faiss_memory_builds_pq_and_searches_exactly(tmp_path):
         exact = searcher.search(image=folder / "007.png", k=5)
     assert [h.id for h in exact][:1] == [h.id for h in pq_hits][:1]
     assert all(abs(a.score - b.score) < 1e-6 for a, b in zip(exact, pq_hits) if a.id == b.id)
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "ivfpq"])
+def test_a_filtered_search_never_returns_a_row_outside_the_filter(clustered, kind):
+    """Whichever index answers: the CPU index, or its GPU copy when FAISS has GPU support and a
+    GPU is present (classic GPU kernels ignore an IDSelector: search() must not hand them one)."""
+    data, ids = clustered
+    index = vectors.build_faiss_index(data, ids, kind=kind, nlist=64)
+    gpu = vectors.to_gpu(index)
+    rng = np.random.default_rng(9)
+    for fraction in (0.01, 0.1, 0.5):
+        allowed = np.sort(rng.choice(ids, size=int(len(ids) * fraction), replace=False))
+        for copy in (None, gpu):
+            _, found = vectors.search(index, data[:20], 25, allowed, gpu=copy)
+            returned = found[found >= 0]
+            assert len(returned) and np.isin(returned, allowed).all(), (kind, fraction)
