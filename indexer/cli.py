@@ -75,6 +75,8 @@ def _user_index_dir() -> str:
 @click.option("--ray-address", metavar="ADDRESS", help="With --ray: the cluster, e.g. ray://head:10001.")
 @click.option("--ray-actors", type=click.IntRange(min=1), metavar="N",
               help="With --ray: encoding actors. [default: one per GPU, else 1]")
+@click.option("--compile", "compile_choice", type=click.Choice(["auto", "on", "off"]), default="auto",
+              show_default=True, help="Encode through torch.compile; auto: on CUDA for runs of 50,000 images or more.")
 @click.option("--fast-j2k", is_flag=True,
               help="Decode JPEG 2000 DICOM images of at least twice the model's input at a reduced resolution "
                    "level: 2-4x faster decoding, embeddings not bit-exact (see README).")
@@ -100,7 +102,7 @@ def main(paths: tuple[str, ...], sample: bool, update: bool, folders_of: Path | 
          status: bool, index_dir: Path | None, model: str | None, batch_size: int | None,
          workers: int | None, device: str | None, dtype: str | None, max_megapixels: float, frames: str,
          use_ray: bool, ray_address: str | None, ray_actors: int | None, faiss_memory: float | None,
-         fast_j2k: bool,
+         fast_j2k: bool, compile_choice: str,
          as_json: bool, modality: str | None, study_date: str | None, body_part: str | None, user: str | None,
          password: str | None, connections: int, calling_aet: str | None) -> None:
     """Index PATHS (folders, walked recursively, or files; or a PACS: dicomweb+http(s)://HOST/PREFIX)
@@ -139,7 +141,8 @@ def main(paths: tuple[str, ...], sample: bool, update: bool, folders_of: Path | 
     options = IndexOptions(batch_size=batch_size, workers=workers, device=device, dtype=dtype,
                            max_megapixels=max_megapixels, frames=frames,
                            ray=(ray_address or "local") if use_ray or ray_address else None, ray_actors=ray_actors,
-                           faiss_memory=faiss_memory, fast_j2k=fast_j2k)
+                           faiss_memory=faiss_memory, fast_j2k=fast_j2k,
+                           compile=compile_choice)
     modalities = tuple(m.strip() for m in (modality or "").split(",") if m.strip())
     runs = ([lambda bar: index_paths(files, index_dir, model=model, options=options, progress=bar)] if files else [])
     pacs = dict(modalities=modalities, study_date=study_date, body_part=body_part, connections=connections,

@@ -46,7 +46,8 @@ class KnownContent(DecodingDataset):
 
 def outcomes_on_ray(todo: Sequence[Item], decoding: DecodingDataset, known_hashes: frozenset, *,
                     model_source: str, device: str | None, dtype: str | None, batch_size: int,
-                    address: str = LOCAL, actors: int | None = None) -> Iterator[list[Outcome]]:
+                    address: str = LOCAL, actors: int | None = None,
+                    compile_model: bool = False) -> Iterator[list[Outcome]]:
     """Every item of `todo` as an outcome (Encoded, Reused or Skipped), in batches as the
     encoding actors finish them, in no particular order, from the Ray cluster at `address`."""
     ray = connect(address)
@@ -69,7 +70,8 @@ def outcomes_on_ray(todo: Sequence[Item], decoding: DecodingDataset, known_hashe
         warnings.simplefilter("ignore", DeprecationWarning)
         encoded = decoded.map_batches(
             EncodingActor, fn_constructor_kwargs={"model_source": model_source, "dtype": dtype,
-                                                  "device": "cuda" if use_gpu else "cpu"}, max_restarts=0,
+                                                  "device": "cuda" if use_gpu else "cpu",
+                                                  "compile_model": compile_model}, max_restarts=0,
             batch_size=max(1, batch_size), batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=1 if use_gpu else 0, num_cpus=1)
     try:
@@ -128,9 +130,11 @@ def _decode_rows(batch: dict[str, np.ndarray], decoding: KnownContent) -> dict[s
 class EncodingActor:
     """A model loaded once per actor; turns the Decoded records of a batch into Encoded ones."""
 
-    def __init__(self, model_source: str, device: str, dtype: str | None) -> None:
+    def __init__(self, model_source: str, device: str, dtype: str | None, compile_model: bool = False) -> None:
         from encoders import load_model
         self.model = load_model(model_source, device=device, dtype=dtype, towers=("image",))
+        if compile_model:
+            self.model.compile()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         outcomes = [pickle.loads(blob) for blob in batch["outcome"]]

@@ -26,7 +26,7 @@ import numpy as np
 from .decoding import FILES_PER_HANDOVER, Decoded, DecodingDataset, Encoded, Outcome, Reused, Skipped, loader
 from .errors import SourceError
 from .model_choice import chosen_model_source, named_model_source
-from .options import IndexOptions
+from .options import IndexOptions, compile_wanted
 from .sources import Item, Source
 from .store import DB_NAME, IndexStore
 
@@ -53,6 +53,12 @@ class Summary:
 
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def inductor_cache() -> str:
+    """Where torch.compile keeps what it compiled, between runs: the per-user cache folder."""
+    import platformdirs
+    return os.path.join(platformdirs.user_cache_dir("medimageinsight-search"), "inductor")
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -151,6 +157,9 @@ class Indexer:
         # --batch-size of 100000 once took 5.7 GB for 400 tiny images), and every batch is its
         # own transaction, so commits stay frequent whatever is asked.
         self.batch_size = min(self.batch_size or (64 if model.device.type == "cuda" else 8), MAX_BATCH_SIZE)
+        self._compile = compile_wanted(self.options.compile, model.device.type, len(todo))
+        if self._compile and self.options.ray is None and hasattr(model, "compile"):
+            model.compile(cache_dir=inductor_cache())
         workers = self.options.workers if self.options.workers is not None else min(8, max(1, (os.cpu_count() or 2) - 1))
         dataset = DecodingDataset(todo, source, model.preprocess.resize, self.store.folder / DB_NAME,
                                   self.options.frames, self.options.max_megapixels, self.store.patient_key(),
@@ -204,7 +213,7 @@ class Indexer:
         outcomes = outcomes_on_ray(todo, dataset, self.store.content_hashes(), model_source=self.model.source,
                                    device=self.options.device, dtype=self.options.dtype,
                                    batch_size=self.batch_size, address=self.options.ray,
-                                   actors=self.options.ray_actors)
+                                   actors=self.options.ray_actors, compile_model=self._compile)
         done = 0
         for batch in outcomes:  # a batch is what one encoding call made: committed at once, as locally
             for outcome in batch:

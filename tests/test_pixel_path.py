@@ -72,3 +72,24 @@ def test_bf16_on_a_cpu_without_native_bf16_warns_in_one_line(tmp_path, caplog):
     warned = [r.getMessage() for r in caplog.records if r.name == "encoders.inference"]
     assert bool(warned) == cpu_lacks_native(torch.bfloat16)  # this machine's own answer
     assert all("\n" not in message and "--dtype float32" in message for message in warned)
+
+
+def test_compile_is_chosen_for_long_cuda_runs_or_when_asked():
+    from indexer.options import COMPILE_MIN_IMAGES, IndexOptions, compile_wanted
+
+    assert compile_wanted("auto", "cuda", COMPILE_MIN_IMAGES) and not compile_wanted("auto", "cuda", 1000)
+    assert not compile_wanted("auto", "cpu", 10 ** 7)
+    assert compile_wanted("on", "cpu", 1) and not compile_wanted("off", "cuda", 10 ** 7)
+    with pytest.raises(ValueError, match="compile must be one of"):
+        IndexOptions(compile="always")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.compile of the image tower)")
+def test_the_compiled_encoder_matches_eager_on_every_row(tmp_path):
+    gpu = load_model(FIXTURE, device="cuda", towers=("image",))
+    resized = [gpu.preprocess.resize(image) for image in images()] * 4
+    eager = gpu.encode_resized(resized)
+    gpu.compile(cache_dir=tmp_path / "inductor")
+    compiled = gpu.encode_resized(resized)
+    cosine = (eager * compiled).sum(1) / np.linalg.norm(eager, axis=1) / np.linalg.norm(compiled, axis=1)
+    assert cosine.min() >= 0.9999
