@@ -5,14 +5,15 @@ unchanged re-run over 10,000 small files.
                                      [--device cpu|cuda] [--dtype ...] [--unchanged-files 10000]
     python benchmarks/bench_index.py --null-encoder 2000 [--workers 1] [--batch-size 64]
     python benchmarks/bench_index.py [MODEL_FOLDER] --ray [--images 48]   # local vs through Ray
-    python benchmarks/bench_index.py --dicomweb 200 [--workers 1] [--connections 4]
+    python benchmarks/bench_index.py --dicomweb 200 [--workers 1] [--connections 4]   # and DIMSE
 
 Default model: the tiny test fixture (offline). End-to-end = files on disk (1024x1024 16-bit
 PNGs and real DICOM files, all distinct) -> decode in worker processes -> encode -> SQLite ->
 FAISS, through `indexer.index_paths`. Encode-only = the same images already preprocessed in
 memory, through `model.encode_pixels` with the same batch size. Target: end-to-end >= 0.9x.
 --dicomweb N: N distinct 1024x1024 16-bit DICOM instances indexed from a local Orthanc (over
-DICOMweb) and from a folder of the same files, instances/s of each. Target: PACS >= 0.8x folder.
+DICOMweb, and over DIMSE) and from a folder of the same files, instances/s of each. Target:
+PACS >= 0.8x folder.
 """
 from __future__ import annotations
 
@@ -187,14 +188,14 @@ def make_dicom_files(folder: Path, count: int) -> list[Path]:
 
 def dicomweb_against_folder(model, root: Path, count: int, workers: int | None, batch_size: int,
                             connections: int) -> None:
-    """Instances/s from a local Orthanc over DICOMweb next to the same files from a folder."""
+    """Instances/s from a local Orthanc over DICOMweb (and DIMSE) next to the same files from a folder."""
     sys.path.insert(0, str(REPO / "tests"))
     from orthanc_server import MISSING, Orthanc
 
     if MISSING:
         sys.exit(MISSING)
     files = make_dicom_files(root / "files", count)
-    server = Orthanc(root / "orthanc").start()
+    server = Orthanc(root / "orthanc", extra={"DicomModalities": {"mi": ["MI-INDEX", "127.0.0.1", 1]}}).start()
     try:
         upload_start = time.perf_counter()
         assert all(server.upload(path) for path in files)
@@ -204,27 +205,35 @@ def dicomweb_against_folder(model, root: Path, count: int, workers: int | None, 
         for label, encoder in (("model", model), ("null encoder", NullEncoder(model))):
             best: dict[str, float] = {}
             for attempt in range(2):
-                for name in ("folder", "dicomweb"):
+                for name in ("folder", "dicomweb", "dimse"):
                     index_dir = root / f"{name}-{label}-{attempt}"
                     start = time.perf_counter()
                     if name == "folder":
                         summary = indexer.index_paths([root / "files"], index_dir, model=encoder,
                                                       batch_size=batch_size, workers=workers)
-                    else:
+                    elif name == "dicomweb":
                         summary = indexer.index_dicomweb(server.url, index_dir, model=encoder, batch_size=batch_size,
                                                          workers=workers, connections=connections)
+                    else:
+                        summary = indexer.index_dimse(server.dimse_url, index_dir, model=encoder, batch_size=batch_size,
+                                                      workers=workers, connections=connections)
                     seconds = time.perf_counter() - start
                     assert summary["new"] == count, summary
                     best[name] = max(best.get(name, 0.0), count / seconds)
                     shutil.rmtree(index_dir)
             print(f"{label:12s}: folder {best['folder']:.1f} instances/s, dicomweb {best['dicomweb']:.1f} "
-                  f"instances/s = {best['dicomweb'] / best['folder']:.2f}x (target >= 0.8x)")
+                  f"instances/s = {best['dicomweb'] / best['folder']:.2f}x (target >= 0.8x), dimse "
+                  f"{best['dimse']:.1f} instances/s = {best['dimse'] / best['folder']:.2f}x")
         index_dir = root / "pacs-index"
         indexer.index_dicomweb(server.url, index_dir, model=NullEncoder(model), workers=workers)
         start = time.perf_counter()
         again = indexer.index_dicomweb(server.url, index_dir, model=NullEncoder(model), workers=workers)
         print(f"dicomweb re-run: {again['unchanged']} unchanged instances listed in {time.perf_counter() - start:.2f} s "
               f"({workers} workers, batch {batch_size}, {connections} connections)")
+        indexer.index_dimse(server.dimse_url, root / "dimse-index", model=NullEncoder(model), workers=workers)
+        start = time.perf_counter()
+        again = indexer.index_dimse(server.dimse_url, root / "dimse-index", model=NullEncoder(model), workers=workers)
+        print(f"dimse re-run: {again['unchanged']} unchanged instances listed in {time.perf_counter() - start:.2f} s")
     finally:
         server.stop()
 
