@@ -61,13 +61,15 @@ def outcomes_on_ray(todo: Sequence[Item], decoding: DecodingDataset, known_hashe
     worker_decoding.known_hashes = known_hashes
     rows = [{"key": item.key, "size": item.size, "mtime_ns": item.mtime_ns} for item in todo]
     dataset = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // FILES_PER_HANDOVER, 200)))
-    decoded = dataset.map_batches(_decode_rows, fn_kwargs={"decoding": worker_decoding},
-                                  batch_size=FILES_PER_HANDOVER, batch_format="numpy", num_cpus=1,
-                                  scheduling_strategy="SPREAD")  # over every node; not fused into the actors
-    # max_restarts=0: a failed actor fails the run (resumable: nothing uncommitted is lost), and
-    # Ray does not warn on stderr that a restarted one could lose its constructor arguments.
-    with warnings.catch_warnings():  # max_restarts is a "deprecated" remote argument until Ray 2.64
+    # scheduling_strategy and max_restarts are "deprecated" remote arguments until Ray 2.64
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
+        # SPREAD: decoding runs over every node, and is not fused into the encoding actors
+        decoded = dataset.map_batches(_decode_rows, fn_kwargs={"decoding": worker_decoding},
+                                      batch_size=FILES_PER_HANDOVER, batch_format="numpy", num_cpus=1,
+                                      scheduling_strategy="SPREAD")
+        # max_restarts=0: a failed actor fails the run (resumable: nothing uncommitted is lost), and
+        # Ray does not warn on stderr that a restarted one could lose its constructor arguments.
         encoded = decoded.map_batches(
             EncodingActor, fn_constructor_kwargs={"model_source": model_source, "dtype": dtype,
                                                   "device": "cuda" if use_gpu else "cpu",
