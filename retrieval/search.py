@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from indexer.filters import SearchFilters
 
 log = logging.getLogger(__name__)
+TEXT_CACHE_SIZE = 1024  # text query embeddings a Searcher keeps (see Searcher._text_vectors)
 
 class Searcher:
     """Search one index. `index`: the index folder (default: MI_INDEX, else the per-user folder
@@ -53,6 +54,8 @@ class Searcher:
         self._faiss_generation = -1
         self._faiss_lock = threading.Lock()
         self._tower_lock = threading.Lock()
+        self._text_cache: dict[str, np.ndarray] = {}
+        self._text_cache_lock = threading.Lock()
         self._towers: dict[str, Any] = {}
         self._loaded_model = model if hasattr(model, "encode_texts") else None
         self._model_source = None if self._loaded_model else model
@@ -128,11 +131,28 @@ class Searcher:
         pictures = [load_query_image(terms[i].value) for i in images]  # fail before loading a model
         rows: dict[int, np.ndarray] = {}
         if texts:
-            rows.update(zip(texts, self.encoder("text").encode_texts([terms[i].value for i in texts])))
+            rows.update(zip(texts, self._text_vectors([terms[i].value for i in texts])))
         if images:
             rows.update(zip(images, self.encoder("image").encode_images(pictures)))
         vectors = np.stack([rows[i] for i in range(len(terms))])
         return combine(vectors, [term.weight for term in terms])
+
+    def _text_vectors(self, texts: list[str]) -> list[np.ndarray]:
+        """Text embeddings, each text encoded once per Searcher: a warm server re-filtering or
+        paging the same query (the web page does it at every filter change) skips the tower.
+        The TEXT_CACHE_SIZE most recent texts are kept (4 KB each at 1024-d)."""
+        with self._text_cache_lock:
+            known = {text: self._text_cache[text] for text in texts if text in self._text_cache}
+        missing = [text for text in dict.fromkeys(texts) if text not in known]
+        fresh = dict(zip(missing, self.encoder("text").encode_texts(missing))) if missing else {}
+        vectors = {**known, **fresh}
+        with self._text_cache_lock:
+            for text, vector in vectors.items():  # now the most recent
+                self._text_cache.pop(text, None)
+                self._text_cache[text] = vector
+            while len(self._text_cache) > TEXT_CACHE_SIZE:
+                del self._text_cache[next(iter(self._text_cache))]
+        return [vectors[text] for text in texts]
 
     # ------------------------------------------------------------------ search
     def search(self, query: str | Sequence[str] | Sequence[QueryTerm] | None = None, *,

@@ -315,3 +315,20 @@ def test_cli_in_a_fresh_process(tmp_path):
                           env={"PATH": "", "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr.count("\n") == 1 and "mi-index" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_repeated_text_is_encoded_once_and_gives_the_same_hits(searcher, monkeypatch):
+    from retrieval import search as search_module
+
+    first = searcher.search("pleural effusion", k=3)
+    calls = []
+    tower = searcher.encoder("text")
+    original = tower.encode_texts
+    monkeypatch.setattr(tower, "encode_texts", lambda texts: calls.append(list(texts)) or original(texts))
+    searcher.search("pleural effusion", k=3, min_score=-1.0)   # another option, the same text
+    searcher.search(["pleural effusion", "+", "cardiomegaly"], k=3)
+    assert calls == [["cardiomegaly"]]  # only the new text went through the tower
+    assert [h.id for h in searcher.search("pleural effusion", k=3)] == [h.id for h in first]
+    monkeypatch.setattr(search_module, "TEXT_CACHE_SIZE", 1)
+    searcher.search("a new text", k=1)
+    assert list(searcher._text_cache) == ["a new text"]
