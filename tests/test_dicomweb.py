@@ -1,11 +1,13 @@
 """Indexing from a PACS over DICOMweb, against a real Orthanc: the PACS index equals the folder
 index of the same files; re-runs pick up added and deleted instances; a server that dies mid-run
-gives one clear line and a resumable index; wrong credentials give one line."""
+gives one clear line and a resumable index; wrong credentials give one line; 5xx answers are
+retried and --connections bounds the retrievals in flight."""
 from __future__ import annotations
 
 import json
 import pickle
 import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -186,3 +188,68 @@ def test_credentials_are_checked_and_never_stored(tmp_path, model, monkeypatch):
             assert b"s3cret-pass" not in path.read_bytes() and b"alice" not in path.read_bytes()
     finally:
         server.stop()
+
+
+class FlakyProxy:
+    """In front of Orthanc: answers 503 to the first retrieval of each instance, and counts the
+    retrievals in flight at once."""
+
+    def __init__(self, target: str) -> None:
+        import http.server
+        import threading
+        import urllib.request
+
+        self.in_flight = self.most_in_flight = 0
+        self.refused: set[str] = set()
+        lock = threading.Lock()
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                retrieval = "/instances/" in self.path and "?" not in self.path
+                if retrieval:
+                    with lock:
+                        first = self.path not in proxy.refused
+                        proxy.refused.add(self.path)
+                        proxy.in_flight += 1
+                        proxy.most_in_flight = max(proxy.most_in_flight, proxy.in_flight)
+                try:
+                    if retrieval and first:
+                        self.send_response(503)
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
+                    if retrieval:
+                        time.sleep(0.05)  # a slower archive: retrievals overlap if nothing bounds them
+                    request = urllib.request.Request(target + self.path, headers={
+                        k: v for k, v in self.headers.items() if k.lower() == "accept"})
+                    with urllib.request.urlopen(request) as answer:
+                        body = answer.read()
+                        self.send_response(answer.status)
+                        self.send_header("Content-Type", answer.headers["Content-Type"])
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                finally:
+                    if retrieval:
+                        with lock:
+                            proxy.in_flight -= 1
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"dicomweb+http://127.0.0.1:{self.server.server_address[1]}/dicom-web"
+
+
+def test_5xx_answers_are_retried_and_connections_bound_retrievals(tmp_path, model, orthanc):
+    ids = stocked(orthanc, dicom_files())
+    proxy = FlakyProxy(orthanc.root)
+    try:
+        summary = indexer.index_dicomweb(proxy.url, tmp_path / "index", model=model, workers=2, connections=2)
+    finally:
+        proxy.server.shutdown()
+    assert (summary["new"], summary["skipped"]) == (len(ids), 0)  # every first answer was a 503
+    assert len(proxy.refused) == len(ids)
+    assert 1 <= proxy.most_in_flight <= 2
