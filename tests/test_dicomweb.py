@@ -1,7 +1,8 @@
 """Indexing from a PACS over DICOMweb, against a real Orthanc: the PACS index equals the folder
 index of the same files; re-runs pick up added and deleted instances; a server that dies mid-run
 gives one clear line and a resumable index; wrong credentials give one line; 5xx answers are
-retried and --connections bounds the retrievals in flight."""
+retried and --connections bounds the retrievals in flight; a bearer token from the environment
+goes with every request and nowhere else."""
 from __future__ import annotations
 
 import json
@@ -201,6 +202,7 @@ class FlakyProxy:
 
         self.in_flight = self.most_in_flight = 0
         self.refused: set[str] = set()
+        self.authorizations: set[str] = set()
         lock = threading.Lock()
         proxy = self
 
@@ -209,6 +211,7 @@ class FlakyProxy:
                 pass
 
             def do_GET(self) -> None:
+                proxy.authorizations.add(self.headers.get("Authorization", ""))
                 retrieval = "/instances/" in self.path and "?" not in self.path
                 if retrieval:
                     with lock:
@@ -243,8 +246,9 @@ class FlakyProxy:
         self.url = f"dicomweb+http://127.0.0.1:{self.server.server_address[1]}/dicom-web"
 
 
-def test_5xx_answers_are_retried_and_connections_bound_retrievals(tmp_path, model, orthanc):
+def test_5xx_answers_are_retried_and_connections_bound_retrievals(tmp_path, model, orthanc, monkeypatch):
     ids = stocked(orthanc, dicom_files())
+    monkeypatch.setenv("MI_DICOMWEB_TOKEN", "t0ken-from-env")
     proxy = FlakyProxy(orthanc.root)
     try:
         summary = indexer.index_dicomweb(proxy.url, tmp_path / "index", model=model, workers=2, connections=2)
@@ -253,3 +257,6 @@ def test_5xx_answers_are_retried_and_connections_bound_retrievals(tmp_path, mode
     assert (summary["new"], summary["skipped"]) == (len(ids), 0)  # every first answer was a 503
     assert len(proxy.refused) == len(ids)
     assert 1 <= proxy.most_in_flight <= 2
+    assert proxy.authorizations == {"Bearer t0ken-from-env"}  # every request, listing and retrieval
+    for path in (tmp_path / "index").iterdir():
+        assert b"t0ken" not in path.read_bytes()
