@@ -11,28 +11,30 @@ from .terminal import DEVICE_OPTION_HELP, check_device, console_script
 
 EPILOG = """\b
 Examples:
-  mi-index --sample                        a dozen real DICOM test images, to try mi-search
-  mi-index ./xrays                         index a folder (again: only what changed)
-  mi-index --update                        update every folder the index holds
-  mi-index --status                        what the index holds
-  mi-index --remove ./xrays/old            take a folder out of the index
-  mi-index --folders-of OLD --index NEW --model SRC   rebuild OLD's folders with another model
-  mi-index ./xrays ./more/case1.dcm        several folders and files into one index
-  mi-index /archive --index /data/idx --device cuda --batch-size 128 --workers 12
-  mi-index ./xrays --json                  the summary as one JSON object
-  mi-index /shared/archive --ray          decode and encode on the Ray cluster of RAY_ADDRESS
-  mi-index dicomweb+https://pacs/dicom-web --modality CR,DX --study-date 20200101-20201231
-                                           index from a PACS over DICOMweb (MI_DICOMWEB_USER,
-                                           MI_DICOMWEB_PASSWORD or MI_DICOMWEB_TOKEN for its login)
+  mi-index --sample                  a dozen real DICOM test images
+  mi-index ./xrays                   index a folder (again: only what changed)
+  mi-index --update                  update every folder the index holds
+  mi-index --status                  what the index holds
+  mi-index --remove ./xrays/old      take a folder out of the index
+  mi-index ./xrays ./more/case1.dcm  several folders and files, one index
+  mi-index ./xrays --json            the summary as one JSON object
+  mi-index /archive --index /data/idx --device cuda --batch-size 128
+  mi-index --folders-of OLD --index NEW --model SRC
+                                     rebuild OLD's folders with another model
+  mi-index /shared/archive --ray     decode and encode on a Ray cluster
+  mi-index dicomweb+https://pacs/dicom-web --modality CR,DX
+                                     from a PACS over DICOMweb (login:
+                                     MI_DICOMWEB_USER/_PASSWORD or _TOKEN)
   mi-index dimse://PACS_AET@pacs:104 --calling-aet MI-INDEX
-                                           from an older PACS over DIMSE (C-FIND, C-GET)
+                                     from an older PACS over DIMSE
 
 \b
-Files: PNG, JPEG, TIFF, BMP (8/16-bit grey, RGB) and DICOM (by extension or its DICM
-preamble; uncompressed, JPEG baseline/lossless, JPEG-LS, JPEG 2000, RLE). Hidden files and
-folders are left out. A file that cannot be read is skipped with its reason and retried
-once it changes. Unchanged files (same size and mtime) are not opened again; renamed or
-copied files reuse their stored vectors. Killing mi-index loses at most the batch in flight.
+Files: PNG, JPEG, TIFF, BMP (8/16-bit grey, RGB) and DICOM (by extension or
+its DICM preamble; uncompressed, JPEG baseline/lossless, JPEG-LS, JPEG 2000,
+RLE). Hidden files and folders are left out. A file that cannot be read is
+skipped with its reason and retried once it changes. Unchanged files (same
+size and mtime) are not opened again; renamed or copied files reuse their
+stored vectors. Killing mi-index loses at most the batch in flight.
 """
 
 
@@ -83,7 +85,6 @@ def _user_index_dir() -> str:
 @click.option("--faiss-memory", type=click.FloatRange(min=0), metavar="GB",
               help="Keep the search index within GB of memory (flat, then IVF fp16, then IVF-PQ); kept in "
                    "the index; 0 removes the budget. [default: none: exact up to 50,000 images]")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 @click.option("--modality", metavar="LIST", help="PACS: the modalities to index, e.g. CR,DX (a QIDO-RS filter, "
                                                  "applied by the server).")
 @click.option("--study-date", metavar="RANGE", help="PACS: study dates, e.g. 20200101-20201231, 20200101- or 20200101.")
@@ -97,6 +98,7 @@ def _user_index_dir() -> str:
 @click.option("--calling-aet", metavar="AET", envvar="MI_DIMSE_AET",
               help="DIMSE: this side's AE title, which the archive must allow C-FIND and C-GET from. "
                    "[default: MI_DIMSE_AET, else MI-INDEX]")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 @click.version_option(package_name="medimageinsight-search", prog_name="mi-index")
 def main(paths: tuple[str, ...], sample: bool, update: bool, folders_of: Path | None, remove: tuple[str, ...],
          status: bool, index_dir: Path | None, model: str | None, batch_size: int | None,

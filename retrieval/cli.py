@@ -14,23 +14,28 @@ EPILOG = """\b
 Queries:
   mi-search "pleural effusion"                  text
   mi-search ./case12.dcm                        image (an existing file)
-  mi-search "pleural effusion" + ./case12.dcm   both: their embeddings are added
-  mi-search ./case12.dcm - "pacemaker"          like case 12, away from pacemakers
-  mi-search "2:pleural effusion" + "cardiomegaly"   WEIGHT:QUERY weighs a term
+  mi-search "pleural effusion" + ./case12.dcm   both: embeddings added
+  mi-search ./case12.dcm - "pacemaker"          like case 12, not pacemakers
+  mi-search "2:pleural effusion" + "cardiomegaly"
+                                                WEIGHT:QUERY weighs a term
   mi-search pleural effusion                    unquoted words are one text
-Each term's embedding is normalised, weighted (+ or -, times WEIGHT), summed and normalised again.
---text or --image reads every term as a text or as an image file.
+Each term's embedding is normalised, weighted (+ or -, times WEIGHT), summed
+and normalised again. --text or --image reads every term as a text or as an
+image file.
 
 \b
-Filters apply before the top-k cut, so -k 10 --modality CR gives 10 CR images when 10 exist:
-  mi-search "lumbar spine fracture" -k 20 --modality CR --since 2020-01-01 --under ./archive
+Filters apply before the top-k cut: -k 10 --modality CR gives 10 CR images
+when 10 exist:
+  mi-search "lumbar spine fracture" -k 20 --modality CR --since 2020-01-01
 
 \b
-Output: a table on a terminal; tab-separated lines under a header row (rank, score, path,
-modality, body part, view, study date, labels if asked) when piped; --paths for paths only,
-byte for byte (mi-search ... --paths | xargs open; --print0 | xargs -0 for any file name);
---json for a list of objects (rank, score, id, path and the stored metadata).
---labels "normal,pneumothorax" adds zero-shot probabilities for each hit.
+Output: a table on a terminal; tab-separated lines under a header row (rank,
+score, path, modality, body part, view, study date, labels if asked) when
+piped; --paths for paths only, byte for byte (--paths | xargs open; --print0
+| xargs -0 for any file name); --json for a list of objects (rank, score, id,
+path and the stored metadata). --labels "normal,pneumothorax" adds zero-shot
+probabilities for each hit. A running mi-serve of the index answers (warm);
+--no-server searches here.
 """
 
 COLUMNS = [("modality", "modality"), ("body part", "body_part"), ("view", "view_position"),

@@ -15,9 +15,10 @@ from indexer.terminal import DEVICE_OPTION_HELP, check_device
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog="""\b
 Examples:
-  mi-serve                                  the default index, on http://127.0.0.1:8765/
+  mi-serve                         the default index, http://127.0.0.1:8765/
   mi-serve --index /data/idx --port 9000
-  mi-serve --host 0.0.0.0 --token "$TOKEN"  reachable from other machines: a token is required
+  mi-serve --host 0.0.0.0 --token "$TOKEN"
+                                   reachable from other machines: with a token
 """)
 @click.option("--index", "index_dir", envvar="MI_INDEX", type=click.Path(file_okay=False, path_type=Path),
               help="Index folder. [default: MI_INDEX, else the per-user folder mi-index uses]")
