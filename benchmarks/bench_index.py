@@ -4,6 +4,7 @@ unchanged re-run over 10,000 small files.
     python benchmarks/bench_index.py [MODEL_FOLDER] [--images 48] [--batch-size 8] [--workers 1]
                                      [--device cpu|cuda] [--dtype ...] [--unchanged-files 10000]
     python benchmarks/bench_index.py --null-encoder 2000 [--workers 1] [--batch-size 64]
+    python benchmarks/bench_index.py --simulated-device 400 --images 4000 [--batch-size 64]
     python benchmarks/bench_index.py [MODEL_FOLDER] --ray [--images 48]   # local vs through Ray
     python benchmarks/bench_index.py --dicomweb 200 [--workers 1] [--connections 4]   # and DIMSE
 
@@ -110,17 +111,66 @@ class NullEncoder:
     encode_resized = encode_pixels
 
 
-def null_encoder(model, root: Path, count: int, workers: int | None, batch_size: int) -> None:
-    """Main-process CPU milliseconds per image with a model that returns zeros (target <= 0.5 ms:
-    room for 2,000 images/s). Small 8-bit PNGs keep the workers ahead of the main process."""
-    import resource
+class SimulatedDevice(NullEncoder):
+    """A stand-in for a GPU that computes `rate` images/s: a batch is queued on one worker thread
+    (one CUDA stream) that sleeps for the batch's time, and `start_encoding` returns at once, as
+    it does on CUDA. `blocking=True` waits inside `start_encoding`: the pipeline as it was before
+    batches overlapped, when the device waited for every commit and collation."""
 
-    folder = root / "null"
+    def __init__(self, model, rate: float, blocking: bool) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+        super().__init__(model)
+        self.rate, self.blocking, self.busy = rate, blocking, 0.0
+        self.stream = ThreadPoolExecutor(max_workers=1)
+
+    def _compute(self, count: int) -> np.ndarray:
+        time.sleep(count / self.rate)
+        self.busy += count / self.rate
+        return np.zeros((count, self.dim), np.float32)
+
+    def start_encoding(self, resized):
+        batch = self.preprocess.collate(resized)  # the host-side work a real start does
+        future = self.stream.submit(self._compute, len(batch))
+        if self.blocking:
+            future.result()
+        return future
+
+
+def small_pngs(folder: Path, count: int) -> None:
+    """Small 8-bit PNGs: decoding them keeps the workers ahead of the main process."""
     folder.mkdir()
     rng = np.random.default_rng(1)
     for i in range(count):
         Image.fromarray(rng.integers(0, 256, (512, 512), dtype=np.uint8)).save(folder / f"{i:05d}.png",
                                                                                compress_level=1)
+
+
+def simulated_device(model, root: Path, count: int, rate: float, workers: int | None, batch_size: int) -> None:
+    """Does the pipeline keep a device busy? A simulated device of `rate` images/s (no GPU needed),
+    fed once by a main process that waits for every batch (before) and once with batches
+    overlapped (now): end-to-end images/s as a fraction of the device's rate. Target >= 0.9x."""
+    small_pngs(root / "sim", count)
+    for blocking in (True, False, True, False):
+        device = SimulatedDevice(model, rate, blocking)
+        index_dir = root / "sim-index"
+        start = time.perf_counter()
+        summary = indexer.index_paths([root / "sim"], index_dir, model=device, batch_size=batch_size,
+                                      workers=workers)
+        wall = time.perf_counter() - start
+        shutil.rmtree(index_dir)
+        achieved = summary["encoded"] / wall
+        print(f"simulated device {rate:.0f} images/s, {'waits for each batch' if blocking else 'overlapped     '}: "
+              f"{achieved:.0f} images/s end to end = {achieved / rate:.2f}x, device busy "
+              f"{device.busy / wall:.0%} ({workers} workers, batch {batch_size})")
+
+
+def null_encoder(model, root: Path, count: int, workers: int | None, batch_size: int) -> None:
+    """Main-process CPU milliseconds per image with a model that returns zeros (target <= 0.5 ms:
+    room for 2,000 images/s)."""
+    import resource
+
+    folder = root / "null"
+    small_pngs(folder, count)
     before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     summary = indexer.index_paths([folder], root / "null-index", model=NullEncoder(model), batch_size=batch_size,
@@ -249,6 +299,8 @@ def main() -> None:
     parser.add_argument("--unchanged-files", type=int, default=10_000)
     parser.add_argument("--null-encoder", type=int, metavar="N", default=0,
                         help="only measure the pipeline's own cost over N images, with a model returning zeros")
+    parser.add_argument("--simulated-device", type=float, metavar="RATE", default=0,
+                        help="only measure how busy the pipeline keeps a simulated device of RATE images/s")
     parser.add_argument("--ray", action="store_true", help="only compare a local run with one through Ray Data")
     parser.add_argument("--dicomweb", type=int, metavar="N", default=0,
                         help="instances/s over DICOMweb from a local Orthanc against a folder of the same N files")
@@ -265,6 +317,8 @@ def main() -> None:
         root = Path(tmp)
         if args.null_encoder:
             return null_encoder(model, root, args.null_encoder, args.workers, args.batch_size)
+        if args.simulated_device:
+            return simulated_device(model, root, args.images, args.simulated_device, args.workers, args.batch_size)
         if args.dicomweb:
             return dicomweb_against_folder(model, root, args.dicomweb, args.workers, args.batch_size,
                                            args.connections)

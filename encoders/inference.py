@@ -67,6 +67,19 @@ def cpu_lacks_native(dtype: torch.dtype, cpuinfo: str = "/proc/cpuinfo") -> bool
     return flags is not None and not any(flag in present for flag in flags)
 
 
+class PendingEmbeddings:
+    """A batch's embeddings, which the GPU may still be computing (`MedImageInsight.start_encoding`)."""
+
+    def __init__(self, vectors: torch.Tensor, done: torch.cuda.Event | None):
+        self._vectors, self._done = vectors, done
+
+    def result(self) -> np.ndarray:
+        """np.float32 (B, dim), once the device has finished them."""
+        if self._done is not None:
+            self._done.synchronize()
+        return self._vectors.numpy()
+
+
 class MedImageInsight:
     """Images and texts -> np.float32 (N, dim) unit vectors. Load with `load_model`."""
 
@@ -140,22 +153,39 @@ class MedImageInsight:
         self._need("image")
         if pixels.shape[0] == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
-        with torch.inference_mode(), self._autocast():
-            pixels = pixels.to(self.device, non_blocking=True)
-            return self._encode_image(pixels).float().cpu().numpy()
+        return self._start(pixels).result()
 
     def encode_resized(self, resized: Sequence[np.ndarray]) -> np.ndarray:
         """8-bit images already at the model's size (`preprocess.resize`: uint8 (H, W) or
         (H, W, 3)) -> np.float32 (B, dim). They are collated as uint8 (pinned on CUDA), copied
         to the device without blocking, and normalised there: a quarter of the bytes of float
         pixels cross the bus, and the embeddings are those of `encode_pixels(preprocess(...))`."""
+        return self.start_encoding(resized).result()
+
+    def start_encoding(self, resized: Sequence[np.ndarray]) -> PendingEmbeddings:
+        """`encode_resized` without waiting for the device: on CUDA the batch is queued on the GPU
+        and this returns at once, so the caller can commit the previous batch and collate the next
+        one while the GPU computes; `.result()` waits. On the CPU the work is done here."""
         self._need("image")
         if len(resized) == 0:
-            return np.zeros((0, self.dim), dtype=np.float32)
+            return PendingEmbeddings(torch.zeros((0, self.dim)), None)
         batch = self.preprocess.collate(resized, pin=self.device.type == "cuda")
         with torch.inference_mode():
             pixels = self.preprocess.normalize(batch.to(self.device, non_blocking=True))
-        return self.encode_pixels(pixels)
+        return self._start(pixels)
+
+    def _start(self, pixels: torch.Tensor) -> PendingEmbeddings:
+        with torch.inference_mode(), self._autocast():
+            vectors = self._encode_image(pixels.to(self.device, non_blocking=True)).float()
+        if self.device.type != "cuda":
+            return PendingEmbeddings(vectors, None)
+        # Back into pinned memory without blocking; an event marks when the copy (and so the whole
+        # batch before it on the stream) is done. Only `result()` waits for it.
+        host = torch.empty(vectors.shape, dtype=torch.float32, pin_memory=True)
+        host.copy_(vectors, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return PendingEmbeddings(host, done)
 
     def encode_images(self, images: Sequence, batch_size: int | None = None) -> np.ndarray:
         """PIL images or HxW / HxWx3 arrays (any size, any bit depth; see `preprocess`)

@@ -55,6 +55,16 @@ class Summary:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
+class _Done:
+    """The pending result of a model that has only `encode_resized` (a test's, a benchmark's)."""
+
+    def __init__(self, vectors: np.ndarray):
+        self.vectors = vectors
+
+    def result(self) -> np.ndarray:
+        return self.vectors
+
+
 def inductor_cache() -> str:
     """Where torch.compile keeps what it compiled, between runs: the per-user cache folder."""
     import platformdirs
@@ -78,6 +88,7 @@ class Indexer:
         self._pending_skipped: list[dict[str, Any]] = []
         self._waiting: dict[str, dict[str, Any]] = {}       # files whose frames are still being encoded
         self._queue: list[tuple[str, int, np.ndarray]] = []  # (key, position in file, uint8 pixels)
+        self._in_flight: tuple[list[tuple[str, int]], Any] | None = None  # the batch the device is computing
         self._write_seconds = 0.0
         self._encode_seconds = 0.0
 
@@ -202,6 +213,7 @@ class Indexer:
                     take(outcome)
         if self._queue:
             self._encode_queue()
+        self._finish_in_flight()
         self.summary.seconds["read_decode_in_workers"] = decode_seconds
 
     def _process_on_ray(self, todo: list[Item], dataset: DecodingDataset) -> None:
@@ -229,6 +241,7 @@ class Indexer:
         record = {"path": item.key, "size": item.size, "mtime_ns": item.mtime_ns,
                   "content_hash": outcome.content_hash}
         if isinstance(outcome, Skipped) and outcome.stop:
+            self._finish_in_flight()
             self._commit(force=True)  # the whole items done so far stay: the next run resumes after them
             raise SourceError(outcome.reason)
         if isinstance(outcome, Skipped):
@@ -254,20 +267,37 @@ class Indexer:
             self._queue.extend((item.key, position, pixels) for position, pixels in enumerate(outcome.pixels))
 
     def _encode_queue(self) -> None:
+        """Start encoding the next batch, then finish the one before it: on a GPU the new batch
+        computes while that one is committed and the next is collated, so the GPU does not wait
+        for SQLite. On the CPU `start_encoding` does the work itself and nothing overlaps."""
         batch, self._queue = self._queue[:self.batch_size], self._queue[self.batch_size:]
         start = time.perf_counter()
-        embeddings = self.model.encode_resized([pixels for _, _, pixels in batch])
+        pixels = [pixels for _, _, pixels in batch]
+        started = self.model.start_encoding(pixels) if hasattr(self.model, "start_encoding") \
+            else _Done(self.model.encode_resized(pixels))
+        self._encode_seconds += time.perf_counter() - start
+        self._finish_in_flight()
+        self._in_flight = ([(path, position) for path, position, _ in batch], started)
+        if len(self._queue) >= self.batch_size:
+            self._encode_queue()
+
+    def _finish_in_flight(self) -> None:
+        """Wait for the batch on the device, attach its embeddings, commit the files it completes."""
+        if self._in_flight is None:
+            return
+        batch, started = self._in_flight
+        self._in_flight = None
+        start = time.perf_counter()
+        embeddings = started.result()
         self._encode_seconds += time.perf_counter() - start
         self.summary.encoded += len(batch)
-        for (path, position, _), embedding in zip(batch, embeddings):
+        for (path, position), embedding in zip(batch, embeddings):
             waiting = self._waiting[path]
             waiting["images"][position]["embedding"] = embedding
             waiting["left"] -= 1
             if waiting["left"] == 0:
                 self._pending_indexed.append(self._waiting.pop(path))
         self._commit(force=True)
-        if len(self._queue) >= self.batch_size:
-            self._encode_queue()
 
     def _commit(self, force: bool) -> None:
         pending = len(self._pending_indexed) + len(self._pending_skipped)

@@ -193,8 +193,8 @@ def test_an_absurd_batch_size_is_capped_and_commits_stay_frequent(tmp_path, monk
     monkeypatch.setattr(pipeline, "MAX_BATCH_SIZE", 4)
     batches, commits = [], []
     model = load_model(FIXTURE, device="cpu", towers=("image",))
-    real_encode = model.encode_pixels
-    monkeypatch.setattr(model, "encode_pixels", lambda pixels: batches.append(len(pixels)) or real_encode(pixels))
+    real_start = model.start_encoding
+    monkeypatch.setattr(model, "start_encoding", lambda resized: batches.append(len(resized)) or real_start(resized))
     real_commit = IndexStore.commit
     monkeypatch.setattr(IndexStore, "commit", lambda self, *a, **k: commits.append(1) or real_commit(self, *a, **k))
     summary = indexer.index_paths([data], tmp_path / "index", model=model, batch_size=100_000, workers=0)

@@ -93,3 +93,51 @@ def test_the_compiled_encoder_matches_eager_on_every_row(tmp_path):
     compiled = gpu.encode_resized(resized)
     cosine = (eager * compiled).sum(1) / np.linalg.norm(eager, axis=1) / np.linalg.norm(compiled, axis=1)
     assert cosine.min() >= 0.9999
+
+
+def test_the_next_batch_starts_before_the_previous_one_is_committed(model, tmp_path, monkeypatch):
+    """The overlap that keeps a GPU busy: batch k+1 is queued on the device before batch k's
+    embeddings are taken and committed, and the index still holds exactly each file's embedding."""
+    import indexer
+    from indexer.store import IndexStore
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(4)
+    pictures = [rng.integers(0, 256, (40, 30), dtype=np.uint8) for _ in range(10)]
+    for i, picture in enumerate(pictures):
+        Image.fromarray(picture).save(data / f"{i:02d}.png")
+    events: list[tuple[str, int]] = []
+    real_start, real_commit = model.start_encoding, IndexStore.commit
+
+    class Logged:
+        def __init__(self, pending, number):
+            self.pending, self.number = pending, number
+
+        def result(self):
+            events.append(("result", self.number))
+            return self.pending.result()
+
+    def start_encoding(resized):
+        number = sum(kind == "start" for kind, _ in events)
+        events.append(("start", number))
+        return Logged(real_start(resized), number)
+
+    def commit(self, indexed=(), skipped=(), removed=()):
+        if indexed:
+            events.append(("commit", len(indexed)))
+        return real_commit(self, indexed, skipped, removed)
+
+    monkeypatch.setattr(model, "start_encoding", start_encoding)
+    monkeypatch.setattr(IndexStore, "commit", commit)
+    summary = indexer.index_paths([data], tmp_path / "index", model=model, batch_size=4, workers=0)
+    assert summary["encoded"] == 10
+    assert events == [("start", 0), ("start", 1), ("result", 0), ("commit", 4),
+                      ("start", 2), ("result", 1), ("commit", 4), ("result", 2), ("commit", 2)]
+    with IndexStore.open(tmp_path / "index", readonly=True) as store, store.engine.connect() as conn:
+        paths = [row[0] for row in conn.exec_driver_sql("SELECT path FROM images ORDER BY id")]
+        _, stored = store.all_vectors(conn)
+    by_name = dict(zip((Path(str(p, "utf-8") if isinstance(p, bytes) else p).name for p in paths), stored))
+    expected = model.encode_images(pictures)
+    for i in range(10):
+        np.testing.assert_allclose(by_name[f"{i:02d}.png"], expected[i], atol=1e-6)
