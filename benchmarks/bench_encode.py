@@ -2,6 +2,7 @@
 
     python benchmarks/bench_encode.py MODEL_FOLDER [--device cpu|cuda] [--dtype ...]
     python benchmarks/bench_encode.py --random-full /tmp/mi-full   # build random full-size weights first
+    python benchmarks/bench_encode.py --random-full /tmp/mi-full --device cuda --skip-text --compile
 
 `--random-full DIR` writes a checkpoint of the published sizes (config.yaml of the real
 model, random weights, 2.46 GB float32) into DIR unless it is already there, and measures
@@ -174,6 +175,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     parser.add_argument("--skip-text", action="store_true", help="images only")
+    parser.add_argument("--compile", action="store_true", help="also measure the image tower under torch.compile")
     parser.add_argument("--no-baseline", action="store_true", help="skip the plain eager baseline")
     args = parser.parse_args()
     folder = build_random_full(args.random_full) if args.random_full else (args.model or FIXTURE)
@@ -219,9 +221,12 @@ def measure_images(model, args) -> None:
     sizes = [int(s) for s in args.batch_sizes.split(",")] if args.batch_sizes else \
         ([1, 8, 32, 64] if device.type == "cuda" else [1, 2, 4])
     rng = np.random.default_rng(0)
+    batches, eager = {}, {}
     for bs in sizes:
-        pixels = torch.stack([model.preprocess(rng.integers(0, 256, (512, 512), dtype=np.uint8)) for _ in range(bs)])
+        pixels = batches[bs] = torch.stack([model.preprocess(rng.integers(0, 256, (512, 512), dtype=np.uint8))
+                                            for _ in range(bs)])
         ours = timed(lambda: model.encode_pixels(pixels), args.repeat)
+        eager[bs] = bs / ours
         line = f"images/s, batch {bs:3d}: {bs / ours:8.2f}"
         if device.type == "cuda":
             line += f"  ({bs / ours * FLOP_PER_IMAGE / 790e12 * 100:.1f}% of 790 TFLOP/s bf16)"
@@ -235,6 +240,19 @@ def measure_images(model, args) -> None:
             diff = np.abs(baseline().float().cpu().numpy() - model.encode_pixels(pixels)).max()
             line += f"   plain eager: {bs / plain:8.2f}  (ours {plain / ours:.2f}x; max |diff| {diff:.1e})"
         print(line, flush=True)
+    if args.compile:
+        expected = {bs: model.encode_pixels(pixels) for bs, pixels in batches.items()}
+        model.compile()
+        for bs, pixels in batches.items():
+            start = time.perf_counter()
+            compiled_out = model.encode_pixels(pixels)  # compiles this shape
+            first = time.perf_counter() - start
+            seconds = timed(lambda: model.encode_pixels(pixels), args.repeat)
+            cosine = float((compiled_out * expected[bs]).sum(axis=1).min())
+            line = f"compiled, batch {bs:3d}: {bs / seconds:8.2f} images/s ({bs / seconds / eager[bs]:.2f}x eager"
+            if device.type == "cuda":
+                line += f", {bs / seconds * FLOP_PER_IMAGE / 790e12 * 100:.1f}% of 790 TFLOP/s bf16"
+            print(line + f"; first call {first:.0f} s; min cosine to eager {cosine:.6f})", flush=True)
 
 
 if __name__ == "__main__":

@@ -4,14 +4,17 @@ unchanged re-run over 10,000 small files.
     python benchmarks/bench_index.py [MODEL_FOLDER] [--images 48] [--batch-size 8] [--workers 1]
                                      [--device cpu|cuda] [--dtype ...] [--unchanged-files 10000]
     python benchmarks/bench_index.py --null-encoder 2000 [--workers 1] [--batch-size 64]
-    python benchmarks/bench_index.py --simulated-device 400 --images 4000 [--batch-size 64]
+    python benchmarks/bench_index.py [MODEL_FOLDER] --archive 120 [--fast-j2k] [--device cuda]
+    python benchmarks/bench_index.py --simulated-device 100 --images 2000 [--batch-size 64] [--workers 1]
     python benchmarks/bench_index.py [MODEL_FOLDER] --ray [--images 48]   # local vs through Ray
     python benchmarks/bench_index.py --dicomweb 200 [--workers 1] [--connections 4]   # and DIMSE
 
 Default model: the tiny test fixture (offline). End-to-end = files on disk (1024x1024 16-bit
 PNGs and real DICOM files, all distinct) -> decode in worker processes -> encode -> SQLite ->
 FAISS, through `indexer.index_paths`. Encode-only = the same images already preprocessed in
-memory, through `model.encode_pixels` with the same batch size. Target: end-to-end >= 0.9x.
+memory, through `model.encode_resized` with the same batch size. Target: end-to-end >= 0.9x.
+--archive N: issue 8's realistic mix (8-bit PNG, 16-bit DICOM, JPEG 2000), with each stage's
+busy fraction. --simulated-device RATE: how busy the pipeline keeps a device of RATE images/s.
 --dicomweb N: N distinct 1024x1024 16-bit DICOM instances indexed from a local Orthanc (over
 DICOMweb, and over DIMSE) and from a folder of the same files, instances/s of each. Target:
 PACS >= 0.8x folder.
@@ -60,13 +63,14 @@ def make_images(folder: Path, count: int) -> None:
 
 
 def encode_only(model, folder: Path, batch_size: int) -> tuple[int, float]:
-    pixels = torch.stack([model.preprocess(image) for path in sorted(folder.iterdir())
-                          for _, image in decode_file(path).frames])
-    model.encode_pixels(pixels[:batch_size])  # warm-up
+    """The encoder alone on the same images, decoded and resized beforehand: images and seconds."""
+    resized = [model.preprocess.resize(image) for path in sorted(folder.iterdir())
+               for _, image in decode_file(path).frames]
+    model.encode_resized(resized[:batch_size])  # warm-up
     start = time.perf_counter()
-    for i in range(0, len(pixels), batch_size):
-        model.encode_pixels(pixels[i:i + batch_size])
-    return len(pixels), time.perf_counter() - start
+    for i in range(0, len(resized), batch_size):
+        model.encode_resized(resized[i:i + batch_size])
+    return len(resized), time.perf_counter() - start
 
 
 def unchanged_rerun(model, root: Path, files: int) -> None:
@@ -180,6 +184,70 @@ def null_encoder(model, root: Path, count: int, workers: int | None, batch_size:
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     print(f"null encoder: {summary['encoded']} images, main process {1000 * cpu / summary['encoded']:.2f} ms CPU "
           f"per image, {summary['encoded'] / wall:.0f} images/s wall ({workers} workers, batch {batch_size})")
+
+
+def make_archive(folder: Path, count: int) -> dict[str, int]:
+    """Issue 8's realistic mix, scaled to `count` files: per 3,364 files, 3,000 NIH-like 1024x1024
+    8-bit PNGs and 364 MIMIC-like 2500x2048 16-bit DICOM (12 bits stored), 64 of them JPEG 2000
+    lossless. Smooth anatomy-like gradients plus noise, all distinct."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
+
+    folder.mkdir(parents=True)
+    dicoms = max(1, round(count * 364 / 3364))
+    j2k = max(1, round(count * 64 / 3364))
+    pngs = count - dicoms
+    rng = np.random.default_rng(5)
+    y, x = np.mgrid[0:1024, 0:1024]
+    chest = (128 + 80 * np.sin(x / 90.0) * np.cos(y / 130.0)).astype(np.int16)
+    for i in range(pngs):
+        noise = rng.integers(-12, 12, (1024, 1024), dtype=np.int16)
+        Image.fromarray(np.clip(chest + noise + i % 7, 0, 255).astype(np.uint8)).save(folder / f"nih{i:05d}.png")
+    y, x = np.mgrid[0:2500, 0:2048]
+    film = (1800 + 1200 * np.sin(x / 200.0) * np.cos(y / 260.0)).astype(np.int32)
+    for i in range(dicoms):
+        pixels = np.clip(film + rng.integers(-40, 40, film.shape) + i, 0, 4095).astype(np.uint16)
+        ds = pydicom.Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+        ds.Modality, ds.BodyPartExamined, ds.PatientID = "DX", "CHEST", f"P{i}"
+        ds.Rows, ds.Columns = pixels.shape
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.PixelData = pixels.tobytes()
+        if i < j2k:
+            ds.compress(JPEG2000Lossless, pixels)
+        ds.save_as(folder / f"mimic{i:05d}.dcm", enforce_file_format=True)
+    return {"png": pngs, "dicom": dicoms - j2k, "j2k": j2k}
+
+
+def archive(model, root: Path, count: int, workers: int | None, batch_size: int, fast_j2k: bool) -> None:
+    """End to end on the realistic mix against encode-only, and how busy each stage was."""
+    mix = make_archive(root / "archive", count)
+    print("archive: " + ", ".join(f"{n} {kind}" for kind, n in mix.items()))
+    workers = workers if workers is not None else min(8, max(1, (os.cpu_count() or 2) - 1))
+    # Alternating, best of two of each: other work on the machine moves single runs.
+    encode_rate, rate, summary, wall = 0.0, 0.0, {}, 0.0
+    for attempt in range(2):
+        images, seconds = encode_only(model, root / "archive", batch_size)
+        encode_rate = max(encode_rate, images / seconds)
+        start = time.perf_counter()
+        run = indexer.index_paths([root / "archive"], root / f"archive-index-{attempt}", model=model,
+                                  batch_size=batch_size, workers=workers, fast_j2k=fast_j2k)
+        seconds = time.perf_counter() - start
+        if run["encoded"] / seconds > rate:
+            rate, summary, wall = run["encoded"] / seconds, run, seconds
+    print(f"encode-only: {images} images, best {encode_rate:.2f} images/s")
+    stage = summary["seconds"]
+    print(f"end-to-end:  {summary['encoded']} images, best {wall:.2f} s = {rate:.2f} images/s = "
+          f"{rate / encode_rate:.2f}x encode-only ({workers} workers, batch {batch_size}"
+          f"{', --fast-j2k' if fast_j2k else ''}; target >= 0.9x)")
+    print(f"busy: decoding workers {stage['read_decode_in_workers'] / (max(workers, 1) * wall):.0%} "
+          f"(of {workers} x wall), encoding {stage['encode'] / wall:.0%}, writing {stage['write'] / wall:.0%}")
 
 
 def local_vs_ray(model_folder: Path, root: Path, count: int, batch_size: int, workers: int | None) -> None:
@@ -299,6 +367,9 @@ def main() -> None:
     parser.add_argument("--unchanged-files", type=int, default=10_000)
     parser.add_argument("--null-encoder", type=int, metavar="N", default=0,
                         help="only measure the pipeline's own cost over N images, with a model returning zeros")
+    parser.add_argument("--archive", type=int, metavar="N", default=0,
+                        help="only index N files of issue 8's mix (8-bit PNG, 16-bit DICOM, JPEG 2000)")
+    parser.add_argument("--fast-j2k", action="store_true", help="with --archive: mi-index --fast-j2k")
     parser.add_argument("--simulated-device", type=float, metavar="RATE", default=0,
                         help="only measure how busy the pipeline keeps a simulated device of RATE images/s")
     parser.add_argument("--ray", action="store_true", help="only compare a local run with one through Ray Data")
@@ -317,6 +388,8 @@ def main() -> None:
         root = Path(tmp)
         if args.null_encoder:
             return null_encoder(model, root, args.null_encoder, args.workers, args.batch_size)
+        if args.archive:
+            return archive(model, root, args.archive, args.workers, args.batch_size, args.fast_j2k)
         if args.simulated_device:
             return simulated_device(model, root, args.images, args.simulated_device, args.workers, args.batch_size)
         if args.dicomweb:
