@@ -112,3 +112,28 @@ def test_ray_mistakes_are_one_line(tmp_path):
     assert "cannot reach the Ray cluster at 127.0.0.1:1" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "index").exists()
+
+
+def test_a_pacs_indexed_on_ray_equals_a_local_build(cluster, tmp_path):
+    """The DICOMweb source travels to Ray's workers (its connection is rebuilt there, not pickled):
+    the same instances, metadata and vectors as a local run from the same Orthanc."""
+    from orthanc_server import MISSING, Orthanc, dicom_files, stocked
+    from orthanc_server import rows as pacs_rows
+
+    if MISSING:
+        pytest.skip(MISSING)
+    server = Orthanc(tmp_path / "orthanc").start()
+    try:
+        uploaded = stocked(server, dicom_files(6))
+        local = indexer.index_dicomweb(server.url, tmp_path / "local", model=str(FIXTURE), workers=0, batch_size=1)
+        on_ray = indexer.index_dicomweb(server.url, tmp_path / "ray", model=str(FIXTURE), ray="local", batch_size=1)
+    finally:
+        server.stop()
+    assert on_ray["new"] == local["new"] == len(uploaded) and on_ray["images"] == local["images"] > 0
+    local_rows, ray_rows = pacs_rows(tmp_path / "local"), pacs_rows(tmp_path / "ray")
+    assert local_rows.keys() == ray_rows.keys()
+    for uid, row in local_rows.items():
+        assert {k: v for k, v in ray_rows[uid].items() if k not in ("id", "embedding")} == \
+            {k: v for k, v in row.items() if k not in ("id", "embedding")}
+        np.testing.assert_allclose(np.frombuffer(ray_rows[uid]["embedding"], np.float32),
+                                   np.frombuffer(row["embedding"], np.float32), atol=1e-5)
