@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import multiprocessing
 import os
 import re
 import threading
@@ -35,7 +34,7 @@ from urllib.parse import urlsplit
 from .decode import TransientDecodeError
 from .errors import SourceError
 from .pacs_keys import SCHEME_PREFIX, instance_key, is_dicomweb_url, wado_url
-from .sources import Item
+from .sources import BoundedRetrievals, Item
 
 if TYPE_CHECKING:
     from .store import IndexStore
@@ -138,7 +137,7 @@ def _uid(result: dict[str, Any], tag: str) -> str | None:
 
 
 @dataclass
-class DicomwebSource:
+class DicomwebSource(BoundedRetrievals):
     """The instances a DICOMweb server lists (under `filters`), read over WADO-RS. Pickles
     without its HTTP session (each decoding process opens its own)."""
 
@@ -154,25 +153,13 @@ class DicomwebSource:
 
     def __post_init__(self) -> None:
         self.url = base_url(self.url)
-        self.connections = max(1, int(self.connections))
         self._http = self.url[len(SCHEME_PREFIX):]
-        self._slots = multiprocessing.get_context().BoundedSemaphore(self.connections)
+        self._bound_retrievals()
         self._local: threading.local | None = None
         self._client_pid = -1
 
     def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state.update(_local=None, _client_pid=-1)
-        if multiprocessing.context.get_spawning_popen() is None:
-            # pickled for elsewhere (a Ray task), not for a process started from here: the bound
-            # holds per process there
-            state["_slots"] = None
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        if self._slots is None:
-            self._slots = threading.BoundedSemaphore(self.connections)
+        return {**super().__getstate__(), "_local": None, "_client_pid": -1}
 
     @property
     def name(self) -> str:

@@ -19,11 +19,9 @@ association, so the archive needs no route to this machine (no C-MOVE destinatio
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
 import re
 import socket
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from .dicomweb import QueryFilters, known_under, version_token
 from .errors import SourceError
 from .pacs_keys import DIMSE_SCHEME, instance_key
-from .sources import Item
+from .sources import BoundedRetrievals, Item
 
 if TYPE_CHECKING:
     from .store import IndexStore
@@ -69,7 +67,7 @@ def parse_url(text: str) -> tuple[str, str, int]:
 
 
 @dataclass
-class DimseSource:
+class DimseSource(BoundedRetrievals):
     """The instances a DIMSE archive lists (C-FIND, under `filters`), read with C-GET. Pickles
     without its associations (each process opens its own)."""
 
@@ -88,19 +86,7 @@ class DimseSource:
         self.url = f"{DIMSE_SCHEME}{self.called_aet}@{self.host}:{self.port}"
         if not 0 < len(self.calling_aet) <= 16:
             raise SourceError(f"--calling-aet {self.calling_aet!r}: an AE title has 1 to 16 characters")
-        self.connections = max(1, int(self.connections))
-        self._slots = multiprocessing.get_context().BoundedSemaphore(self.connections)
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        if multiprocessing.context.get_spawning_popen() is None:
-            state["_slots"] = None  # pickled for elsewhere (a Ray task): the bound holds per process there
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        if self._slots is None:
-            self._slots = threading.BoundedSemaphore(self.connections)
+        self._bound_retrievals()
 
     @property
     def name(self) -> str:

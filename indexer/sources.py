@@ -14,12 +14,14 @@ same for all of them.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import stat
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .decode import sniff_kind
 from .errors import PathNotFoundError
@@ -61,6 +63,30 @@ class Source(Protocol):
 
     def read(self, item: Item) -> bytes:
         """The item's bytes (OSError when it cannot be read)."""
+
+
+class BoundedRetrievals:
+    """For a network source: at most `connections` retrievals in flight (`with self._slots:`),
+    across the decoding processes started from here (a multiprocessing semaphore, inherited by
+    them). Pickled for elsewhere (a Ray task) it cannot travel; there the bound holds per process.
+    Call `_bound_retrievals()` from `__post_init__`."""
+
+    connections: int
+
+    def _bound_retrievals(self) -> None:
+        self.connections = max(1, int(self.connections))
+        self._slots = multiprocessing.get_context().BoundedSemaphore(self.connections)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        if multiprocessing.context.get_spawning_popen() is None:  # not for a process started here
+            state["_slots"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if self._slots is None:
+            self._slots = threading.BoundedSemaphore(self.connections)
 
 
 @dataclass
