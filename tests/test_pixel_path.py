@@ -58,6 +58,16 @@ def test_on_cuda_the_batch_is_pinned_and_normalised_on_the_device():
     np.testing.assert_allclose(gpu.encode_resized(resized), cpu.encode_resized(resized), atol=1e-4)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (batches queued without waiting)")
+def test_on_cuda_two_batches_in_flight_each_come_back_whole():
+    gpu = load_model(FIXTURE, device="cuda", dtype="float32", towers=("image",))
+    cpu = load_model(FIXTURE, device="cpu", towers=("image",))
+    resized = [gpu.preprocess.resize(image) for image in images()]
+    first, second = gpu.start_encoding(resized), gpu.start_encoding(resized[::-1])
+    np.testing.assert_allclose(second.result(), cpu.encode_resized(resized[::-1]), atol=1e-4)
+    np.testing.assert_allclose(first.result(), cpu.encode_resized(resized), atol=1e-4)
+
+
 def test_bf16_on_a_cpu_without_native_bf16_warns_in_one_line(tmp_path, caplog):
     from encoders.inference import cpu_lacks_native
 
