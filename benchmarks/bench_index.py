@@ -4,7 +4,7 @@ unchanged re-run over 10,000 small files.
     python benchmarks/bench_index.py [MODEL_FOLDER] [--images 48] [--batch-size 8] [--workers 1]
                                      [--device cpu|cuda] [--dtype ...] [--unchanged-files 10000]
     python benchmarks/bench_index.py --null-encoder 2000 [--workers 1] [--batch-size 64]
-    python benchmarks/bench_index.py [MODEL_FOLDER] --archive 120 [--fast-j2k] [--device cuda]
+    python benchmarks/bench_index.py [MODEL_FOLDER] --archive 120 [--fast-j2k] [--device cuda --compile]
     python benchmarks/bench_index.py --simulated-device 100 --images 2000 [--batch-size 64] [--workers 1]
     python benchmarks/bench_index.py [MODEL_FOLDER] --ray [--images 48]   # local vs through Ray
     python benchmarks/bench_index.py --dicomweb 200 [--workers 1] [--connections 4]   # and DIMSE
@@ -224,10 +224,15 @@ def make_archive(folder: Path, count: int) -> dict[str, int]:
     return {"png": pngs, "dicom": dicoms - j2k, "j2k": j2k}
 
 
-def archive(model, root: Path, count: int, workers: int | None, batch_size: int, fast_j2k: bool) -> None:
-    """End to end on the realistic mix against encode-only, and how busy each stage was."""
+def archive(model, root: Path, count: int, workers: int | None, batch_size: int, fast_j2k: bool,
+            compiled: bool) -> None:
+    """End to end on the realistic mix against encode-only, and how busy each stage was. With
+    `compiled`, both go through the one compiled model (compiled by the first encode-only pass)."""
     mix = make_archive(root / "archive", count)
     print("archive: " + ", ".join(f"{n} {kind}" for kind, n in mix.items()))
+    if compiled:
+        from indexer.pipeline import inductor_cache
+        model.compile(cache_dir=inductor_cache())
     workers = workers if workers is not None else min(8, max(1, (os.cpu_count() or 2) - 1))
     # Alternating, best of two of each: other work on the machine moves single runs.
     encode_rate, rate, summary, wall = 0.0, 0.0, {}, 0.0
@@ -236,7 +241,7 @@ def archive(model, root: Path, count: int, workers: int | None, batch_size: int,
         encode_rate = max(encode_rate, images / seconds)
         start = time.perf_counter()
         run = indexer.index_paths([root / "archive"], root / f"archive-index-{attempt}", model=model,
-                                  batch_size=batch_size, workers=workers, fast_j2k=fast_j2k)
+                                  batch_size=batch_size, workers=workers, fast_j2k=fast_j2k, compile="off")
         seconds = time.perf_counter() - start
         if run["encoded"] / seconds > rate:
             rate, summary, wall = run["encoded"] / seconds, run, seconds
@@ -244,7 +249,7 @@ def archive(model, root: Path, count: int, workers: int | None, batch_size: int,
     stage = summary["seconds"]
     print(f"end-to-end:  {summary['encoded']} images, best {wall:.2f} s = {rate:.2f} images/s = "
           f"{rate / encode_rate:.2f}x encode-only ({workers} workers, batch {batch_size}"
-          f"{', --fast-j2k' if fast_j2k else ''}; target >= 0.9x)")
+          f"{', --fast-j2k' if fast_j2k else ''}{', compiled' if compiled else ''}; target >= 0.9x)")
     print(f"busy: decoding workers {stage['read_decode_in_workers'] / (max(workers, 1) * wall):.0%} "
           f"(of {workers} x wall), encoding {stage['encode'] / wall:.0%}, writing {stage['write'] / wall:.0%}")
 
@@ -369,6 +374,7 @@ def main() -> None:
     parser.add_argument("--archive", type=int, metavar="N", default=0,
                         help="only index N files of issue 8's mix (8-bit PNG, 16-bit DICOM, JPEG 2000)")
     parser.add_argument("--fast-j2k", action="store_true", help="with --archive: mi-index --fast-j2k")
+    parser.add_argument("--compile", action="store_true", help="with --archive: both through torch.compile")
     parser.add_argument("--simulated-device", type=float, metavar="RATE", default=0,
                         help="only measure how busy the pipeline keeps a simulated device of RATE images/s")
     parser.add_argument("--ray", action="store_true", help="only compare a local run with one through Ray Data")
@@ -388,7 +394,7 @@ def main() -> None:
         if args.null_encoder:
             return null_encoder(model, root, args.null_encoder, args.workers, args.batch_size)
         if args.archive:
-            return archive(model, root, args.archive, args.workers, args.batch_size, args.fast_j2k)
+            return archive(model, root, args.archive, args.workers, args.batch_size, args.fast_j2k, args.compile)
         if args.simulated_device:
             return simulated_device(model, root, args.images, args.simulated_device, args.workers, args.batch_size)
         if args.dicomweb:
