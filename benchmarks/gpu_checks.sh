@@ -9,9 +9,10 @@
 # the pipeline's own ceiling on that machine's cores, a simulated device, and mi-index end to end
 # on issue 8's mix against compiled encode-only. Every line goes to $OUT/gpu.log as it is printed.
 # MODEL (default: random full-size weights built in /tmp/mi-full), ARCHIVE (files, default 1280)
-# and DEVICE (default cuda) can be set to try the script on a CPU with the tiny model first.
+# DEVICE (default cuda), PIPELINE_IMAGES (default 4000) and PYTHON can be set to try the script on a CPU with the tiny model first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
 
 if [ "${1:-}" = "--fetch-wheels" ]; then
     grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >> "$(git rev-parse --git-common-dir)/info/exclude"
@@ -19,7 +20,7 @@ if [ "${1:-}" = "--fetch-wheels" ]; then
                --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64"
     for name in faiss-cpu sqlalchemy greenlet pydicom pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg pylibjpeg-rle \
                 ftfy wcwidth platformdirs; do
-        python3 -m pip download -q --no-deps --only-binary=:all: $platforms -d .whl "$name" || exit 1
+        "$PY" -m pip download -q --no-deps --only-binary=:all: $platforms -d .whl "$name" || exit 1
     done
     du -sh .whl
     exit 0
@@ -32,31 +33,31 @@ DEVICE=${DEVICE:-cuda}
 ARCHIVE=${ARCHIVE:-1280}  # 20 batches of 64: no odd last batch to compile again
 WORKERS=$(( $(nproc) > 1 ? $(nproc) - 1 : 1 ))
 if [ -d .whl ]; then
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+    "$PY" -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site:$PWD
 else
     export PYTHONPATH=$PWD
 fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
+"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
             torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
 if [ -z "${MODEL:-}" ]; then
     MODEL=/tmp/mi-full
-    python3 benchmarks/bench_encode.py --random-full "$MODEL" --device "$DEVICE" --skip-text --no-baseline \
+    "$PY" benchmarks/bench_encode.py --random-full "$MODEL" --device "$DEVICE" --skip-text --no-baseline \
         --batch-sizes 64,128 --compile                                    || echo "FAILED: bench_encode"
 else
-    python3 benchmarks/bench_encode.py "$MODEL" --device "$DEVICE" --skip-text --no-baseline --compile \
+    "$PY" benchmarks/bench_encode.py "$MODEL" --device "$DEVICE" --skip-text --no-baseline --compile \
                                                                           || echo "FAILED: bench_encode"
 fi
 echo "--- CUDA-only tests (each skips without CUDA)"
-python3 -m pytest -q -p no:cacheprovider tests/test_pixel_path.py tests/test_vectors.py -k "cuda or gpu or compiled" \
+"$PY" -m pytest -q -p no:cacheprovider tests/test_pixel_path.py tests/test_vectors.py -k "cuda or gpu or compiled" \
                                                                           || echo "FAILED: tests"
 echo "--- the pipeline's own ceiling on this machine's cores"
-python3 benchmarks/bench_index.py --null-encoder 4000 --workers "$WORKERS" --batch-size 64 || echo "FAILED: null"
-python3 benchmarks/bench_index.py --simulated-device 1000 --images 6000 --workers "$WORKERS" --batch-size 64 \
+"$PY" benchmarks/bench_index.py --null-encoder "${PIPELINE_IMAGES:-4000}" --workers "$WORKERS" --batch-size 64 || echo "FAILED: null"
+"$PY" benchmarks/bench_index.py --simulated-device 1000 --images "${PIPELINE_IMAGES:-4000}" --workers "$WORKERS" --batch-size 64 \
                                                                           || echo "FAILED: simulated"
 echo "--- mi-index end to end on issue 8's mix against encode-only, both compiled; then eager with --fast-j2k"
-python3 benchmarks/bench_index.py "$MODEL" --device "$DEVICE" --archive "$ARCHIVE" --workers "$WORKERS" \
+"$PY" benchmarks/bench_index.py "$MODEL" --device "$DEVICE" --archive "$ARCHIVE" --workers "$WORKERS" \
     --batch-size 64 --compile                                             || echo "FAILED: archive"
-python3 benchmarks/bench_index.py "$MODEL" --device "$DEVICE" --archive "$ARCHIVE" --workers "$WORKERS" \
+"$PY" benchmarks/bench_index.py "$MODEL" --device "$DEVICE" --archive "$ARCHIVE" --workers "$WORKERS" \
     --batch-size 64 --fast-j2k                                            || echo "FAILED: archive fast-j2k"
