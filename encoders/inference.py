@@ -105,7 +105,22 @@ class MedImageInsight:
         batch but the last has the same size, and the last compiles once more."""
         if cache_dir is not None:
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir))
-        self._encode_image = torch.compile(self.net.encode_image, dynamic=False)
+        compiled = torch.compile(self.net.encode_image, dynamic=False)
+
+        def first_call(pixels: torch.Tensor) -> torch.Tensor:
+            # Compiling happens here. It can fail where eager works (no C++ compiler for Inductor's
+            # CPU kernels, no Triton for CUDA's): then say so in one line and stay eager.
+            try:
+                out = compiled(pixels)
+            except Exception as e:  # noqa: BLE001 - any failure of the compiler stack
+                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                log.warning("torch.compile failed, encoding without it: %s", reason[:200])
+                self._encode_image = self.net.encode_image
+                return self._encode_image(pixels)
+            self._encode_image = compiled
+            return out
+
+        self._encode_image = first_call
 
     def __repr__(self) -> str:
         return (f"MedImageInsight(source={self.source!r}, towers={self.towers}, dim={self.dim}, "

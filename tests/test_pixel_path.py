@@ -105,6 +105,34 @@ def test_the_compiled_encoder_matches_eager_on_every_row(tmp_path):
     assert cosine.min() >= 0.9999
 
 
+def test_a_compiler_that_fails_leaves_the_encoder_eager_with_one_line(model, tmp_path, monkeypatch, caplog):
+    """Inductor's CPU kernels need a C++ compiler: where there is none, --compile on says so in
+    one line and encodes eagerly, with the same embeddings."""
+    import logging
+
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+    from encoders.inference import MedImageInsight
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # nothing compiled before
+    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, str(tmp_path / "no-such-c++")))
+    resized = [model.preprocess.resize(image) for image in images()]
+    eager = model.encode_resized(resized)
+    fresh = MedImageInsight(model.net, preprocess=model.preprocess, tokenizer=None, dim=model.dim,
+                            device=model.device, dtype=model.dtype, fingerprint=model.fingerprint,
+                            source=model.source, towers=model.towers)
+    fresh.compile()
+    try:
+        with caplog.at_level(logging.WARNING, logger="encoders.inference"):
+            first, again = fresh.encode_resized(resized), fresh.encode_resized(resized)
+    finally:
+        torch._dynamo.reset()
+    np.testing.assert_array_equal(first, eager)
+    np.testing.assert_array_equal(again, eager)
+    (message,) = [r.getMessage() for r in caplog.records if r.name == "encoders.inference"]
+    assert message.startswith("torch.compile failed") and "C++ compiler" in message and "\n" not in message
+
+
 def test_the_next_batch_starts_before_the_previous_one_is_committed(model, tmp_path, monkeypatch):
     """The overlap that keeps a GPU busy: batch k+1 is queued on the device before batch k's
     embeddings are taken and committed, and the index still holds exactly each file's embedding."""
