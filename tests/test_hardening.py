@@ -435,6 +435,7 @@ def test_patient_pseudonyms_are_keyed_with_a_key_outside_the_index(tmp_path, mod
 def test_an_index_with_salted_hashes_is_migrated_to_keyed_pseudonyms(tmp_path):
     from sqlalchemy import create_engine, text
 
+    from indexer import schema as schema_module
     from indexer import store as store_module
     from indexer.privacy import patient_key, pseudonym
 
@@ -442,7 +443,7 @@ def test_an_index_with_salted_hashes_is_migrated_to_keyed_pseudonyms(tmp_path):
     index_dir.mkdir()
     engine = create_engine(f"sqlite:///{index_dir / 'index.sqlite'}")
     with engine.begin() as conn:  # an index as version 1 of the schema wrote it
-        store_module._m001_initial(conn)
+        schema_module._m001_initial(conn)
         conn.execute(text("INSERT INTO meta VALUES ('schema_version', '1')"))
         conn.execute(text("INSERT INTO files VALUES ('/a.dcm', 1, 1, 'h', NULL, 'now')"))
         conn.execute(text("INSERT INTO images (path, frame, content_hash, patient_hash, embedding) "

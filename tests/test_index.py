@@ -101,12 +101,13 @@ def test_incremental_runs(tmp_path, model):
 
 
 def test_migration_killed_halfway_leaves_nothing_behind(tmp_path, monkeypatch):
+    import indexer.schema as schema_module
     import indexer.store as store_module
 
     def broken_migration(conn):
         conn.execute(store_module.text("CREATE TABLE half_done (x)"))
         raise store_module.OperationalError("killed", {}, Exception("killed"))
-    monkeypatch.setattr(store_module, "MIGRATIONS", [store_module._m001_initial, broken_migration])
+    monkeypatch.setattr(store_module, "MIGRATIONS", [schema_module._m001_initial, broken_migration])
     monkeypatch.setattr(store_module, "SCHEMA_VERSION", 2)
     with pytest.raises(store_module.IndexFormatError):
         IndexStore.open(tmp_path / "index", create=True)

@@ -1,0 +1,88 @@
+"""The index database's schema, as numbered migrations applied in order (sqlite-utils' way):
+`meta.schema_version` says how far a database is. A migration runs inside the transaction that
+opens the database, so one killed halfway leaves nothing behind. Never edit a released one:
+add the next."""
+from __future__ import annotations
+
+import secrets
+
+from sqlalchemy import text
+from sqlalchemy.engine import Connection
+
+from .errors import StoreError
+
+
+def _m001_initial(conn: Connection) -> None:
+    conn.execute(text("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"))
+    conn.execute(text("""
+        CREATE TABLE files (            -- every file seen under an indexed folder
+            path TEXT PRIMARY KEY,      -- absolute, symlinks resolved
+            size INTEGER NOT NULL,
+            mtime_ns INTEGER NOT NULL,
+            content_hash TEXT,
+            error TEXT,                 -- NULL: indexed; else why the file was skipped
+            indexed_at TEXT NOT NULL
+        )"""))
+    conn.execute(text("""
+        CREATE TABLE images (           -- one row per indexed image (a DICOM frame, a TIFF page)
+            id INTEGER PRIMARY KEY AUTOINCREMENT,   -- the FAISS id; never reused
+            path TEXT NOT NULL REFERENCES files(path) ON DELETE CASCADE,
+            frame INTEGER NOT NULL,
+            content_hash TEXT NOT NULL,
+            width INTEGER, height INTEGER, source_format TEXT,
+            sop_instance_uid TEXT, study_instance_uid TEXT, series_instance_uid TEXT,
+            modality TEXT, body_part TEXT, view_position TEXT, study_date TEXT,
+            series_description TEXT, patient_sex TEXT, patient_age TEXT,
+            patient_hash TEXT,          -- pseudonym of PatientID (indexer.privacy); never names or birth dates
+            embedding BLOB NOT NULL,    -- float32, L2-normalised
+            UNIQUE (path, frame)
+        )"""))
+    conn.execute(text("CREATE INDEX images_by_hash ON images (content_hash)"))
+    conn.execute(text("CREATE INDEX images_by_modality ON images (modality COLLATE NOCASE)"))
+    conn.execute(text("CREATE INDEX images_by_study_date ON images (study_date)"))
+    conn.execute(text("INSERT INTO meta VALUES ('generation', '0'), ('patient_salt', :salt)"),
+                 {"salt": secrets.token_hex(16)})
+
+
+def _m002_index_id(conn: Connection) -> None:
+    # A random identity for the database: FAISS cache files carry it in their name, so a cache
+    # left by another database in the same folder (moved away and rebuilt) is never taken for
+    # this one's, whatever its generation number.
+    conn.execute(text("INSERT OR IGNORE INTO meta VALUES ('index_id', :id)"), {"id": secrets.token_hex(8)})
+    # Failures of a run rather than of the file (out of memory): tried again on the next run.
+    conn.execute(text("ALTER TABLE files ADD COLUMN retry INTEGER NOT NULL DEFAULT 0"))
+
+
+def _m003_keyed_patient_pseudonyms(conn: Connection) -> None:
+    # PatientID was hashed with a salt stored in this database, so anyone holding the index could
+    # test guessed IDs. Pseudonyms are now keyed with a key kept outside the index (see
+    # indexer.privacy); the old hashes are keyed the same way (a patient's images stay grouped)
+    # and the salt is deleted, its page overwritten.
+    from .privacy import PatientKeyError, key_id, patient_key, pseudonym
+
+    conn.exec_driver_sql("PRAGMA secure_delete = ON")
+    if conn.execute(text("SELECT count(*) FROM images WHERE patient_hash IS NOT NULL")).scalar():
+        try:
+            key = patient_key()
+        except PatientKeyError as e:
+            raise StoreError(str(e)) from None
+        conn.execute(text("INSERT OR REPLACE INTO meta VALUES ('patient_key_id', :k)"), {"k": key_id(key)})
+        old = conn.execute(text("SELECT DISTINCT patient_hash FROM images WHERE patient_hash IS NOT NULL")).scalars()
+        conn.execute(text("UPDATE images SET patient_hash = :new WHERE patient_hash = :old"),
+                     [{"old": value, "new": pseudonym(value, key)} for value in old.all()])
+    conn.execute(text("DELETE FROM meta WHERE key = 'patient_salt'"))
+
+
+def _m004_roots(conn: Connection) -> None:
+    # The folders and files given to mi-index, so that `mi-index --update` re-indexes them all
+    # without naming them, --status lists them, and --remove takes one out.
+    conn.execute(text("""
+        CREATE TABLE roots (
+            path TEXT PRIMARY KEY,      -- absolute, symlinks resolved, as given to mi-index
+            last_indexed_at TEXT NOT NULL
+        )"""))
+    # Indexes made before: the folders can only be guessed, so none is; --status says so.
+
+
+MIGRATIONS = [_m001_initial, _m002_index_id, _m003_keyed_patient_pseudonyms, _m004_roots]
+SCHEMA_VERSION = len(MIGRATIONS)
