@@ -113,7 +113,8 @@ def plain_forward(net: MedImageInsightNet, pixels: torch.Tensor) -> torch.Tensor
         return x + fn.proj(y.transpose(1, 2).reshape(B, N, C))
 
     def ffn(mod, x):
-        return x + mod.fn(mod.norm(x))
+        mlp = mod.fn.net
+        return x + mlp.fc2(F.gelu(mlp.fc1(mod.norm(x))))
 
     x, (H, W) = pixels, pixels.shape[-2:]
     for i, (conv, stage) in enumerate(zip(enc.convs, enc.blocks)):

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ImageTowerConfig
-from .layers import LayerNormFP32
+from .layers import LayerNormFP32, linear, cpu_fp32_inference
 
 
 class DepthWiseConv(nn.Module):
@@ -24,13 +24,20 @@ class DepthWiseConv(nn.Module):
         super().__init__()
         self.dw = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         # (B, H, W, C) -> channels-last view (B, C, H, W) -> back, no copies
-        return self.dw(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        xc, dw = x.permute(0, 3, 1, 2), self.dw
+        if cpu_fp32_inference(x, dw.weight):  # residual + dw(x) as one oneDNN call: one fresh tensor, not two
+            return torch.ops.mkldnn._convolution_pointwise.binary(
+                xc, residual.permute(0, 3, 1, 2), dw.weight, dw.bias, dw.padding, dw.stride, dw.dilation, dw.groups,
+                "add", None, None, [], None).permute(0, 2, 3, 1)
+        return residual + dw(xc).permute(0, 2, 3, 1)
 
 
 class Residual(nn.Module):
-    """x + fn(norm(x)); `norm` is None for the depthwise convolutions (key `convN.fn.dw`)."""
+    """x + fn(norm(x)); `norm` is None for the depthwise convolutions (key `convN.fn.dw`).
+    `fn` adds x itself, within its last kernel (see `layers.linear`): on the CPU that saves a
+    pass over memory and a fresh tensor per residual."""
 
     def __init__(self, fn: nn.Module, norm: nn.Module | None = None):
         super().__init__()
@@ -38,19 +45,17 @@ class Residual(nn.Module):
         self.fn = fn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.fn(self.norm(x) if self.norm is not None else x)
+        return self.fn(self.norm(x) if self.norm is not None else x, residual=x)
 
 
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.net = nn.Sequential()
-        self.net.add_module("fc1", nn.Linear(dim, hidden))
-        self.net.add_module("act", nn.GELU())  # exact (erf) GELU
-        self.net.add_module("fc2", nn.Linear(hidden, dim))
+        self.net = nn.ModuleDict(dict(fc1=nn.Linear(dim, hidden), fc2=nn.Linear(hidden, dim)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        x = linear(x, self.net.fc1, gelu=True)  # exact (erf) GELU
+        return linear(x, self.net.fc2, residual=residual)
 
 
 class WindowAttention(nn.Module):
@@ -67,7 +72,7 @@ class WindowAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
         ws, h = self.window_size, self.heads
         pad_b, pad_r = (-H) % ws, (-W) % ws
@@ -83,8 +88,8 @@ class WindowAttention(nn.Module):
         # (B_, N, C) -> (B, Hp, Wp, C), then crop the padding away
         x = x.view(B, Hp // ws, Wp // ws, ws, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(B, Hp, Wp, C)
         if pad_b or pad_r:
-            x = x[:, :H, :W, :].contiguous()
-        return x
+            x = x[:, :H, :W, :]
+        return residual + x
 
 
 class ChannelAttention(nn.Module):
@@ -99,7 +104,7 @@ class ChannelAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
         N, g = H * W, self.groups
         # (B, N, 3C) -> 3 x (B, g, N, C/g)
@@ -107,8 +112,8 @@ class ChannelAttention(nn.Module):
         # softmax in float32 (CPU autocast would run it in bfloat16), back to v's dtype
         attn = ((q * N ** -0.5).transpose(-1, -2) @ k).softmax(dim=-1, dtype=torch.float32).to(v.dtype)
         x = (attn @ v.transpose(-1, -2)).transpose(-1, -2)             # (B, g, N, C/g)
-        x = x.transpose(1, 2).reshape(B, N, C)
-        return self.proj(x).view(B, H, W, C)
+        x = x.transpose(1, 2).reshape(B, H, W, C)
+        return linear(x, self.proj, residual=residual)
 
 
 class SpatialBlock(nn.Module):
