@@ -62,7 +62,7 @@ class WindowAttention(nn.Module):
     """Multi-head self-attention inside non-overlapping windows.
 
     Zero padding on the right and bottom up to a multiple of the window size; the padded
-    tokens are NOT masked (they pass through qkv and join the softmax), as in training.
+    tokens are NOT masked (their q, k, v join the softmax), as in training.
     """
 
     def __init__(self, dim: int, heads: int, window_size: int):
@@ -75,21 +75,28 @@ class WindowAttention(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
         ws, h = self.window_size, self.heads
-        pad_b, pad_r = (-H) % ws, (-W) % ws
-        if pad_b or pad_r:
-            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
-        Hp, Wp = H + pad_b, W + pad_r
-        # (B, Hp, Wp, C) -> (B * nWindows, ws*ws, C)
-        x = x.view(B, Hp // ws, ws, Wp // ws, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, C)
-        # (B_, N, 3C) -> 3 x (B_, h, N, C/h)
-        q, k, v = self.qkv(x).view(x.shape[0], ws * ws, 3, h, C // h).permute(2, 0, 3, 1, 4).unbind(0)
+        Hp, Wp = H + (-H) % ws, W + (-W) % ws
+        if (Hp, Wp) == (H, W):
+            qkv = self.qkv(windows(x, ws))  # (B_, ws*ws, 3C); partitioned before qkv: C wide, not 3C
+        else:
+            # padding follows the norm, so a padded token is zeros and its q, k, v are the bias:
+            # filled in, not computed (30x30 tokens pad to 36x36 in stage 2, 15x15 to 24x24 in stage 3)
+            real = self.qkv(x)
+            qkv = self.qkv.bias.to(real.dtype).expand(B, Hp, Wp, 3 * C).contiguous()
+            qkv[:, :H, :W] = real
+            qkv = windows(qkv, ws)
+        q, k, v = qkv.view(qkv.shape[0], ws * ws, 3, h, C // h).permute(2, 0, 3, 1, 4).unbind(0)
         x = F.scaled_dot_product_attention(q, k, v, scale=(C // h) ** -0.5)
-        x = self.proj(x.transpose(1, 2).reshape(-1, ws * ws, C))
-        # (B_, N, C) -> (B, Hp, Wp, C), then crop the padding away
-        x = x.view(B, Hp // ws, Wp // ws, ws, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(B, Hp, Wp, C)
-        if pad_b or pad_r:
-            x = x[:, :H, :W, :]
-        return residual + x
+        # (B_, h, ws*ws, C/h) -> (B, Hp, Wp, C); the padding is cropped before proj, which acts per token
+        x = x.transpose(1, 2).reshape(B, Hp // ws, Wp // ws, ws, ws, C).permute(0, 1, 3, 2, 4, 5)
+        x = x.reshape(B, Hp, Wp, C)[:, :H, :W].contiguous()
+        return linear(x, self.proj, residual=residual)
+
+
+def windows(x: torch.Tensor, ws: int) -> torch.Tensor:
+    """(B, Hp, Wp, D) -> (B * nWindows, ws*ws, D), windows in row-major order."""
+    B, Hp, Wp, D = x.shape
+    return x.view(B, Hp // ws, ws, Wp // ws, ws, D).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, D)
 
 
 class ChannelAttention(nn.Module):
