@@ -174,15 +174,29 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor, is_pixels: bool) -> torch.Tensor:
         if is_pixels:
-            x = self.proj(x)                      # pixels (B, 3, H, W)
+            x = self.conv(x)                      # pixels (B, 3, H, W)
         else:
             if self.prenorm:
                 x = self.norm(x)
-            x = self.proj(x.permute(0, 3, 1, 2))  # (B, H, W, C_in) -> channels-last (B, C_in, H, W)
+            x = self.conv(x.permute(0, 3, 1, 2))  # (B, H, W, C_in) -> channels-last (B, C_in, H, W)
         x = x.permute(0, 2, 3, 1)                 # (B, C, H', W') -> (B, H', W', C)
         if not self.prenorm:
             x = self.norm(x)
         return x.contiguous()
+
+    def conv(self, x: torch.Tensor) -> torch.Tensor:
+        """self.proj(x). On the CPU in float32 with the weight reordered into oneDNN's blocked
+        layout once, as torch.compile's freezing does, not on every call (75 MB in stage 3)."""
+        p = self.proj
+        if not cpu_fp32_inference(x, p.weight):
+            return p(x)
+        weight_now = (p.weight.data_ptr(), 0 if p.weight.is_inference() else p.weight._version)  # repacked if changed
+        if getattr(self, "_packed_for", None) != weight_now:
+            self._packed = torch.ops.mkldnn._reorder_convolution_weight(p.weight, p.padding, p.stride, p.dilation,
+                                                                        p.groups, None)
+            self._packed_for = weight_now
+        return torch.ops.mkldnn._convolution_pointwise(x, self._packed, p.bias, p.padding, p.stride, p.dilation,
+                                                       p.groups, "none", [], "")
 
 
 class DaViT(nn.Module):

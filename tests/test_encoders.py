@@ -119,6 +119,29 @@ def test_text_only_loading_reads_only_text_tensors(tmp_path, expected):
         load_model(folder, device="cpu")
 
 
+def test_cpu_float32_kernels_equal_the_plain_path_also_after_the_weights_change(tmp_path):
+    """Under inference the image tower runs fused CPU kernels and a convolution weight packed
+    once (encoders/davit.py); with autograd on, plain PyTorch ops. The packed weight must
+    follow an in-place change of the weight it was made from."""
+    model = load_model(FIXTURE, device="cpu")
+    pixels = torch.randn(2, 3, 480, 480, generator=torch.Generator().manual_seed(0))
+
+    def both():
+        fused = model.encode_pixels(pixels)
+        with torch.enable_grad():
+            plain = model.net.encode_image(pixels).detach().numpy()
+        return fused, plain
+
+    fused, plain = both()
+    np.testing.assert_allclose(fused, plain, atol=1e-6, rtol=0)
+    with torch.no_grad():
+        for patch_embed in model.net.image_encoder.convs:
+            patch_embed.proj.weight.mul_(1.5)
+    changed, plain = both()
+    np.testing.assert_allclose(changed, plain, atol=1e-6, rtol=0)
+    assert np.abs(changed - fused).max() > 1e-3
+
+
 def test_batches_equal_one_at_a_time(model, expected):
     batch_texts = model.encode_texts(expected["texts"])
     single_texts = np.concatenate([model.encode_texts([t]) for t in expected["texts"]])
