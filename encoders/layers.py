@@ -18,10 +18,12 @@ class LayerNormFP32(nn.LayerNorm):
 
 
 def cpu_fp32_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the fused CPU kernels below can run (oneDNN's are those torch.compile emits on the CPU):
-    float32 input and weight, outside autocast and autograd (they have no backward)."""
+    """Whether the fused CPU kernels below can run (oneDNN's are those torch.compile emits on the
+    CPU): float32 input and weight, outside autocast and autograd (they have no backward), and
+    not under torch.compile, which fuses by itself and cannot trace them all."""
     return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and not torch.is_grad_enabled()
-            and not torch.is_autocast_enabled("cpu") and torch.backends.mkldnn.is_available())
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+            and torch.backends.mkldnn.is_available())
 
 
 def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
