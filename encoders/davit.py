@@ -117,7 +117,8 @@ class ChannelAttention(nn.Module):
         # (B, N, 3C) -> 3 x (B, g, N, C/g)
         q, k, v = self.qkv(x.view(B, N, C)).view(B, N, 3, g, C // g).permute(2, 0, 3, 1, 4).unbind(0)
         # softmax in float32 (CPU autocast would run it in bfloat16), back to v's dtype
-        attn = ((q * N ** -0.5).transpose(-1, -2) @ k).softmax(dim=-1, dtype=torch.float32).to(v.dtype)
+        # the scale applied to the (C/g x C/g) scores rather than to q (N x C/g): one pass fewer
+        attn = (q.transpose(-1, -2) @ k * N ** -0.5).softmax(dim=-1, dtype=torch.float32).to(v.dtype)
         x = (attn @ v.transpose(-1, -2)).transpose(-1, -2)             # (B, g, N, C/g)
         x = x.transpose(1, 2).reshape(B, H, W, C)
         return linear(x, self.proj, residual=residual)
