@@ -137,11 +137,33 @@ def plain_forward(net: MedImageInsightNet, pixels: torch.Tensor) -> torch.Tensor
 
 # --- measurements ------------------------------------------------------------------------------
 
+WAIT_IDLE = False  # --wait-idle
+
+
+def wait_idle(min_idle: float = 0.9, window: float = 0.5, max_wait: float = 120.0) -> None:
+    """Return once this machine's CPUs were >= `min_idle` idle over `window` seconds (Linux
+    /proc/stat), or after `max_wait`. On a shared machine a forward timed while another process
+    computes is 2-3x slower: the threads of each parallel op wait for the descheduled one."""
+    def idle_total():
+        with open("/proc/stat") as f:
+            ticks = [int(t) for t in f.readline().split()[1:]]
+        return ticks[3] + ticks[4], sum(ticks)  # idle + iowait, all
+    deadline = time.monotonic() + max_wait
+    while time.monotonic() < deadline:
+        idle0, total0 = idle_total()
+        time.sleep(window)
+        idle1, total1 = idle_total()
+        if idle1 - idle0 >= min_idle * max(total1 - total0, 1):
+            return
+
+
 def timed(fn, repeat: int) -> float:
     """Median seconds of `repeat` calls after one warm-up call."""
     fn()
     times = []
     for _ in range(repeat):
+        if WAIT_IDLE:
+            wait_idle()
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
@@ -178,7 +200,11 @@ def main() -> None:
     parser.add_argument("--skip-text", action="store_true", help="images only")
     parser.add_argument("--compile", action="store_true", help="also measure the image tower under torch.compile")
     parser.add_argument("--no-baseline", action="store_true", help="skip the plain eager baseline")
+    parser.add_argument("--wait-idle", action="store_true",
+                        help="start each timed call once the CPUs are >= 90%% idle (a shared machine; Linux)")
     args = parser.parse_args()
+    global WAIT_IDLE
+    WAIT_IDLE = args.wait_idle
     folder = build_random_full(args.random_full) if args.random_full else (args.model or FIXTURE)
     if args.threads:
         torch.set_num_threads(args.threads)
