@@ -21,9 +21,15 @@ def cpu_fp32_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the fused CPU kernels below can run (oneDNN's are those torch.compile emits on the
     CPU): float32 input and weight, outside autocast and autograd (they have no backward), and
     not under torch.compile, which fuses by itself and cannot trace them all."""
-    return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and not torch.is_grad_enabled()
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
-            and torch.backends.mkldnn.is_available())
+    return (_FUSED_OPS and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling())
+
+
+# The oneDNN ops are PyTorch's private ones (torch.compile's CPU lowering calls them): where a
+# build lacks them, the plain path runs, with the same results.
+_FUSED_OPS = torch.backends.mkldnn.is_available() and all(
+    hasattr(torch.ops.mkldnn, name) for name in ("_convolution_pointwise", "_reorder_convolution_weight"))
 
 
 def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
