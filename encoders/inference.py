@@ -207,7 +207,7 @@ class MedImageInsight:
         -> np.float32 (N, dim)."""
         self._need("image")
         images = list(images)
-        batch_size = batch_size or (32 if self.device.type == "cuda" else 4)
+        batch_size = batch_size or (32 if self.device.type == "cuda" else 2)  # CPU: faster in small batches
         parts = [np.zeros((0, self.dim), dtype=np.float32)]
         for start in range(0, len(images), batch_size):
             parts.append(self.encode_resized([self.preprocess.resize(im) for im in images[start:start + batch_size]]))

@@ -61,7 +61,7 @@ def _user_index_dir() -> str:
 @click.option("--model", metavar="SRC", envvar="MI_MODEL",
               help="Model folder or Hugging Face id. [default: MI_MODEL, else the index's model, "
                    "else lion-ai/MedImageInsights]")
-@click.option("--batch-size", type=click.IntRange(min=1), help="Images per model call, at most 256. [default: 64 on CUDA, 8 on CPU]")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Images per model call, at most 256. [default: 64 on CUDA, 2 on CPU]")
 @click.option("--workers", type=click.IntRange(min=0), help="Decoding processes (0: in this process). "
                                                              "[default: cores - 1, at most 8]")
 @click.option("--device", metavar="DEVICE", callback=check_device, help=DEVICE_OPTION_HELP)

@@ -9,7 +9,7 @@ FRAMES_CHOICES = ("middle", "all")
 
 @dataclass(frozen=True)
 class IndexOptions:
-    """batch_size: images per model call (None: 64 on CUDA, 8 on CPU; capped at 256);
+    """batch_size: images per model call (None: 64 on CUDA, 2 on CPU; capped at 256);
     workers: decoding processes (None: cores - 1, at most 8; 0: in this process); device and
     dtype: as encoders.load_model; max_megapixels: larger images are skipped (decompression
     bombs); frames: "middle" or "all" frames of multi-frame files; ray: None for this machine,
