@@ -54,7 +54,9 @@ COMPILE_MIN_IMAGES = 50_000
 
 def compile_wanted(choice: str, device_type: str, images: int) -> bool:
     """Whether a run encodes through torch.compile: "on", "off", or ("auto") on CUDA for runs
-    of COMPILE_MIN_IMAGES or more (the CPU gains little and compiles for minutes)."""
+    of COMPILE_MIN_IMAGES or more. Not on the CPU: at its batch of 2 the compiled tower ran no
+    faster than the eager one, whose fused oneDNN kernels do what Inductor would (0.99x, full-size
+    float32 weights, `bench_encode.py --compile --batch-sizes 2 --wait-idle`)."""
     if choice == "auto":
         return device_type == "cuda" and images >= COMPILE_MIN_IMAGES
     return choice == "on"
