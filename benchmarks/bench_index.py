@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,6 +39,7 @@ sys.path.insert(0, str(REPO))
 
 import indexer  # noqa: E402
 from encoders import load_model  # noqa: E402
+from encoders.inference import PendingEmbeddings  # noqa: E402
 from indexer.decode import decode_file  # noqa: E402
 
 FIXTURE = REPO / "tests" / "fixtures" / "medimageinsight-tiny"
@@ -112,6 +114,9 @@ class NullEncoder:
         return np.zeros((len(pixels), self.dim), np.float32)
 
     encode_resized = encode_pixels
+
+    def start_encoding(self, resized) -> PendingEmbeddings:
+        return PendingEmbeddings(torch.from_numpy(self.encode_resized(resized)), None)
 
 
 class SimulatedDevice(NullEncoder):

@@ -215,6 +215,11 @@ class RandomEncoder:
 
     encode_resized = encode_pixels
 
+    def start_encoding(self, resized):
+        import torch
+        from encoders.inference import PendingEmbeddings
+        return PendingEmbeddings(torch.from_numpy(self.encode_resized(resized)), None)
+
 
 def percentiles(times: list[float]) -> str:
     return f"p50 {np.percentile(times, 50):.1f} ms  p95 {np.percentile(times, 95):.1f} ms  ({len(times)} queries)"

@@ -55,16 +55,6 @@ class Summary:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
-class _Done:
-    """The pending result of a model that has only `encode_resized` (a test's, a benchmark's)."""
-
-    def __init__(self, vectors: np.ndarray):
-        self.vectors = vectors
-
-    def result(self) -> np.ndarray:
-        return self.vectors
-
-
 def inductor_cache() -> str:
     """Where torch.compile keeps what it compiled, between runs: the per-user cache folder."""
     import platformdirs
@@ -274,9 +264,7 @@ class Indexer:
         for SQLite. On the CPU `start_encoding` does the work itself and nothing overlaps."""
         batch, self._queue = self._queue[:self.batch_size], self._queue[self.batch_size:]
         start = time.perf_counter()
-        pixels = [pixels for _, _, pixels in batch]
-        started = self.model.start_encoding(pixels) if hasattr(self.model, "start_encoding") \
-            else _Done(self.model.encode_resized(pixels))
+        started = self.model.start_encoding([pixels for _, _, pixels in batch])
         self._encode_seconds += time.perf_counter() - start
         self._finish_in_flight()
         self._in_flight = ([(path, position) for path, position, _ in batch], started)
