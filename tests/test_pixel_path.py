@@ -3,6 +3,7 @@ collated as uint8 and normalised where the model runs; the tensors and embedding
 those of `preprocess()`."""
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -112,15 +113,12 @@ def test_a_compiler_that_fails_leaves_the_encoder_eager_with_one_line(model, tmp
 
     import torch._dynamo
     import torch._inductor.config as inductor_config
-    from encoders.inference import MedImageInsight
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # nothing compiled before
     monkeypatch.setattr(inductor_config.cpp, "cxx", (None, str(tmp_path / "no-such-c++")))
     resized = [model.preprocess.resize(image) for image in images()]
     eager = model.encode_resized(resized)
-    fresh = MedImageInsight(model.net, preprocess=model.preprocess, tokenizer=None, dim=model.dim,
-                            device=model.device, dtype=model.dtype, fingerprint=model.fingerprint,
-                            source=model.source, towers=model.towers)
+    fresh = load_model(FIXTURE, device="cpu", towers=("image",))
     fresh.compile()
     try:
         with caplog.at_level(logging.WARNING, logger="encoders.inference"):
@@ -172,10 +170,9 @@ def test_the_next_batch_starts_before_the_previous_one_is_committed(model, tmp_p
     assert summary["encoded"] == 10
     assert events == [("start", 0), ("start", 1), ("result", 0), ("commit", 4),
                       ("start", 2), ("result", 1), ("commit", 4), ("result", 2), ("commit", 2)]
-    with IndexStore.open(tmp_path / "index", readonly=True) as store, store.engine.connect() as conn:
-        paths = [row[0] for row in conn.exec_driver_sql("SELECT path FROM images ORDER BY id")]
-        _, stored = store.all_vectors(conn)
-    by_name = dict(zip((Path(str(p, "utf-8") if isinstance(p, bytes) else p).name for p in paths), stored))
+    with sqlite3.connect(tmp_path / "index" / "index.sqlite") as db:
+        by_name = {Path(path).name: np.frombuffer(blob, np.float32)
+                   for path, blob in db.execute("SELECT path, embedding FROM images")}
     expected = model.encode_images(pictures)
     for i in range(10):
         np.testing.assert_allclose(by_name[f"{i:02d}.png"], expected[i], atol=1e-6)
