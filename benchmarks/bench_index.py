@@ -41,6 +41,7 @@ import indexer  # noqa: E402
 from encoders import load_model  # noqa: E402
 from encoders.inference import PendingEmbeddings  # noqa: E402
 from indexer.decode import decode_file  # noqa: E402
+from indexer.options import decoding_workers  # noqa: E402
 
 FIXTURE = REPO / "tests" / "fixtures" / "medimageinsight-tiny"
 
@@ -238,7 +239,7 @@ def archive(model, root: Path, count: int, workers: int | None, batch_size: int,
     if compiled:
         from indexer.pipeline import inductor_cache
         model.compile(cache_dir=inductor_cache())
-    workers = workers if workers is not None else min(8, max(1, (os.cpu_count() or 2) - 1))
+    workers = decoding_workers(workers)  # what the run will use: for the busy fraction
     # Alternating, best of two of each: other work on the machine moves single runs.
     encode_rate, rate, summary, wall = 0.0, 0.0, {}, 0.0
     for attempt in range(2):

@@ -2,6 +2,7 @@
 API's keywords) and read by the pipeline."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 FRAMES_CHOICES = ("middle", "all")
@@ -43,6 +44,12 @@ class IndexOptions:
             raise ValueError(f"compile must be one of {COMPILE_CHOICES}, not {self.compile!r}")
         if self.max_megapixels <= 0:
             raise ValueError("max_megapixels must be positive")
+
+
+def decoding_workers(workers: int | None) -> int:
+    """The decoding processes a run uses: as asked, else one per core but one (left to the
+    model), at most 8."""
+    return workers if workers is not None else min(8, max(1, (os.cpu_count() or 2) - 1))
 
 
 COMPILE_CHOICES = ("auto", "on", "off")

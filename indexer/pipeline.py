@@ -26,7 +26,7 @@ import numpy as np
 from .decoding import FILES_PER_HANDOVER, Decoded, DecodingDataset, Encoded, Outcome, Reused, Skipped, loader
 from .errors import SourceError
 from .model_choice import chosen_model_source, named_model_source
-from .options import IndexOptions, compile_wanted
+from .options import IndexOptions, compile_wanted, decoding_workers
 from .sources import Item, Source
 from .store import DB_NAME, IndexStore
 
@@ -163,7 +163,7 @@ class Indexer:
         self._compile = compile_wanted(self.options.compile, model.device.type, len(todo))
         if self._compile and self.options.ray is None and hasattr(model, "compile"):
             model.compile(cache_dir=inductor_cache())
-        workers = self.options.workers if self.options.workers is not None else min(8, max(1, (os.cpu_count() or 2) - 1))
+        workers = decoding_workers(self.options.workers)
         dataset = DecodingDataset(todo, source, model.preprocess.resize, self.store.folder / DB_NAME,
                                   self.options.frames, self.options.max_megapixels, self.store.patient_key(),
                                   j2k_reduce_to=min(model.preprocess.size) if self.options.fast_j2k else None)
