@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from .errors import one_line
 from .terminal import DEVICE_OPTION_HELP, check_device, console_script
 
 EPILOG = """\b
@@ -134,7 +135,7 @@ def main(paths: tuple[str, ...], sample: bool, update: bool, folders_of: Path | 
         if not is_user_error(e):
             raise
         from .terminal import visible
-        raise click.ClickException(visible(" ".join(str(e).split()), markup=False)) from None
+        raise click.ClickException(visible(one_line(e), markup=False)) from None
     if not files and not urls:
         raise click.UsageError("give PATHS to index (or --sample, --update, --status; see --help)")
     if (modality or study_date or body_part) and not urls:
@@ -171,7 +172,7 @@ def _run_and_report(run, err, as_json: bool) -> None:
         if not is_user_error(e):
             raise
         from .terminal import visible
-        raise click.ClickException(visible(" ".join(str(e).split()), markup=False)) from None
+        raise click.ClickException(visible(one_line(e), markup=False)) from None
     if as_json:
         click.echo(json.dumps(summary))
     else:

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from .errors import one_line
 from .privacy import pseudonym
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
@@ -184,11 +185,11 @@ def _decode_image(data: bytes, frames: str, max_megapixels: float) -> Decoded:
     except MemoryError:
         raise TransientDecodeError("out of memory while decoding (tried again next run)") from None
     except (OSError, ValueError, SyntaxError, EOFError, IndexError, KeyError) as e:
-        raise DecodeError(f"truncated or corrupt image: {_short(e)}") from None
+        raise DecodeError(f"truncated or corrupt image: {one_line(e, 120)}") from None
     except BaseException as e:
         if _is_fatal(e):
             raise
-        raise DecodeError(f"the image decoder failed: {_short(e)}") from None
+        raise DecodeError(f"the image decoder failed: {one_line(e, 120)}") from None
     return Decoded(source_format=(img.format or "image").lower().replace("mpo", "jpeg"), frames=decoded)
 
 
@@ -338,15 +339,15 @@ def _decode_dicom(data: bytes, frames: str, max_megapixels: float, patient_key: 
     except DecodeError:
         raise
     except InvalidDicomError as e:
-        raise DecodeError(f"corrupt DICOM: {_short(e)}") from None
+        raise DecodeError(f"corrupt DICOM: {one_line(e, 120)}") from None
     except NotImplementedError as e:
-        raise DecodeError(f"unsupported DICOM: {_short(e)}") from None
+        raise DecodeError(f"unsupported DICOM: {one_line(e, 120)}") from None
     except MemoryError:
         raise TransientDecodeError("out of memory while decoding (tried again next run)") from None
     except BaseException as e:                          # pydicom and its codecs raise many types
         if _is_fatal(e):
             raise
-        raise DecodeError(f"truncated or corrupt DICOM: {_short(e)}") from None
+        raise DecodeError(f"truncated or corrupt DICOM: {one_line(e, 120)}") from None
     return Decoded(source_format="dicom", frames=images, metadata=dicom_metadata(ds, patient_key))
 
 
@@ -398,7 +399,3 @@ def _j2k_precision(codestream: bytes) -> int | None:
         return None
     return (codestream[42] & 0x7F) + 1
 
-
-def _short(error: BaseException, limit: int = 120) -> str:
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."

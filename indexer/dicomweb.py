@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from .decode import TransientDecodeError
-from .errors import SourceError
+from .errors import SourceError, one_line
 from .pacs_keys import SCHEME_PREFIX, instance_key, is_dicomweb_url, wado_url
 from .sources import BoundedRetrievals, Item
 
@@ -208,7 +208,7 @@ class DicomwebSource(BoundedRetrievals):
                     raise OSError(f"HTTP {status} for {what}") from None
                 cause = f"HTTP {status}"
             except requests.exceptions.SSLError as e:
-                raise SourceError(f"TLS failed for {self.url}: {_short(e)} (to trust a private CA, set "
+                raise SourceError(f"TLS failed for {self.url}: {one_line(e, 160)} (to trust a private CA, set "
                                   f"REQUESTS_CA_BUNDLE to its certificate file)") from None
             except (requests.ConnectionError, requests.Timeout, urllib3.exceptions.HTTPError) as e:
                 # (urllib3's own errors come from reading a streamed body: a dropped connection)
@@ -361,7 +361,3 @@ def version_token(key: str) -> int:
     """A stable stand-in for a file's mtime: an instance does not change under its UID."""
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") >> 2
 
-
-def _short(error: BaseException, limit: int = 160) -> str:
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."

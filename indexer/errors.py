@@ -4,8 +4,21 @@ the command lines print it as one line."""
 from __future__ import annotations
 
 
-class StoreError(Exception):
-    """Base class: the index cannot be used as asked. The message says how to fix it."""
+class MIError(Exception):
+    """Base of every error this product raises on purpose (the indexer's, the retrieval API's):
+    its message says what went wrong and how to fix it, and the command lines print it as one
+    line (`one_line`)."""
+
+
+def one_line(error: BaseException, limit: int | None = None) -> str:
+    """An error as one line of text (whitespace folded), its type's name where it says nothing;
+    cut at `limit` characters with "..." where one is given."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if limit is None or len(text) <= limit else text[: limit - 3] + "..."
+
+
+class StoreError(MIError):
+    """The index cannot be used as asked. The message says how to fix it."""
 
 
 class IndexNotFoundError(StoreError):
@@ -45,22 +58,22 @@ class IndexDamagedError(IndexFormatError):
     """The database file itself is damaged (a corrupt page, not a database at all)."""
 
 
-class PathNotFoundError(StoreError):
+class PathNotFoundError(MIError):
     """A path given to index does not exist."""
 
 
-class NoImagesError(StoreError):
+class NoImagesError(MIError):
     """Nothing under the given paths is an image or DICOM file."""
 
 
-class ClusterError(StoreError):
+class ClusterError(MIError):
     """The cluster named by --ray cannot be reached or used (Ray missing, a failed run)."""
 
 
-class FilterError(StoreError, ValueError):
+class FilterError(MIError, ValueError):
     """A search filter that cannot be applied (a malformed date)."""
 
 
-class SourceError(StoreError):
+class SourceError(MIError):
     """The source itself failed, not one item (a PACS that stopped answering or refused the
     credentials): the run stops; what was committed stays and the next run resumes."""

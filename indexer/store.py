@@ -38,7 +38,7 @@ METADATA_FIELDS = ("width", "height", "source_format", "sop_instance_uid", "stud
 from .filters import SearchFilters
 from .schema import MIGRATIONS, SCHEMA_VERSION
 from .location import INDEX_ENV, default_index_dir  # noqa: F401  (re-exported)
-from .errors import (IndexBusyError, IndexDamagedError, IndexFormatError, IndexNotFoundError,  # noqa: F401
+from .errors import (IndexBusyError, IndexDamagedError, IndexFormatError, IndexNotFoundError, one_line,  # noqa: F401
                      IndexReadOnlyError, ModelMismatchError, StorageFullError, StoreError)
 
 
@@ -47,7 +47,7 @@ def storage_error(error: BaseException, folder: Path) -> StoreError:
     error (raw or wrapped by SQLAlchemy). Each names its cause and what to do about it."""
     cause = getattr(error, "orig", None) or error
     number = getattr(cause, "errno", None)
-    text_ = " ".join(str(cause).split()).lower()
+    text_ = one_line(cause).lower()
     code = getattr(cause, "sqlite_errorname", "")
     if number == errno.ENOSPC or number == errno.EDQUOT or code == "SQLITE_FULL" or "disk is full" in text_:
         return StorageFullError(f"the disk holding the index {folder} is full: free some space and run "

@@ -59,7 +59,7 @@ def is_user_error(error: BaseException, *kinds: type) -> bool:
     """The typed errors of our libraries (and `kinds`), which a CLI prints as one line. Looked up
     in sys.modules, so that catching them imports nothing: an unchanged re-run of mi-index never
     imports encoders (PyTorch, 2 s), and a module never imported cannot have raised."""
-    for module, name in (("indexer.errors", "StoreError"), ("encoders", "ModelError")):
+    for module, name in (("indexer.errors", "MIError"), ("encoders", "ModelError")):
         loaded = sys.modules.get(module)
         if loaded is not None:
             kinds += (getattr(loaded, name),)

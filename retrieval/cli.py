@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from indexer.errors import one_line
 from indexer.terminal import DEVICE_OPTION_HELP, check_device
 
 EPILOG = """\b
@@ -166,7 +167,7 @@ def _is_user_error(error: Exception) -> bool:
 
 
 def _message(error: Exception, index_dir: Path | None) -> str:
-    message = " ".join(str(error).split()) or type(error).__name__  # one line
+    message = one_line(error)
     from indexer.errors import IndexNotFoundError
 
     if isinstance(error, IndexNotFoundError) and "mi-index" not in message:

@@ -2,8 +2,10 @@
 `mi-search` prints it as one line."""
 from __future__ import annotations
 
+from indexer.errors import MIError
 
-class SearchError(Exception):
+
+class SearchError(MIError):
     """Base class of the errors the retrieval API raises on purpose."""
 
 

@@ -69,10 +69,9 @@ def create_app(index_dir: str | os.PathLike, *, model: Any = None, device: str |
                token: str | None = None) -> FastAPI:
     """The FastAPI application serving `index_dir`. `model`: as `Searcher`'s (a folder, a hub
     id, a loaded encoder, or None for the index's); `token`: required on every API call if set."""
-    from indexer.errors import StoreError
+    from indexer.errors import MIError, one_line
     from indexer.filters import SearchFilters
 
-    from .errors import SearchError
     from .search import Searcher
 
     index_dir = Path(index_dir).expanduser().resolve()
@@ -95,10 +94,9 @@ def create_app(index_dir: str | os.PathLike, *, model: Any = None, device: str |
         if not hmac.compare_digest(given.encode(), token.encode()):
             raise HTTPException(401, "a token is required: Authorization: Bearer TOKEN")
 
-    @app.exception_handler(SearchError)
-    @app.exception_handler(StoreError)
-    async def one_line(_request: Request, error: Exception) -> JSONResponse:
-        return JSONResponse({"error": " ".join(str(error).split())}, status_code=400)
+    @app.exception_handler(MIError)
+    async def as_one_line(_request: Request, error: Exception) -> JSONResponse:
+        return JSONResponse({"error": one_line(error)}, status_code=400)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, error: RequestValidationError) -> JSONResponse:
@@ -121,8 +119,8 @@ def create_app(index_dir: str | os.PathLike, *, model: Any = None, device: str |
         when it was last indexed, images per modality, files skipped."""
         try:
             current = searcher()
-        except (SearchError, StoreError) as error:
-            return {"ready": False, "index": str(index_dir), "reason": " ".join(str(error).split())}
+        except MIError as error:
+            return {"ready": False, "index": str(index_dir), "reason": one_line(error)}
         stats = current.stats()
         return {"ready": True, "index": str(index_dir), "images": stats["images"], "model": current.model_info,
                 "generation": stats["generation"], "last_indexed": stats["last_run_at"],
@@ -257,7 +255,7 @@ def thumbnail_png(searcher: Any, index_dir: Path, image_id: int) -> bytes:
     from PIL import Image
 
     from indexer.decode import DecodeError, decode_bytes, decode_file
-    from indexer.errors import StoreError
+    from indexer.errors import MIError
     from indexer.pacs_keys import is_dicomweb_url, is_dimse_url
 
     from .errors import QueryError
@@ -277,7 +275,7 @@ def thumbnail_png(searcher: Any, index_dir: Path, image_id: int) -> bytes:
             decoded = decode_bytes(read_instance(fields["path"]), Path("instance.dcm"), frames=frames, kind="dicom")
         else:
             decoded = decode_file(fields["path"], frames=frames)
-    except (DecodeError, StoreError, OSError) as error:
+    except (DecodeError, MIError, OSError) as error:
         raise QueryError(f"cannot render image {image_id}: {error}") from None
     frames = dict(decoded.frames)
     picture = frames.get(fields.get("frame") or 0) or decoded.frames[0][1]
