@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from .bounds import RefusedInput, check_frames, inflate_deflated_dicom
 from .errors import one_line
 from .privacy import pseudonym
 
@@ -306,7 +307,7 @@ def _decode_dicom(data: bytes, frames: str, max_megapixels: float, patient_key: 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")               # pydicom warns on every oddity it tolerates
-            ds = pydicom.dcmread(io.BytesIO(data), force=True)
+            ds = pydicom.dcmread(io.BytesIO(inflate_deflated_dicom(data, max_megapixels)), force=True)
         if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
             raise DecodeError("DICOM without pixel data")
         if "Rows" not in ds or "Columns" not in ds:
@@ -323,6 +324,7 @@ def _decode_dicom(data: bytes, frames: str, max_megapixels: float, patient_key: 
         n_frames = int(ds.get("NumberOfFrames") or 1)
         wanted = list(range(n_frames)) if frames == "all" else [n_frames // 2]
         _check_size(columns, rows, len(wanted), max_megapixels)
+        check_frames(ds, str(syntax), wanted, n_frames, max_megapixels)
         images = []
         for index in wanted:
             arr = _reduced_j2k(ds, syntax, index, n_frames, j2k_reduce_to) if j2k_reduce_to else None
@@ -338,6 +340,8 @@ def _decode_dicom(data: bytes, frames: str, max_megapixels: float, patient_key: 
                 images.append((index, _grey_to_8bit(arr, ds, index)))
     except DecodeError:
         raise
+    except RefusedInput as e:
+        raise DecodeError(str(e)) from None
     except InvalidDicomError as e:
         raise DecodeError(f"corrupt DICOM: {one_line(e, 120)}") from None
     except NotImplementedError as e:
