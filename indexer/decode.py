@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .bounds import RefusedInput, check_frames, inflate_deflated_dicom
+from .dicom_values import element_text
 from .errors import one_line
 from .privacy import pseudonym
 
@@ -210,14 +211,7 @@ _METADATA_KEYWORDS = {
 
 
 def _text(ds, keyword: str) -> str | None:
-    try:
-        value = ds.get(keyword)
-    except Exception:                                  # a malformed element must not cost the image
-        return None
-    if value is None or isinstance(value, bytes):
-        return None
-    text = str(value).strip().strip("\x00").strip()
-    return text or None
+    return element_text(ds, keyword)  # only a value that fits its VR: never one run over the next elements
 
 
 def _iso_date(value: str | None) -> str | None:
