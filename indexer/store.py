@@ -36,6 +36,7 @@ METADATA_FIELDS = ("width", "height", "source_format", "sop_instance_uid", "stud
 
 
 from .filters import SearchFilters
+from .private_files import make_private, owner_only, private_folder
 from .schema import MIGRATIONS, SCHEMA_VERSION
 from .location import INDEX_ENV, default_index_dir  # noqa: F401  (re-exported)
 from .errors import (IndexBusyError, IndexDamagedError, IndexFormatError, IndexNotFoundError, one_line,  # noqa: F401
@@ -174,7 +175,7 @@ class IndexStore:
             if not create:
                 raise IndexNotFoundError(f"no index at {folder}: build one with `mi-index FOLDER --index {folder}`")
             try:
-                folder.mkdir(parents=True, exist_ok=True)
+                private_folder(folder)
             except OSError as e:
                 raise storage_error(e, folder) from None
         # A read-only folder (or medium) has no live writer, and SQLite could not create the
@@ -191,7 +192,7 @@ class IndexStore:
         event.listen(engine, "handle_error", lambda context: _raise_storage_error(context, folder))
         store = cls(folder, engine, readonly)
         try:
-            with engine.begin() as conn:
+            with owner_only(), engine.begin() as conn:  # index.sqlite, -wal and -shm made 0600
                 if not readonly:
                     conn.exec_driver_sql("PRAGMA journal_mode = WAL")
                     # DDL runs in autocommit under Python's sqlite3 unless a transaction is opened
@@ -204,6 +205,8 @@ class IndexStore:
         except (DatabaseError, OperationalError) as e:
             engine.dispose()
             raise storage_error(e, folder) from None
+        if not readonly:
+            make_private(db, db.with_name(DB_NAME + "-wal"), db.with_name(DB_NAME + "-shm"))
         return store
 
     def _migrate(self, conn: Connection) -> None:
@@ -223,7 +226,8 @@ class IndexStore:
     def lock(self) -> None:
         """Take the writer's lock; a second mi-index on the same index is refused, not interleaved."""
         try:
-            self._lock_file = open(self.folder / "index.lock", "w")
+            with owner_only():
+                self._lock_file = open(self.folder / "index.lock", "w")
         except OSError as e:
             raise storage_error(e, self.folder) from None
         try:
@@ -552,7 +556,8 @@ class IndexStore:
                 index = self._current_index(conn, use_cache=not target.exists())  # damaged: from SQLite alone
                 tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
                 try:
-                    faiss.write_index(index, str(tmp))
+                    with owner_only():
+                        faiss.write_index(index, str(tmp))
                     with open(tmp, "rb") as f:
                         os.fsync(f.fileno())
                     os.replace(tmp, target)

@@ -46,7 +46,8 @@ def main(index_dir: Path | None, model: str | None, device: str | None, host: st
     from .discovery import ServerInfo, remove_server_file, write_server_file
     from .server import create_app, is_loopback
 
-    if not is_loopback(host) and not token:
+    made_token = not is_loopback(host) and not token
+    if made_token:
         token = secrets.token_urlsafe(24)
         click.echo(f"listening beyond this machine: every request needs the token {token}", err=True)
     index_dir = (index_dir or default_index_dir()).expanduser().resolve()
@@ -62,7 +63,10 @@ def main(index_dir: Path | None, model: str | None, device: str | None, host: st
             announced = True
         except OSError:  # a read-only index: mi-search finds the server through MI_SERVER only
             pass
-    click.echo(f"serving {index_dir} on {url}/" + (f"?token={token}" if token else ""), err=True)
+    # A token of the user's (--token, MI_SERVER_TOKEN) is never echoed: stderr ends up in logs.
+    if token and not made_token:
+        click.echo("every request needs the token given by --token or MI_SERVER_TOKEN", err=True)
+    click.echo(f"serving {index_dir} on {url}/" + (f"?token={token}" if made_token else ""), err=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     # uvicorn shuts down cleanly on SIGTERM, then raises it again: exit, rather than die, then.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

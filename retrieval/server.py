@@ -257,6 +257,7 @@ def thumbnail_png(searcher: Any, index_dir: Path, image_id: int) -> bytes:
     from indexer.decode import DecodeError, decode_bytes, decode_file
     from indexer.errors import MIError
     from indexer.pacs_keys import is_dicomweb_url, is_dimse_url
+    from indexer.private_files import private_folder, write_private
 
     from .errors import QueryError
 
@@ -284,9 +285,9 @@ def thumbnail_png(searcher: Any, index_dir: Path, image_id: int) -> bytes:
     buffer = io.BytesIO()
     picture.save(buffer, "PNG")
     try:  # a cache only: a read-only index still serves thumbnails
-        cached.parent.mkdir(exist_ok=True)
+        private_folder(cached.parent)  # 0700, its files 0600: pictures of patients
         temporary = cached.with_suffix(f".{os.getpid()}.tmp")
-        temporary.write_bytes(buffer.getvalue())
+        write_private(temporary, buffer.getvalue())
         os.replace(temporary, cached)
     except OSError:
         pass
