@@ -36,11 +36,15 @@ def key_path() -> Path:
     return Path(platformdirs.user_config_dir("medimageinsight-search")) / "patient.key"
 
 
-def patient_key() -> bytes:
-    """The key, created (32 random bytes, hex, mode 0600) the first time it is needed."""
+def patient_key(create: bool = True) -> bytes:
+    """The key, created (32 random bytes, hex, mode 0600) the first time it is needed; not
+    `create`: PatientKeyError where there is none (a search never makes one)."""
     path = key_path()
     try:
         if not path.exists():
+            if not create:
+                raise PatientKeyError(f"no patient key at {path}: set {KEY_ENV} to the file of the key the index "
+                                      f"was built with")
             if os.environ.get(KEY_ENV):
                 raise PatientKeyError(f"no patient key file at {path} ({KEY_ENV}): create one with "
                                       f"`python -c \"import secrets; print(secrets.token_hex(32))\" > {path}`")
@@ -69,4 +73,8 @@ def pseudonym(patient_id: str | None, key: bytes) -> str | None:
     under one key, and useless for testing guessed IDs without the key."""
     if not patient_id:
         return None
-    return hmac.new(key, patient_id.encode("utf-8"), hashlib.sha256).hexdigest()[:32]
+    salt = getattr(key, "legacy_salt", None)
+    if salt is not None:  # an index migrated from salted hashes: as its migrated images were keyed
+        from .legacy_pseudonyms import legacy_hash
+        patient_id = legacy_hash(patient_id, salt)
+    return hmac.new(bytes(key), patient_id.encode("utf-8"), hashlib.sha256).hexdigest()[:32]

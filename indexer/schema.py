@@ -67,10 +67,23 @@ def _m003_keyed_patient_pseudonyms(conn: Connection) -> None:
         except PatientKeyError as e:
             raise StoreError(str(e)) from None
         conn.execute(text("INSERT OR REPLACE INTO meta VALUES ('patient_key_id', :k)"), {"k": key_id(key)})
+        _keep_sealed_salt(conn, key)
         old = conn.execute(text("SELECT DISTINCT patient_hash FROM images WHERE patient_hash IS NOT NULL")).scalars()
         conn.execute(text("UPDATE images SET patient_hash = :new WHERE patient_hash = :old"),
                      [{"old": value, "new": pseudonym(value, key)} for value in old.all()])
     conn.execute(text("DELETE FROM meta WHERE key = 'patient_salt'"))
+
+
+def _keep_sealed_salt(conn: Connection, key: bytes) -> None:
+    # New images of a migrated index must get the pseudonyms its migrated images got: the salt
+    # is kept for that, sealed under the key (indexer.legacy_pseudonyms). Added after release:
+    # indexes migrated before it lost their salt, and cannot be helped.
+    from .legacy_pseudonyms import seal_salt
+
+    salt = conn.execute(text("SELECT value FROM meta WHERE key = 'patient_salt'")).scalar()
+    if salt:
+        conn.execute(text("INSERT OR REPLACE INTO meta VALUES ('patient_salt_sealed', :s)"),
+                     {"s": seal_salt(salt, key)})
 
 
 def _m004_roots(conn: Connection) -> None:

@@ -266,25 +266,29 @@ class IndexStore:
         return {"fingerprint": meta["model_fingerprint"], "dim": int(meta["model_dim"]),
                 "source": meta.get("model_source")}
 
-    def patient_key(self) -> bytes:
+    def patient_key(self, searching: bool = False) -> bytes:
         """The key of this index's patient pseudonyms (see indexer.privacy): recorded by its id
         on first use, and refused when another key is in place (pseudonyms made with two keys
-        would split each patient in two)."""
+        would split each patient in two). `searching`: refused too where there is no key file
+        (none is made), and nothing recorded."""
+        from .legacy_pseudonyms import PatientKey, open_salt
         from .privacy import KEY_ENV, PatientKeyError, key_id, key_path, patient_key
 
         try:
-            key = patient_key()
+            key = patient_key(create=not searching)
         except PatientKeyError as e:
             raise StoreError(str(e)) from None
         with self.engine.connect() as conn:
-            recorded = self._meta(conn).get("patient_key_id")
-        if recorded is None:
+            meta = self._meta(conn)
+        recorded = meta.get("patient_key_id")
+        if recorded is None and not searching:
             with self.engine.begin() as conn:
                 conn.execute(text("INSERT OR REPLACE INTO meta VALUES ('patient_key_id', :k)"), {"k": key_id(key)})
-        elif recorded != key_id(key):
+        elif recorded is not None and recorded != key_id(key):
             raise StoreError(f"the index at {self.folder} pseudonymised patients with another key than "
                              f"{key_path()} (key id {recorded}): set {KEY_ENV} to that key's file")
-        return key
+        sealed = meta.get("patient_salt_sealed")
+        return PatientKey(key, open_salt(sealed, key) if sealed else None)
 
     def check_model(self, fingerprint: str, dim: int, source: str) -> None:
         """Refuse a model other than the index's; record it if the index has none yet."""

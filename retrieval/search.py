@@ -229,9 +229,19 @@ class Searcher:
             rows = self._store.images_with_hash(content_hash(Path(path).expanduser().read_bytes()))
             values = {row[field_name] for row in rows if row.get(field_name)}
             if not values:
-                values = {load_query_file(path, with_patient_key=what == "patient").metadata.get(field_name)} - {None}
+                key = self._patient_key() if what == "patient" else None
+                values = {load_query_file(path, patient_key=key).metadata.get(field_name)} - {None}
             own |= values
         return {field_name: own}
+
+    def _patient_key(self) -> bytes:
+        """The index's own patient key, checked against the index and never created: another key
+        would silently give other pseudonyms, and exclude nothing."""
+        from indexer.errors import StoreError
+        try:
+            return self._store.patient_key(searching=True)
+        except StoreError as e:
+            raise QueryError(f"excluding the query's patient needs the index's patient key: {e}") from None
 
     def _no_match(self, filters: SearchFilters) -> str:
         held = []
@@ -366,19 +376,21 @@ def load_query_image(path: str | Path) -> Any:
     return load_query_file(path).frames[0][1]
 
 
-def load_query_file(path: str | Path, with_patient_key: bool = False) -> Any:
+def load_query_file(path: str | Path, with_patient_key: bool = False, patient_key: bytes | None = None) -> Any:
     """The query file decoded as the indexer decodes it (`indexer.decode.Decoded`: frames and
-    metadata, the patient pseudonym only `with_patient_key`). QueryError when unreadable."""
+    metadata, the patient pseudonym with `patient_key`, or `with_patient_key` the user's key).
+    QueryError when unreadable."""
     from indexer.decode import DecodeError, decode_file
 
     path = Path(path).expanduser()
     if not path.is_file():
         raise QueryError(f"query image not found: {path}")
-    key = None
-    if with_patient_key:
-        from indexer.privacy import PatientKeyError, patient_key
+    key = patient_key
+    if with_patient_key and key is None:
+        from indexer.privacy import PatientKeyError
+        from indexer.privacy import patient_key as read_key
         try:
-            key = patient_key()
+            key = read_key(create=False)  # a search never makes a key
         except PatientKeyError as e:
             raise QueryError(f"excluding the query's patient needs the index's patient key: {e}") from None
     try:
