@@ -246,3 +246,26 @@ def test_a_sample_that_does_not_decode_fails_its_syntax(tmp_path):
     checks = {c.check: c for c in doctor.decoder_checks(tmp_path)}
     assert checks["decode RLE"].status == "fail" and "does not decode" in checks["decode RLE"].detail
     assert checks["decode JPEG 2000"].status == "ok" and "no sample" in checks["decode JPEG 2000"].detail
+
+
+# ---------------------------------------------------------------- the device (no GPU here: PyTorch's answers stubbed)
+
+@pytest.mark.parametrize("capability, status", [((9, 0), "ok"), ((7, 5), "warn")])
+def test_a_gpu_is_named_with_its_capability_and_bf16(monkeypatch, capability, status):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=0: capability)
+    device = {c.check: c for c in doctor.torch_checks()}["device"]
+    assert device.status == status and f"cuda:0 NVIDIA H200 (capability {capability[0]}.{capability[1]}; 2 GPUs)" \
+        in device.detail
+    assert ("native bf16" in device.detail) if status == "ok" else ("--dtype float16" in device.detail)
+
+
+def test_a_cuda_build_that_sees_no_gpu_warns(monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    device = {c.check: c for c in doctor.torch_checks()}["device"]
+    assert device.status == "warn" and "built for CUDA 12.4" in device.detail and "nvidia-smi" in device.detail
