@@ -28,6 +28,9 @@ _HOW_TO_FIX = (
     f"{MODEL_ENV} environment variable at that folder (or at the 2024.09.27/ folder inside it)."
 )
 
+_OFFLINE_EXAMPLE = (f"No weights at all? examples/search_cli.sh runs every step offline with the tiny test model "
+                    f"(it sets {MODEL_ENV} to tests/fixtures/medimageinsight-tiny).")
+
 
 class ModelError(Exception):
     """Base class: the model cannot be used. The message says how to fix it."""
@@ -59,25 +62,25 @@ def find_model_folder(path: Path) -> Path:
     )
 
 
-def resolve_model_source(source: str | os.PathLike | None = None) -> Path:
+def resolve_model_source(source: str | os.PathLike | None = None, *, download: bool = True) -> Path:
     """A local folder, or a Hugging Face repo id (downloaded once, then cached) -> the model folder.
 
     Default: the MI_MODEL environment variable, else lion-ai/MedImageInsights. `hf-hub:OWNER/NAME`
     always means the hub; a plain `OWNER/NAME` is a local folder when one exists there, else the
-    hub (and a failure says that both were tried)."""
+    hub (and a failure says that both were tried). `download=False`: the local cache only."""
     named = source not in (None, "") or bool(os.environ.get(MODEL_ENV))
     source = str(source) if source not in (None, "") else os.environ.get(MODEL_ENV) or DEFAULT_MODEL
     if source.startswith(HUB_PREFIX):
-        return find_model_folder(_download(source[len(HUB_PREFIX):], tried_folder=None))
+        return find_model_folder(_download(source[len(HUB_PREFIX):], tried_folder=None, download=download))
     path = Path(source).expanduser()
     if path.exists():
         return find_model_folder(path)
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", source) or source.startswith("."):
         raise ModelNotFoundError(f"no model folder at {path}. {_HOW_TO_FIX}")
-    return find_model_folder(_download(source, tried_folder=path if named else None))
+    return find_model_folder(_download(source, tried_folder=path if named else None, download=download))
 
 
-def _download(repo_id: str, tried_folder: Path | None) -> Path:
+def _download(repo_id: str, tried_folder: Path | None, download: bool = True) -> Path:
     try:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
@@ -85,16 +88,18 @@ def _download(repo_id: str, tried_folder: Path | None) -> Path:
         raise ModelNotFoundError(f"cannot download {repo_id}: huggingface_hub is not installed. {_HOW_TO_FIX}")
     patterns = ["*config.yaml", "*vision_model/*", "*language_model/*"]
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))  # shows progress bars
+        # shows progress bars
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=not download))
     except RepositoryNotFoundError:
         raise ModelNotFoundError(f"no model {repo_id!r} on Hugging Face{_and_no_folder(tried_folder)}. "
                                  f"{_HOW_TO_FIX}") from None
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
         offline = os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0")
         why = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else \
+            "it is not in the local cache (and downloading was not asked for)" if not download else \
             f"the hub could not be reached or the download failed ({type(e).__name__})"
         raise ModelNotFoundError(f"cannot get model {repo_id!r} from Hugging Face: {why}"
-                                 f"{_and_no_folder(tried_folder)}. {_HOW_TO_FIX}") from None
+                                 f"{_and_no_folder(tried_folder)}. {_HOW_TO_FIX} {_OFFLINE_EXAMPLE}") from None
 
 
 def _and_no_folder(folder: Path | None) -> str:

@@ -2,6 +2,9 @@
 prefer a single entry point; `mi-index` and `mi-search` stay as they are."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import click
 
 from indexer.cli import main as index_command
@@ -20,6 +23,31 @@ def mi() -> None:
 mi.add_command(index_command, "index")
 mi.add_command(search_command, "search")
 mi.add_command(serve_command, "serve")
+
+
+@mi.command("doctor")
+@click.option("--index", "index_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Index folder to check. [default: MI_INDEX, else the per-user folder mi-index uses]")
+@click.option("--model", metavar="SRC", help="Model folder or Hugging Face id (never downloaded here). "
+                                            "[default: MI_MODEL, else the index's model]")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of {check, status, detail}.")
+def doctor_command(index_dir: Path | None, model: str | None, as_json: bool) -> None:
+    """Check this install as a whole: PyTorch and the device, the DICOM decoders, FAISS, the
+    index, the model, and the real weights against their published outputs. One line per check
+    (ok / warn / fail); the exit status is 1 when any check fails."""
+    from indexer.terminal import visible
+
+    from .doctor import failed, run_checks
+
+    checks = run_checks(index_dir, model)
+    if as_json:
+        click.echo(json.dumps([check.as_dict() for check in checks], indent=2))
+    else:
+        width = max(len(check.check) for check in checks)
+        for check in checks:
+            click.echo(f"{check.status:<4}  {check.check:<{width}}  {visible(check.detail, markup=False)}")
+    if failed(checks):
+        raise SystemExit(1)
 
 
 def entry() -> None:
