@@ -9,6 +9,7 @@ from indexer.terminal import console_script
 
 from .cli import main as search_command
 from .serve_cli import main as serve_command
+from .curate import cli as curate_cli
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -20,6 +21,7 @@ def mi() -> None:
 mi.add_command(index_command, "index")
 mi.add_command(search_command, "search")
 mi.add_command(serve_command, "serve")
+mi.add_command(curate_cli.duplicates, "duplicates")
 
 
 def entry() -> None:

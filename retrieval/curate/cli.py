@@ -1,0 +1,137 @@
+"""The dataset checks' command lines: `mi duplicates`, `mi leakage`, `mi outliers`, `mi export`,
+`mi evaluate`, `mi map` (registered in retrieval.commands). Each prints a short table, or JSON
+with --json, and writes the items to a CSV file with --csv FILE; errors are one line."""
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+
+from indexer.errors import one_line
+
+INDEX_OPTION = click.option("--index", "index_dir", envvar="MI_INDEX",
+                            type=click.Path(file_okay=False, path_type=Path),
+                            help="Index folder. [default: MI_INDEX, else the per-user folder mi-index uses]")
+JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+CSV_OPTION = click.option("--csv", "csv_file", type=click.Path(dir_okay=False, path_type=Path),
+                          help="Also write the items to this CSV file.")
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+
+
+@contextlib.contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Our typed errors (and the OS refusing a file) as one line on stderr, exit status 1
+    (click's: a missing option is 2); anything else is a bug and keeps its traceback."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as error:
+        from indexer.terminal import is_user_error, visible
+
+        from ..errors import SearchError
+        if not is_user_error(error, SearchError, OSError):
+            raise
+        raise click.ClickException(visible(one_line(error), markup=False)) from None
+
+
+def reader_of(index_dir: Path | None):
+    from .reader import IndexReader
+    return IndexReader(index_dir)
+
+
+def write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
+    with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows([["" if v is None else v for v in row] for row in rows])
+
+
+def echo_json(report: Any) -> None:
+    click.echo(json.dumps(report, indent=2, default=str, ensure_ascii=False))
+
+
+def shown(value: Any) -> str:
+    from indexer.terminal import visible
+    return visible("" if value is None else value, markup=False)
+
+
+def print_distribution(report: dict[str, Any], echo: Callable[..., None] = click.echo) -> None:
+    near = report.get("nearest_similarity")
+    if not near:
+        return
+    q = near["quantiles"]
+    if q:
+        echo("Similarity of each image to its nearest other image: " +
+             ", ".join(f"{name} {value:.4f}" for name, value in q.items()))
+    bins = [b for b in near["histogram"] if b["images"]]
+    for b in bins:
+        echo(f"  {b['from']:>6.3f} .. {b['to']:<6.3f} {b['images']:>8}")
+    echo(f"Note: {near['note']}.")
+
+
+# ---------------------------------------------------------------- mi duplicates
+DUPLICATE_COLUMNS = ["cluster", "kind", "size", "relations", "id", "path", "frame", "similarity", "content_group",
+                     "sop_group", "pixel_group",
+                     "sop_instance_uid", "study_instance_uid", "series_instance_uid", "patient", "width", "height",
+                     "transfer_syntax", "source_format"]
+
+
+@click.command(context_settings=CONTEXT)
+@INDEX_OPTION
+@click.option("--threshold", type=click.FloatRange(-1.0, 1.0), default=None,
+              help="Near duplicates: cosine similarity at or above this. [default: 0.98; depends on the weights]")
+@click.option("--exact-only", is_flag=True, help="Only exact duplicates (same SOP Instance UID or file content).")
+@click.option("-k", "k", type=click.IntRange(1, 1000), default=10, show_default=True,
+              help="Neighbours compared per image.")
+@click.option("--pixels", is_flag=True, help="Decode cluster members to tell which have the same pixels (slower).")
+@click.option("--limit", type=click.IntRange(min=0), default=20, show_default=True,
+              help="Clusters shown in the table (--json and --csv hold all).")
+@JSON_OPTION
+@CSV_OPTION
+def duplicates(index_dir: Path | None, threshold: float | None, exact_only: bool, k: int, pixels: bool,
+               limit: int, as_json: bool, csv_file: Path | None) -> None:
+    """Exact and near-duplicate images of an index, in clusters, with how each cluster's
+    members relate (same file content, SOP Instance UID, study, series, patient; different
+    transfer syntax or size). Prints the distribution of nearest-neighbour similarities to
+    choose --threshold from."""
+    from .duplicates import DEFAULT_THRESHOLD, find_duplicates
+
+    with one_line_errors(), reader_of(index_dir) as reader:
+        report = find_duplicates(reader, threshold=DEFAULT_THRESHOLD if threshold is None else threshold, k=k,
+                                 near=not exact_only, pixels=pixels)
+        if csv_file:
+            write_csv(csv_file, DUPLICATE_COLUMNS, [
+                [c["cluster"], c["kind"], c["size"], "; ".join(c["relations"])] +
+                [m.get(name) for name in DUPLICATE_COLUMNS[4:]]
+                for c in report["clusters"] for m in c["members"]])
+    if as_json:
+        echo_json(report)
+        return
+    s = report["summary"]
+    click.echo(f"{report['images']} images: {s['clusters']} duplicate clusters ({s['exact_clusters']} exact, "
+               f"{s['near_clusters']} near, {s['mixed_clusters']} mixed"
+               + (f", cosine >= {report['threshold']}" if report["threshold"] is not None else "")
+               + f"), {s['redundant_images']} redundant images.")
+    if report["clusters"][:limit]:
+        click.echo("Members: similarity to the first, path (copies: file content group / SOP Instance UID group"
+                   + (" / decoded pixels group" if pixels else "") + ", size, transfer syntax)")
+    for cluster in report["clusters"][:limit]:
+        click.echo(f"\ncluster {cluster['cluster']}: {cluster['kind']}, {cluster['size']} images, "
+                   f"min similarity {cluster['min_similarity']:.4f}: {', '.join(cluster['relations']) or '-'}")
+        for m in cluster["members"]:
+            copies = "/".join(str(m.get(g) or "-") for g in ("content_group", "sop_group", "pixel_group") if g in m)
+            extra = ", ".join(str(x) for x in (f"copies {copies}", f"frame {m['frame']}" if m["frame"] else None,
+                                                f"{m['width']}x{m['height']}" if m["width"] else None,
+                                                m["transfer_syntax"]) if x)
+            click.echo(f"  {m['similarity']:.4f}  {shown(m['path'])}" + (f"  ({extra})" if extra else ""))
+    if len(report["clusters"]) > limit:
+        click.echo(f"\n... {len(report['clusters']) - limit} more clusters (--limit, --json, --csv)")
+    click.echo("")
+    print_distribution(report)
