@@ -22,6 +22,7 @@ mi.add_command(index_command, "index")
 mi.add_command(search_command, "search")
 mi.add_command(serve_command, "serve")
 mi.add_command(curate_cli.duplicates, "duplicates")
+mi.add_command(curate_cli.leakage, "leakage")
 
 
 def entry() -> None:

@@ -135,3 +135,95 @@ def duplicates(index_dir: Path | None, threshold: float | None, exact_only: bool
         click.echo(f"\n... {len(report['clusters']) - limit} more clusters (--limit, --json, --csv)")
     click.echo("")
     print_distribution(report)
+
+
+# ---------------------------------------------------------------- mi leakage
+LEAKAGE_COLUMNS = ["check", "split_a", "split_b", "key", "split", "id", "path", "frame", "similarity"]
+CHECK_NAMES = {"same_images": "images in both", "patients": "patients in both", "studies": "studies in both",
+               "exact_duplicates": "exact duplicates across", "near_duplicates": "near duplicates across"}
+
+
+@click.command(context_settings=CONTEXT)
+@INDEX_OPTION
+@click.option("--split", "split_folders", multiple=True, metavar="NAME=FOLDER",
+              help="A split and its folder; give two or more (--split train=data/train --split test=data/test).")
+@click.option("--splits-csv", type=click.Path(dir_okay=False, path_type=Path),
+              help="A CSV with a `split` column and a `path` or `sop_instance_uid` column.")
+@click.option("--split-by", metavar="FIELD", help="A stored field whose values are the splits.")
+@click.option("--threshold", type=click.FloatRange(-1.0, 1.0), default=None,
+              help="Near duplicates across splits: cosine at or above this. [default: 0.98; depends on the weights]")
+@click.option("--no-near", is_flag=True, help="Skip near duplicates (no vectors compared).")
+@click.option("-k", "k", type=click.IntRange(1, 1000), default=10, show_default=True,
+              help="Neighbours compared per image.")
+@JSON_OPTION
+@CSV_OPTION
+@click.pass_context
+def leakage(context: click.Context, index_dir: Path | None, split_folders: tuple[str, ...], splits_csv: Path | None,
+            split_by: str | None, threshold: float | None, no_near: bool, k: int, as_json: bool,
+            csv_file: Path | None) -> None:
+    """Leakage between dataset splits: patients (by pseudonym) and studies in two splits, exact
+    and near duplicates across them, images placed in two. Exit status 1 when any is found (a CI
+    guard), 0 when the splits are clean."""
+    from . import splits as split_sources
+    from .duplicates import DEFAULT_THRESHOLD
+    from .leakage import CHECKS, find_leakage
+
+    given = sum(bool(x) for x in (split_folders, splits_csv, split_by))
+    if given != 1:
+        raise click.UsageError("give the splits one way: --split NAME=FOLDER (twice or more), --splits-csv FILE "
+                               "or --split-by FIELD")
+    with one_line_errors(), reader_of(index_dir) as reader:
+        if split_folders:
+            splits = split_sources.from_folders(reader, [split_sources.parse_split_option(v) for v in split_folders])
+        elif splits_csv:
+            splits = split_sources.from_csv(reader, splits_csv)
+        else:
+            splits = split_sources.from_field(reader, split_by)
+        report = find_leakage(reader, splits, k=k,
+                              threshold=None if no_near else (DEFAULT_THRESHOLD if threshold is None else threshold))
+        if csv_file:
+            write_csv(csv_file, LEAKAGE_COLUMNS, _leakage_rows(reader, report))
+    if as_json:
+        echo_json(report)
+    else:
+        click.echo(f"{report['images']} images; splits: " +
+                   ", ".join(f"{shown(name)} {n}" for name, n in report["splits"].items()) +
+                   f"; {report['unassigned']} in no split.")
+        for note in report["notes"]:
+            click.echo(f"Note: {shown(note)}.")
+        if report["without_patient"]:
+            click.echo(f"Note: {report['without_patient']} images have no patient pseudonym (no PatientID, or "
+                       f"indexed without the patient key): they cannot be checked by patient.")
+        for pair in report["pairs"]:
+            a, b = (shown(s) for s in pair["splits"])
+            counts = ", ".join(f"{pair[c]['count']} {CHECK_NAMES[c]}" for c in CHECKS if c in pair)
+            click.echo(f"{a} / {b}: {'LEAKAGE' if pair['leaks'] else 'clean'}: {counts}")
+        if report["threshold"] is not None:
+            click.echo(f"(near duplicates: cosine >= {report['threshold']}; thresholds depend on the model's weights)")
+    context.exit(1 if report["leakage"] else 0)
+
+
+def _leakage_rows(reader, report: dict[str, Any]) -> list[list[Any]]:
+    """One row per offending image of each finding: check, the pair of splits, the key that links
+    (patient pseudonym, study UID, pair number), the image's split, id, path, frame, similarity."""
+    wanted: list[tuple] = []
+    for pair in report["pairs"]:
+        a, b = pair["splits"]
+        for item in pair["same_images"]["items"]:
+            wanted.append(("same_images", a, b, item["id"], f"{a}+{b}", item["id"], None))
+        for check, key_name in (("patients", "patient"), ("studies", "study_instance_uid")):
+            for item in pair[check]["items"]:
+                for split in (a, b):
+                    wanted += [(check, a, b, item[key_name], split, i, None) for i in item["images"][split]]
+        for check in ("exact_duplicates", "near_duplicates"):
+            for number, item in enumerate(pair.get(check, {"items": []})["items"], start=1):
+                score = item.get("similarity")
+                key = f"pair {number}" + (f" ({item['relation']})" if item.get("relation") else "")
+                wanted += [(check, a, b, key, split, i, score) for i, split in zip(item["ids"], item["splits"])]
+    rows = reader.rows(sorted({w[5] for w in wanted}))
+    out = []
+    for check, a, b, key, split, row_id, score in wanted:
+        row = rows.get(row_id, {})
+        out.append([check, a, b, key, split, row_id, row.get("path"), row.get("frame"),
+                    score])
+    return out
