@@ -23,6 +23,7 @@ mi.add_command(search_command, "search")
 mi.add_command(serve_command, "serve")
 mi.add_command(curate_cli.duplicates, "duplicates")
 mi.add_command(curate_cli.leakage, "leakage")
+mi.add_command(curate_cli.export, "export")
 
 
 def entry() -> None:

@@ -227,3 +227,70 @@ def _leakage_rows(reader, report: dict[str, Any]) -> list[list[Any]]:
         out.append([check, a, b, key, split, row_id, row.get("path"), row.get("frame"),
                     score])
     return out
+
+
+# ---------------------------------------------------------------- mi export
+@click.command(context_settings=CONTEXT)
+@click.argument("query", nargs=-1)
+@INDEX_OPTION
+@click.option("--ids", help="Comma-separated image ids (the `id` of mi-search --json and of the reports).")
+@click.option("--report", "report_file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="A report of mi duplicates, mi leakage or mi outliers (--json) whose images to export.")
+@click.option("--cluster", type=click.IntRange(min=1), help="With a duplicate report: only this cluster.")
+@click.option("-k", "--top", "k", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Search hits exported for a QUERY.")
+@click.option("--modality", help="QUERY: only this DICOM Modality.")
+@click.option("--model", envvar="MI_MODEL", metavar="SRC", help="QUERY: model folder or Hugging Face id.")
+@click.option("--format", "fmt", type=click.Choice(["csv", "json", "ohif", "wado"]), default="csv", show_default=True,
+              help="csv / json rows; ohif: a DICOM JSON manifest for OHIF's dicomjson data source; wado: WADO-RS URLs.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write here, not to stdout.")
+@click.option("--url-prefix", help="ohif, local files: the web address that serves --root.")
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path),
+              help="ohif, local files: the folder --url-prefix serves. [default: the files' common folder]")
+def export(query: tuple[str, ...], index_dir: Path | None, ids: str | None, report_file: Path | None,
+           cluster: int | None, k: int, modality: str | None, model: str | None, fmt: str, output: Path | None,
+           url_prefix: str | None, root: Path | None) -> None:
+    """Export images as CSV, JSON, WADO-RS URLs or an OHIF DICOM JSON manifest: the hits of a
+    QUERY (mi-search's syntax), a report of mi duplicates / leakage / outliers, or --ids."""
+    import io
+
+    from . import export as exporting
+
+    if sum(bool(x) for x in (query, ids, report_file)) != 1:
+        raise click.UsageError("give one selection: a QUERY, --ids or --report")
+    with one_line_errors():
+        if query:
+            from ..search import Searcher
+
+            with Searcher(index=index_dir, model=model) as searcher:
+                hits = searcher.search(list(query), k=k, modality=modality)
+            selection = [(hit.id, hit.score, f"rank {hit.rank}") for hit in hits]
+        elif ids:
+            try:
+                selection = [(int(i), None, None) for i in ids.split(",") if i.strip()]
+            except ValueError:
+                raise click.BadParameter(f"--ids takes comma-separated numbers, not {ids!r}") from None
+        else:
+            try:
+                report = json.loads(report_file.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as e:
+                raise exporting.ExportError(f"{report_file} is not a JSON report: {e}") from None
+            selection = exporting.selection_from_report(report, cluster)
+        with reader_of(index_dir) as reader:
+            rows = exporting.rows_of(reader, selection)
+        if fmt == "csv":
+            buffer = io.StringIO()
+            csv.writer(buffer).writerows([list(exporting.ROW_FIELDS)] +
+                                         [["" if r[f] is None else r[f] for f in exporting.ROW_FIELDS] for r in rows])
+            text_out = buffer.getvalue()
+        elif fmt == "json":
+            text_out = exporting.dumps(rows) + "\n"
+        elif fmt == "wado":
+            text_out = "".join(url + "\n" for url in exporting.wado_urls(rows))
+        else:
+            text_out = exporting.dumps(exporting.ohif_manifest(rows, url_prefix, str(root) if root else None)) + "\n"
+        if output:
+            output.write_text(text_out, encoding="utf-8", errors="surrogateescape")
+            click.echo(f"{len(rows)} images written to {shown(output)}", err=True)
+        else:
+            click.echo(text_out, nl=False)
