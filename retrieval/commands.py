@@ -24,6 +24,7 @@ mi.add_command(serve_command, "serve")
 mi.add_command(curate_cli.duplicates, "duplicates")
 mi.add_command(curate_cli.leakage, "leakage")
 mi.add_command(curate_cli.export, "export")
+mi.add_command(curate_cli.outliers, "outliers")
 
 
 def entry() -> None:

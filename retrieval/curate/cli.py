@@ -4,6 +4,7 @@ with --json, and writes the items to a CSV file with --csv FILE; errors are one 
 from __future__ import annotations
 
 import contextlib
+import os
 import csv
 import json
 import sys
@@ -294,3 +295,33 @@ def export(query: tuple[str, ...], index_dir: Path | None, ids: str | None, repo
             click.echo(f"{len(rows)} images written to {shown(output)}", err=True)
         else:
             click.echo(text_out, nl=False)
+
+
+# ---------------------------------------------------------------- mi outliers
+@click.command(context_settings=CONTEXT)
+@INDEX_OPTION
+@click.option("--by", type=click.Choice(["folder", "modality", "body_part", "view"]),
+              help="Also judge each image against its group.")
+@click.option("-k", "k", type=click.IntRange(1, 1000), default=10, show_default=True, help="Neighbours per image.")
+@click.option("-n", "--top", "top", type=click.IntRange(min=1), default=20, show_default=True, help="Outliers listed.")
+@JSON_OPTION
+@CSV_OPTION
+def outliers(index_dir: Path | None, by: str | None, k: int, top: int, as_json: bool, csv_file: Path | None) -> None:
+    """Images unlike their group (--by) or unlike anything in the index, most unusual first,
+    each with a score (robust z: MADs below the median), the reason and nearest neighbours."""
+    from .outliers import find_outliers
+
+    with one_line_errors(), reader_of(index_dir) as reader:
+        report = find_outliers(reader, by=by, k=k, top=top)
+    if csv_file:
+        write_csv(csv_file, ["rank", "id", "path", "frame", "score", "reason", "group", "neighbours"],
+                  [[rank, o["id"], o["path"], o["frame"], o["score"], o["reason"], o["group"],
+                    " ".join(str(n["id"]) for n in o["neighbours"])]
+                   for rank, o in enumerate(report["outliers"], start=1)])
+    if as_json:
+        echo_json(report)
+        return
+    for rank, o in enumerate(report["outliers"], start=1):
+        click.echo(f"{rank:>3}  {o['score']:>6.2f}  {shown(o['path'])}" + (f" (frame {o['frame']})" if o["frame"] else ""))
+        click.echo(f"          {shown(o['reason'])}; nearest: " +
+                   ", ".join(shown(os.path.basename(n["path"])) for n in o["neighbours"]))
