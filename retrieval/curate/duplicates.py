@@ -14,9 +14,10 @@ import numpy as np
 from . import files as file_facts
 from .neighbours import DEFAULT_K, DEFAULT_NPROBE, Scan, UnionFind, histogram, quantiles, scan
 
-# MedImageInsight (full weights, cosine of L2-normalised embeddings): a lossless re-encoding
-# gives 1.0 and a lossy one stays above 0.99, while different images of one patient fall lower;
-# 0.98 is a cautious default (README "Checking a dataset"). Other weights need their own.
+# A starting point, not a measurement on the published weights (none were at hand where this was
+# written): a lossless re-encoding decodes to the same pixels and so gives cosine 1.0 with any
+# weights; how far lossy copies and other images of one patient fall depends on the weights.
+# Read the nearest-neighbour distribution the report prints and set --threshold from it.
 DEFAULT_THRESHOLD = 0.98
 THRESHOLD_NOTE = ("similarity thresholds depend on the model's weights: choose one from the distribution of "
                   "nearest-neighbour similarities above (--threshold)")
