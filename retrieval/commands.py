@@ -12,6 +12,7 @@ from indexer.terminal import console_script
 
 from .cli import main as search_command
 from .serve_cli import main as serve_command
+from .curate import cli as curate_cli
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -23,6 +24,10 @@ def mi() -> None:
 mi.add_command(index_command, "index")
 mi.add_command(search_command, "search")
 mi.add_command(serve_command, "serve")
+mi.add_command(curate_cli.duplicates, "duplicates")
+mi.add_command(curate_cli.leakage, "leakage")
+mi.add_command(curate_cli.export, "export")
+mi.add_command(curate_cli.outliers, "outliers")
 
 
 @mi.command("doctor")

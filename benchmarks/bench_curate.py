@@ -1,0 +1,128 @@
+"""Dataset checks at scale: mi duplicates and mi leakage over synthetic clustered vectors with
+planted near duplicates, patients and splits, written through the real store.
+
+    python benchmarks/bench_curate.py                    # 10k and 100k
+    python benchmarks/bench_curate.py --sizes 10000
+    python benchmarks/bench_curate.py --sizes 1000000    # optional, long
+
+Each check runs in a fresh process (its peak RSS is its own); prints time, peak memory and the
+recall of the planted near-duplicate pairs (cosine 0.99, threshold 0.98). Targets on 2 cores:
+100k in <= 5 min each, peak <= 4 GB, recall >= 0.99. Asserts nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+DIM = 1024
+DUPLICATE_FRACTION = 0.01   # planted near-duplicate pairs per image
+PATIENTS_PER_IMAGE = 0.25   # 4 images per patient on average
+
+
+def build(folder: Path, n: int, seed: int = 0) -> None:
+    """n images around n/100 centres (cosine ~0.6 to neighbours, like real embeddings), the last
+    n*DUPLICATE_FRACTION of them near duplicates (cosine 0.99) of earlier ones; paths under
+    /train or /test by image, patients shared across them by chance."""
+    from curate_synthetic import unit
+    from indexer.store import IndexStore
+
+    rng = np.random.default_rng(seed)
+    planted = int(n * DUPLICATE_FRACTION)
+    originals = n - planted
+    centres = unit(rng.standard_normal((max(originals // 100, 1), DIM), dtype=np.float32))
+    sources = rng.choice(originals, size=planted, replace=False)
+    store = IndexStore.open(folder, create=True)
+    store.check_model("synthetic", DIM, "synthetic")
+    patients = rng.integers(0, max(int(n * PATIENTS_PER_IMAGE), 1), n)
+    kept: dict[int, np.ndarray] = {}
+    wanted = set(sources.tolist())
+    for start in range(0, n, 5000):
+        stop = min(start + 5000, n)
+        batch = []
+        for i in range(start, stop):
+            if i < originals:
+                v = unit(centres[rng.integers(len(centres))] + 0.8 * unit(rng.standard_normal(DIM, dtype=np.float32))
+                         / np.sqrt(1.0))
+                if i in wanted:
+                    kept[i] = v
+            else:
+                base = kept[int(sources[i - originals])]
+                noise = rng.standard_normal(DIM).astype(np.float32)
+                noise -= (noise @ base) * base
+                v = unit(0.99 * base + np.sqrt(1 - 0.99 ** 2) * noise / np.linalg.norm(noise))
+            split = "train" if i % 5 else "test"
+            batch.append({"path": f"/{split}/{i}.dcm", "size": 1, "mtime_ns": 1, "content_hash": f"h{i}",
+                          "images": [{"frame": 0, "embedding": v, "sop_instance_uid": f"1.2.{i}",
+                                      "study_instance_uid": f"1.3.{i}", "patient_hash": f"{patients[i]:032x}"}]})
+        store.commit(indexed=batch)
+    store.write_faiss()
+    store.close()
+    pairs = np.stack([sources + 1, np.arange(originals, n) + 1], axis=1)  # row ids start at 1
+    np.save(folder / "planted.npy", pairs)
+
+
+def stage(name: str, folder: Path) -> None:
+    """One check in this process; prints a JSON line with seconds, peak RSS and recall."""
+    from retrieval.curate.reader import IndexReader
+    from retrieval.curate.splits import Splits
+
+    start = time.perf_counter()
+    result: dict = {"stage": name}
+    with IndexReader(folder) as reader:
+        if name == "duplicates":
+            from retrieval.curate.duplicates import find_duplicates
+            from retrieval.curate.neighbours import scan
+            found = scan(reader, threshold=0.98)
+            report = find_duplicates(reader, threshold=0.98, found=found)
+            planted = {tuple(p) for p in np.load(folder / "planted.npy").tolist()}
+            got = {tuple(p) for p in found.pairs.tolist()}
+            result.update(recall=len(planted & got) / max(len(planted), 1), pairs=len(got),
+                          clusters=report["summary"]["clusters"], faiss=found.kind)
+        else:
+            from retrieval.curate.leakage import find_leakage
+            columns = reader.columns(["path"])
+            test = np.asarray(["/test/" in p for p in columns["path"]])
+            splits = Splits({"train": columns["id"][~test], "test": columns["id"][test]})
+            report = find_leakage(reader, splits, threshold=0.98)
+            pair = report["pairs"][0]
+            result.update(patients=pair["patients"]["count"], near=pair["near_duplicates"]["count"])
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    result["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)
+    print(json.dumps(result), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--stage", choices=["duplicates", "leakage"], help=argparse.SUPPRESS)
+    parser.add_argument("--index", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.stage:
+        stage(args.stage, args.index)
+        return
+    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}", flush=True)
+    for n in args.sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            start = time.perf_counter()
+            build(Path(tmp) / "index", n)
+            print(f"n={n}: built the index in {time.perf_counter() - start:.0f} s", flush=True)
+            for name in ("duplicates", "leakage"):
+                out = subprocess.run([sys.executable, __file__, "--stage", name, "--index", str(Path(tmp) / "index")],
+                                     capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                print(f"n={n}: {out.stdout.strip() or out.stderr.strip()[-2000:]}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

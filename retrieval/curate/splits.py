@@ -1,0 +1,107 @@
+"""Which split (train, test, ...) each indexed image belongs to: from folders, from a CSV
+(path or SOP Instance UID -> split), or from a stored field. An image may land in two splits
+(nested folders, a CSV naming it twice): that is leakage of its own."""
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from indexer.errors import MIError
+
+from .reader import FIELDS
+
+
+class SplitError(MIError, ValueError):
+    """Splits that cannot be read or make no sense (one split, a CSV without the columns)."""
+
+
+SPLIT_FIELDS = tuple(f for f in FIELDS if f not in ("path", "frame", "content_hash"))
+
+
+@dataclass
+class Splits:
+    """{split name: sorted ids}, and what could not be placed."""
+
+    members: dict[str, np.ndarray]
+    unmatched: int = 0           # CSV rows naming nothing in the index
+    notes: list[str] = field(default_factory=list)
+
+    def names(self) -> list[str]:
+        return list(self.members)
+
+
+def parse_split_option(value: str) -> tuple[str, Path]:
+    """"train=DIR" -> ("train", DIR)."""
+    name, sep, folder = value.partition("=")
+    if not sep or not name.strip() or not folder.strip():
+        raise SplitError(f"--split takes NAME=FOLDER (e.g. --split train=data/train), not {value!r}")
+    return name.strip(), Path(folder.strip()).expanduser()
+
+
+def from_folders(reader, splits: list[tuple[str, Path]]) -> Splits:
+    members: dict[str, list[np.ndarray]] = {}
+    for name, folder in splits:
+        if not folder.exists():
+            raise SplitError(f"the folder of split {name!r} does not exist: {folder}")
+        members.setdefault(name, []).append(reader.ids_under(folder))
+    found = Splits({name: np.unique(np.concatenate(parts)) for name, parts in members.items()})
+    return _checked(found)
+
+
+def from_csv(reader, path: Path) -> Splits:
+    """A CSV with a `split` column and a `path` or `sop_instance_uid` column (header row)."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as e:
+        raise SplitError(f"cannot read {path}: {e.strerror or e}") from None
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise SplitError(f"{path} is not a readable CSV file: {e}") from None
+    header = {k.strip().lower(): k for k in (rows[0].keys() if rows else []) if k}
+    key = next((header[c] for c in ("sop_instance_uid", "sopinstanceuid", "path") if c in header), None)
+    if "split" not in header or key is None:
+        raise SplitError(f"{path} needs a header row with a `split` column and a `path` or `sop_instance_uid` "
+                         f"column; it has {sorted(header) or 'none'}")
+    by_uid = header.get("path") != key
+    pairs = [(row[key].strip(), row[header["split"]].strip()) for row in rows if row.get(key) and row.get(header["split"])]
+    if by_uid:
+        found = reader.ids_of_uids([k for k, _ in pairs])
+    else:
+        base = path.parent
+        pairs = [(k if os.path.isabs(os.path.expanduser(k)) else str(base / k), s) for k, s in pairs]
+        found = reader.ids_of_paths([k for k, _ in pairs])
+    members: dict[str, set[int]] = {}
+    unmatched = 0
+    for item, split in pairs:
+        ids = found.get(item)
+        if not ids:
+            unmatched += 1
+            continue
+        members.setdefault(split, set()).update(ids)
+    result = Splits({name: np.asarray(sorted(ids), np.int64) for name, ids in members.items()}, unmatched)
+    if unmatched:
+        result.notes.append(f"{unmatched} rows of {path.name} name nothing in the index")
+    return _checked(result)
+
+
+def from_field(reader, name: str) -> Splits:
+    if name not in SPLIT_FIELDS:
+        raise SplitError(f"--split-by takes one of {', '.join(SPLIT_FIELDS)}, not {name!r}")
+    columns = reader.columns([name])
+    members: dict[str, list[int]] = {}
+    for row_id, value in zip(columns["id"], columns[name]):
+        if value is not None and str(value) != "":
+            members.setdefault(str(value), []).append(int(row_id))
+    return _checked(Splits({k: np.asarray(v, np.int64) for k, v in sorted(members.items())}))
+
+
+def _checked(splits: Splits) -> Splits:
+    if len(splits.members) < 2:
+        raise SplitError(f"leakage needs at least two splits with images in the index; found "
+                         f"{', '.join(f'{k} ({len(v)})' for k, v in splits.members.items()) or 'none'}")
+    splits.notes += [f"split {name!r} has no image in the index" for name, ids in splits.members.items() if not len(ids)]
+    return splits
