@@ -54,6 +54,8 @@ def create_server(index_dir: str | Path | None = None, *, model: Any = None, dev
     lock = threading.Lock()
     server = _OneLineErrors(
         "medimageinsight-search",
+        version=_version(),
+        log_level="WARNING",  # stderr is the client's log: no line per call (a refused call is answered already)
         instructions=f"Search the medical images (X-rays, DICOM) of the index {index_dir} by text, by an image, "
                      "or by an indexed image's id; read an image's stored fields, thumbnail and zero-shot labels. "
                      "Patients appear only as pseudonyms. Scores are cosine similarities; filters apply before "
@@ -108,7 +110,7 @@ def create_server(index_dir: str | Path | None = None, *, model: Any = None, dev
                     view: Filter = None, since: Day = None, until: Day = None, min_score: MinScore = None,
                     group: Group = None) -> dict[str, Any]:
         """More like this: the indexed images most like the indexed image `image_id`, best first,
-        the image itself left out."""
+        the image itself left out (its exact copies too, and with `group` its study or patient)."""
         def run() -> dict[str, Any]:
             current = searcher()
             hits = current.search(vector=current.vector_of(image_id), k=k + 1, min_score=min_score, group=group,
@@ -171,6 +173,15 @@ def create_server(index_dir: str | Path | None = None, *, model: Any = None, dev
                 "generation": stats["generation"], "last_indexed": stats["last_run_at"]}
 
     return server
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("medimageinsight-search")
+    except PackageNotFoundError:  # a checkout that is not installed
+        return ""
 
 
 def decode_query_image(data: bytes) -> Any:
