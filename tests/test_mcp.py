@@ -279,6 +279,21 @@ def test_images_that_are_not_images_are_refused(mcp):
         mcp.call("search_image", {"image_base64": base64.b64encode(truncated).decode()}))
 
 
+def test_a_decompression_bomb_is_refused_before_decoding(mcp):
+    """A 100-byte PNG claiming 40,000 x 40,000 pixels (1.6 gigapixels, 1.6 GB decoded): the
+    indexer's size guard refuses it from its header."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    bomb = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 40000, 40000, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b""))
+    message = error_text(mcp.call("search_image", {"image_base64": base64.b64encode(bomb).decode()}))
+    assert "cannot read the query image: too big" in message
+
+
 def test_no_tool_reads_a_file_outside_the_index(mcp, searcher, tmp_path):
     """A path given anywhere is a text, an error or nothing, never a file read: neither the
     content of /etc/passwd nor that of an image beside the index comes back."""
