@@ -9,6 +9,7 @@ import click
 
 from indexer.cli import main as index_command
 from indexer.terminal import console_script
+from indexer.terminal import DEVICE_OPTION_HELP, check_device
 
 from .cli import main as search_command
 from .serve_cli import main as serve_command
@@ -53,6 +54,26 @@ def doctor_command(index_dir: Path | None, model: str | None, as_json: bool) -> 
             click.echo(f"{check.status:<4}  {check.check:<{width}}  {visible(check.detail, markup=False)}")
     if failed(checks):
         raise SystemExit(1)
+
+
+@mi.command("mcp")
+@click.option("--index", "index_dir", envvar="MI_INDEX", type=click.Path(file_okay=False, path_type=Path),
+              help="Index folder. [default: MI_INDEX, else the per-user folder mi-index uses]")
+@click.option("--model", envvar="MI_MODEL", metavar="SRC", help="Model folder or Hugging Face id. "
+                                                               "[default: MI_MODEL, else the index's model]")
+@click.option("--device", metavar="DEVICE", callback=check_device, help=DEVICE_OPTION_HELP)
+def mcp_command(index_dir: Path | None, model: str | None, device: str | None) -> None:
+    """Serve an index to agents over the Model Context Protocol, on stdin and stdout: tools to
+    search it by text, by an image's bytes or by an indexed image, and to read an image's fields,
+    thumbnail and zero-shot labels. No tool takes a file path. Needs the `mcp` extra."""
+    try:
+        from .mcp_server import create_server
+    except ImportError as error:
+        if not (error.name or "").startswith("mcp"):
+            raise
+        raise click.ClickException(f"mi mcp needs the MCP SDK ({error.name or error}): "
+                                   "pip install 'medimageinsight-search[mcp]'") from None
+    create_server(index_dir, model=model, device=device).run("stdio")
 
 
 def entry() -> None:
