@@ -9,6 +9,7 @@ A file name is data, never markup or terminal control: `[bold red]x.png` must sh
 window. Names that are not valid UTF-8 (legal on Linux) arrive as surrogate escapes."""
 from __future__ import annotations
 
+import functools
 import os
 import re
 import sys
@@ -46,6 +47,25 @@ def device_option(command: Callable) -> Callable:
 def json_option(help: str) -> Callable:
     """--json, as `as_json`."""
     return click.option("--json", "as_json", is_flag=True, help=help)
+
+
+def collected(name: str, build: Callable[..., object], *options: Callable) -> Callable:
+    """Click options (top to bottom) whose values reach the command as one object: `build(**their values)`,
+    passed as `name`; so that a command with many options takes a few grouped arguments."""
+    holder: Callable = lambda: None  # noqa: E731 - collects the options' parameters
+    for option in reversed(options):
+        holder = option(holder)
+    params = holder.__click_params__  # type: ignore[attr-defined]
+    names = [param.name for param in params]
+
+    def decorate(command: Callable) -> Callable:
+        @functools.wraps(command)
+        def grouped(*args: object, **values: object) -> object:
+            mine = {key: values.pop(key) for key in names}
+            return command(*args, **values, **{name: build(**mine)})
+        grouped.__click_params__ = [*getattr(command, "__click_params__", []), *params]  # type: ignore[attr-defined]
+        return grouped
+    return decorate
 
 
 @contextmanager

@@ -67,7 +67,8 @@ def request_options(command: Any) -> Any:
     for option in OPTIONS[1:]:
         if option.name == "exclude_same":  # one flag per choice: --exclude-same-study, --exclude-same-patient
             decorators += [click.option(f"--exclude-same-{choice}", "exclude_same", flag_value=choice,
-                                        help=f"Image queries: leave out the query's own {choice}{NOTES.get(choice, '')}.")
+                                        help=f"Image queries: leave out the query's own {choice}"
+                                             f"{NOTES.get(choice, '')}.")
                            for choice in option.choices]
         elif option.kind is bool:
             decorators.append(click.option(*FLAGS.get(option.name, (_flag(option.name),)), option.name, is_flag=True,

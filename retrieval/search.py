@@ -240,8 +240,8 @@ class Searcher:
         held = []
         for field, _value in filters.set():
             if field.compare == "equal":  # what the index does hold of a column compared equal
-                values = self._store.values(field.column)
-                held.append(f"its {field.plural}: {', '.join(f'{v} ({n})' for v, n in values.items()) or 'none recorded'}")
+                values = ", ".join(f"{v} ({n})" for v, n in self._store.values(field.column).items())
+                held.append(f"its {field.plural}: {values or 'none recorded'}")
         return f"no image in the index matches {filters.describe()}" + ("; " + "; ".join(held) if held else "")
 
     def vector_of(self, image_id: int) -> np.ndarray:
