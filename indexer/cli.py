@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
-from .errors import one_line
-from .terminal import DEVICE_OPTION_HELP, check_device, console_script
+from .options import COMPILE_CHOICES, FRAMES_CHOICES, IndexOptions
+from .terminal import (ProgressBar, collected, console_script, device_option, index_option, json_option,
+                       model_option, one_line_errors, visible)
 
 EPILOG = """\b
 Examples:
@@ -47,6 +49,85 @@ def _user_index_dir() -> str:
     return str(Path(platformdirs.user_data_dir("medimageinsight-search")) / "index")
 
 
+DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class PacsOptions:
+    """How to read a PACS source (a dicomweb+http(s):// or dimse:// URL): what to index of it, and how to log in."""
+
+    modality: str | None = None
+    study_date: str | None = None
+    body_part: str | None = None
+    user: str | None = None
+    password: str | None = None
+    connections: int = 4
+    calling_aet: str | None = None
+
+    @property
+    def filtered(self) -> bool:
+        return bool(self.modality or self.study_date or self.body_part)
+
+    def keywords(self) -> dict:
+        """index_dicomweb's and index_dimse's keywords these options give."""
+        modalities = tuple(m.strip() for m in (self.modality or "").split(",") if m.strip())
+        return dict(modalities=modalities, study_date=self.study_date, body_part=self.body_part,
+                    connections=self.connections)
+
+
+def _index_options(use_ray: bool, ray_address: str | None, compile_choice: str, **values) -> IndexOptions:
+    return IndexOptions(ray=(ray_address or "local") if use_ray or ray_address else None, compile=compile_choice,
+                        **values)
+
+
+index_options = collected(
+    "options", _index_options,
+    click.option("--batch-size", type=click.IntRange(min=1),
+                 help="Images per model call, at most 256. [default: 64 on CUDA, 2 on CPU]"),
+    click.option("--workers", type=click.IntRange(min=0), help="Decoding processes (0: in this process). "
+                                                               "[default: cores - 1, at most 8]"),
+    device_option,
+    click.option("--dtype", type=click.Choice(DTYPE_CHOICES),
+                 help="[default: float32 on CPU (exact), bfloat16 on CUDA; bfloat16 is 2.5x faster on CPUs with AMX]"),
+    click.option("--max-megapixels", type=click.FloatRange(min=0, min_open=True), default=100.0, show_default=True,
+                 help="Skip larger images (decompression bombs)."),
+    click.option("--frames", type=click.Choice(FRAMES_CHOICES), default="middle", show_default=True,
+                 help="Multi-frame files: the middle frame, or every frame."),
+    click.option("--ray", "use_ray", is_flag=True,
+                 help="Decode and encode on a Ray cluster (pip install '.[ray]'): the one at RAY_ADDRESS, else a "
+                      "new one on this machine. The index stays here."),
+    click.option("--ray-address", metavar="ADDRESS", help="With --ray: the cluster, e.g. ray://head:10001."),
+    click.option("--ray-actors", type=click.IntRange(min=1), metavar="N",
+                 help="With --ray: encoding actors. [default: one per GPU, else 1]"),
+    click.option("--compile", "compile_choice", type=click.Choice(COMPILE_CHOICES), default="auto",
+                 show_default=True,
+                 help="Encode through torch.compile; auto: on CUDA for runs of 50,000 images or more."),
+    click.option("--fast-j2k", is_flag=True,
+                 help="Decode JPEG 2000 DICOM images of at least twice the model's input at a reduced resolution "
+                      "level: 2-4x faster decoding, embeddings not bit-exact (see README)."),
+    click.option("--faiss-memory", type=click.FloatRange(min=0), metavar="GB",
+                 help="Keep the search index within GB of memory (flat, then IVF fp16, then IVF-PQ); kept in "
+                      "the index; 0 removes the budget. [default: none: exact up to 50,000 images]"),
+)
+pacs_options = collected(
+    "pacs", PacsOptions,
+    click.option("--modality", metavar="LIST", help="PACS: the modalities to index, e.g. CR,DX (a QIDO-RS filter, "
+                                                    "applied by the server)."),
+    click.option("--study-date", metavar="RANGE",
+                 help="PACS: study dates, e.g. 20200101-20201231, 20200101- or 20200101."),
+    click.option("--body-part", metavar="PART", help="PACS: the BodyPartExamined of the series, e.g. CHEST."),
+    click.option("--user", metavar="NAME", envvar="MI_DICOMWEB_USER", help="PACS: HTTP basic user. [default: "
+                 "MI_DICOMWEB_USER; a bearer token: MI_DICOMWEB_TOKEN]"),
+    click.option("--password", metavar="SECRET", envvar="MI_DICOMWEB_PASSWORD",
+                 help="PACS: HTTP basic password (never stored). [default: MI_DICOMWEB_PASSWORD]"),
+    click.option("--connections", type=click.IntRange(1, 64), default=4, show_default=True,
+                 help="PACS: concurrent retrievals at most."),
+    click.option("--calling-aet", metavar="AET", envvar="MI_DIMSE_AET",
+                 help="DIMSE: this side's AE title, which the archive must allow C-FIND and C-GET from. "
+                      "[default: MI_DIMSE_AET, else MI-INDEX]"),
+)
+
+
 @click.command(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("paths", nargs=-1)  # str: a dicomweb+http:// URL must not go through Path (it folds the '//')
 @click.option("--sample", is_flag=True, help="Index a dozen real DICOM test images (CR chest, CT, MR, US) to try "
@@ -57,122 +138,68 @@ def _user_index_dir() -> str:
 @click.option("--remove", "remove", metavar="PATH", multiple=True,  # str: a PACS URL must keep its '//'
               help="Take a folder (or file, or a PACS URL) out of the index; the files stay where they are.")
 @click.option("--status", is_flag=True, help="Show what the index holds and exit.")
-@click.option("--index", "index_dir", envvar="MI_INDEX", type=click.Path(file_okay=False, path_type=Path),
-              help=f"Index folder. [default: MI_INDEX, else {_user_index_dir()}]")
-@click.option("--model", metavar="SRC", envvar="MI_MODEL",
-              help="Model folder or Hugging Face id. [default: MI_MODEL, else the index's model, "
-                   "else lion-ai/MedImageInsights]")
-@click.option("--batch-size", type=click.IntRange(min=1), help="Images per model call, at most 256. [default: 64 on CUDA, 2 on CPU]")
-@click.option("--workers", type=click.IntRange(min=0), help="Decoding processes (0: in this process). "
-                                                             "[default: cores - 1, at most 8]")
-@click.option("--device", metavar="DEVICE", callback=check_device, help=DEVICE_OPTION_HELP)
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
-              help="[default: float32 on CPU (exact), bfloat16 on CUDA; bfloat16 is 2.5x faster on CPUs with AMX]")
-@click.option("--max-megapixels", type=click.FloatRange(min=0, min_open=True), default=100.0, show_default=True,
-              help="Skip larger images (decompression bombs).")
-@click.option("--frames", type=click.Choice(["middle", "all"]), default="middle", show_default=True,
-              help="Multi-frame files: the middle frame, or every frame.")
-@click.option("--ray", "use_ray", is_flag=True,
-              help="Decode and encode on a Ray cluster (pip install '.[ray]'): the one at RAY_ADDRESS, else a "
-                   "new one on this machine. The index stays here.")
-@click.option("--ray-address", metavar="ADDRESS", help="With --ray: the cluster, e.g. ray://head:10001.")
-@click.option("--ray-actors", type=click.IntRange(min=1), metavar="N",
-              help="With --ray: encoding actors. [default: one per GPU, else 1]")
-@click.option("--compile", "compile_choice", type=click.Choice(["auto", "on", "off"]), default="auto",
-              show_default=True, help="Encode through torch.compile; auto: on CUDA for runs of 50,000 images or more.")
-@click.option("--fast-j2k", is_flag=True,
-              help="Decode JPEG 2000 DICOM images of at least twice the model's input at a reduced resolution "
-                   "level: 2-4x faster decoding, embeddings not bit-exact (see README).")
-@click.option("--faiss-memory", type=click.FloatRange(min=0), metavar="GB",
-              help="Keep the search index within GB of memory (flat, then IVF fp16, then IVF-PQ); kept in "
-                   "the index; 0 removes the budget. [default: none: exact up to 50,000 images]")
-@click.option("--modality", metavar="LIST", help="PACS: the modalities to index, e.g. CR,DX (a QIDO-RS filter, "
-                                                 "applied by the server).")
-@click.option("--study-date", metavar="RANGE", help="PACS: study dates, e.g. 20200101-20201231, 20200101- or 20200101.")
-@click.option("--body-part", metavar="PART", help="PACS: the BodyPartExamined of the series, e.g. CHEST.")
-@click.option("--user", metavar="NAME", envvar="MI_DICOMWEB_USER", help="PACS: HTTP basic user. [default: "
-              "MI_DICOMWEB_USER; a bearer token: MI_DICOMWEB_TOKEN]")
-@click.option("--password", metavar="SECRET", envvar="MI_DICOMWEB_PASSWORD",
-              help="PACS: HTTP basic password (never stored). [default: MI_DICOMWEB_PASSWORD]")
-@click.option("--connections", type=click.IntRange(1, 64), default=4, show_default=True,
-              help="PACS: concurrent retrievals at most.")
-@click.option("--calling-aet", metavar="AET", envvar="MI_DIMSE_AET",
-              help="DIMSE: this side's AE title, which the archive must allow C-FIND and C-GET from. "
-                   "[default: MI_DIMSE_AET, else MI-INDEX]")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+@index_option(f"Index folder. [default: MI_INDEX, else {_user_index_dir()}]")
+@model_option("Model folder or Hugging Face id. [default: MI_MODEL, else the index's model, "
+              "else lion-ai/MedImageInsights]")
+@index_options
+@pacs_options
+@json_option("Print the summary as one JSON object.")
 @click.version_option(package_name="medimageinsight-search", prog_name="mi-index")
 def main(paths: tuple[str, ...], sample: bool, update: bool, folders_of: Path | None, remove: tuple[str, ...],
-         status: bool, index_dir: Path | None, model: str | None, batch_size: int | None,
-         workers: int | None, device: str | None, dtype: str | None, max_megapixels: float, frames: str,
-         use_ray: bool, ray_address: str | None, ray_actors: int | None, faiss_memory: float | None,
-         fast_j2k: bool, compile_choice: str,
-         as_json: bool, modality: str | None, study_date: str | None, body_part: str | None, user: str | None,
-         password: str | None, connections: int, calling_aet: str | None) -> None:
+         status: bool, index_dir: Path | None, model: str | None, options: IndexOptions, pacs: PacsOptions,
+         as_json: bool) -> None:
     """Index PATHS (folders, walked recursively, or files; or a PACS: dicomweb+http(s)://HOST/PREFIX)
     for mi-search."""
-    from rich.console import Console
-
-    from . import IndexOptions, index_dicomweb, index_dimse, index_paths
-    from .pacs_keys import is_dicomweb_url, is_pacs_url
+    from . import index_dicomweb, index_dimse, index_paths
     from .location import default_index_dir
-    from .terminal import is_user_error
+    from .pacs_keys import is_dicomweb_url
 
-    err = Console(stderr=True)
     index_dir = index_dir or default_index_dir()
-    try:
+    with one_line_errors():
         if status or remove:
             return _manage(index_dir, status, remove, as_json)
-        for path in paths:
-            if path.startswith(("http://", "https://")):
-                raise click.UsageError(f"to index a PACS over DICOMweb, write dicomweb+{path}")
-        urls = [path for path in paths if is_pacs_url(path)]
-        files = tuple(Path(path) for path in paths if not is_pacs_url(path))
-        more_files, more_urls = _more_paths(index_dir, sample, update, folders_of)
-        files, urls = files + more_files, urls + [url for url in more_urls if url not in urls]
-    except click.UsageError:
-        raise
-    except Exception as e:
-        if not is_user_error(e):
-            raise
-        from .terminal import visible
-        raise click.ClickException(visible(one_line(e), markup=False)) from None
+        files, urls = _sources(paths, index_dir, sample, update, folders_of)
     if not files and not urls:
         raise click.UsageError("give PATHS to index (or --sample, --update, --status; see --help)")
-    if (modality or study_date or body_part) and not urls:
+    if pacs.filtered and not urls:
         raise click.UsageError("--modality, --study-date and --body-part filter a PACS: give its "
                                "dicomweb+http(s):// or dimse:// URL")
-    options = IndexOptions(batch_size=batch_size, workers=workers, device=device, dtype=dtype,
-                           max_megapixels=max_megapixels, frames=frames,
-                           ray=(ray_address or "local") if use_ray or ray_address else None, ray_actors=ray_actors,
-                           faiss_memory=faiss_memory, fast_j2k=fast_j2k,
-                           compile=compile_choice)
-    modalities = tuple(m.strip() for m in (modality or "").split(",") if m.strip())
     runs = ([lambda bar: index_paths(files, index_dir, model=model, options=options, progress=bar)] if files else [])
-    pacs = dict(modalities=modalities, study_date=study_date, body_part=body_part, connections=connections,
-                model=model, options=options)
-    runs += [lambda bar, url=url: index_dicomweb(url, index_dir, user=user, password=password, progress=bar, **pacs)
-             if is_dicomweb_url(url) else index_dimse(url, index_dir, calling_aet=calling_aet, progress=bar, **pacs)
+    common = dict(model=model, options=options, **pacs.keywords())
+    runs += [lambda bar, url=url: index_dicomweb(url, index_dir, user=pacs.user, password=pacs.password,
+                                                 progress=bar, **common)
+             if is_dicomweb_url(url) else
+             index_dimse(url, index_dir, calling_aet=pacs.calling_aet, progress=bar, **common)
              for url in urls]
     for run in runs:  # folders, then each PACS: one summary each
-        _run_and_report(run, err, as_json)
+        _run_and_report(run, as_json)
 
 
-def _run_and_report(run, err, as_json: bool) -> None:
+def _sources(paths: tuple[str, ...], index_dir: Path, sample: bool, update: bool, folders_of: Path | None
+             ) -> tuple[tuple[Path, ...], list[str]]:
+    """The files and folders, and the PACS URLs, to index: those named, and those --sample, --update and
+    --folders-of add."""
+    from .pacs_keys import is_pacs_url
+
+    for path in paths:
+        if path.startswith(("http://", "https://")):
+            raise click.UsageError(f"to index a PACS over DICOMweb, write dicomweb+{path}")
+    urls = [path for path in paths if is_pacs_url(path)]
+    files = tuple(Path(path) for path in paths if not is_pacs_url(path))
+    more_files, more_urls = _more_paths(index_dir, sample, update, folders_of)
+    return files + more_files, urls + [url for url in more_urls if url not in urls]
+
+
+def _run_and_report(run, as_json: bool) -> None:
     from rich.console import Console
 
-    from .terminal import ProgressBar, is_user_error
-
+    err = Console(stderr=True)
     try:
-        with ProgressBar(err, enabled=err.is_terminal and not as_json) as update:
+        with one_line_errors(), ProgressBar(err, enabled=err.is_terminal and not as_json) as update:
             summary = run(update)
     except KeyboardInterrupt:
         err.print("interrupted: what was committed stays; run mi-index again to finish")
         sys.exit(130)
-    except Exception as e:
-        if not is_user_error(e):
-            raise
-        from .terminal import visible
-        raise click.ClickException(visible(one_line(e), markup=False)) from None
     if as_json:
         click.echo(json.dumps(summary))
     else:
@@ -212,7 +239,6 @@ def _manage(index_dir: Path, status: bool, remove: tuple[str, ...], as_json: boo
     from rich.console import Console
 
     from .store import IndexStore
-    from .terminal import visible
 
     with IndexStore.open(index_dir, readonly=not remove) as store:
         if remove:
@@ -249,8 +275,6 @@ def entry() -> None:
 
 def _print_summary(console, summary: dict) -> None:
     from rich.table import Table
-
-    from .terminal import visible
 
     table = Table(title=f"index {visible(summary['index'])}", show_header=False, box=None)
     for key in ("new", "updated", "unchanged", "removed", "skipped"):

@@ -1,5 +1,7 @@
-"""The search filters: one frozen object, built once from the user's options and passed as it is
-from the command line through `retrieval.Searcher` to the store's SQL."""
+"""The search filters: their fields and the columns they read, defined once, and the object a search carries.
+
+`SearchFilters` is frozen, built once from the user's options and passed as it is from the command line through
+`retrieval.Searcher` to the store's SQL (`IndexStore.filter_ids`, which reads FILTER_FIELDS)."""
 from __future__ import annotations
 
 import datetime as dt
@@ -11,9 +13,34 @@ from .errors import FilterError
 
 
 @dataclass(frozen=True)
+class FilterField:
+    """One filter: its name (option, keyword and API parameter), the images column it reads, how it compares
+    ("equal": case-insensitively; "from"/"to": an inclusive date bound; "under": a folder), its help, and for an
+    "equal" filter the plural that a "no match" message names the column's values by."""
+
+    name: str
+    column: str
+    compare: str
+    help: str
+    plural: str = ""
+
+
+FILTER_FIELDS = (
+    FilterField("modality", "modality", "equal", "Only this DICOM Modality (CR, DX, CT, ...).", "modalities"),
+    FilterField("body_part", "body_part", "equal", "Only this BodyPartExamined (CHEST, ...).", "body parts"),
+    FilterField("view", "view_position", "equal", "Only this ViewPosition (PA, AP, LL, ...).", "views"),
+    FilterField("since", "study_date", "from", "Only studies on or after this date."),
+    FilterField("until", "study_date", "to", "Only studies on or before this date."),
+    FilterField("under", "path", "under", "Only files under this folder."),
+)
+FILTER_NAMES = tuple(field.name for field in FILTER_FIELDS)
+EQUAL_COLUMNS = tuple(field.column for field in FILTER_FIELDS if field.compare == "equal")
+
+
+@dataclass(frozen=True)
 class SearchFilters:
-    """Which images a search may return. DICOM values (modality, body_part, view) are compared
-    case-insensitively; study dates are inclusive; `under` is a resolved folder (or file)."""
+    """Which images a search may return (the fields of FILTER_FIELDS). DICOM values (modality, body_part, view)
+    are compared case-insensitively; study dates are inclusive; `under` is a resolved folder (or file)."""
 
     modality: str | None = None
     body_part: str | None = None
@@ -34,10 +61,21 @@ class SearchFilters:
     def __bool__(self) -> bool:
         return any(getattr(self, f.name) is not None for f in fields(self))
 
+    def set(self) -> list[tuple[FilterField, object]]:
+        """(field, value) of each filter that is set, in FILTER_FIELDS' order."""
+        return [(field, getattr(self, field.name)) for field in FILTER_FIELDS if getattr(self, field.name) is not None]
+
+    def to_json(self) -> dict[str, str | None]:
+        """{name: value}, dates as YYYY-MM-DD: as `make` reads them back (the API's fields)."""
+        return {field.name: _text(getattr(self, field.name)) for field in FILTER_FIELDS}
+
     def describe(self) -> str:
         """`modality CR, since 2020-01-01`: for messages."""
-        return ", ".join(f"{f.name.replace('_', ' ')} {getattr(self, f.name)}" for f in fields(self)
-                         if getattr(self, f.name) is not None)
+        return ", ".join(f"{field.name.replace('_', ' ')} {value}" for field, value in self.set())
+
+
+def _text(value: object) -> str | None:
+    return value.isoformat() if isinstance(value, dt.date) else value  # type: ignore[return-value]
 
 
 def _date(value: str | dt.date | dt.datetime | None, name: str) -> dt.date | None:

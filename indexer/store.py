@@ -374,27 +374,26 @@ class IndexStore:
         if not filters:
             return None
         clauses, params = [], {}
-        for column, value in (("modality", filters.modality), ("body_part", filters.body_part),
-                              ("view_position", filters.view)):
-            if value is not None:
-                clauses.append(f"{column} = :{column} COLLATE NOCASE")
-                params[column] = value
-        if filters.since is not None:
-            clauses.append("study_date >= :since")
-            params["since"] = filters.since.isoformat()
-        if filters.until is not None:
-            clauses.append("study_date <= :until")
-            params["until"] = filters.until.isoformat()
-        if filters.under is not None:
-            clauses.append("(path = :root OR substr(CAST(path AS BLOB), 1, length(:prefix)) = :prefix)")
-            params.update(root=_db_path(filters.under), prefix=_db_prefix(filters.under))
+        for field, value in filters.set():  # each FILTER_FIELDS entry names its column and comparison
+            if field.compare == "equal":
+                clauses.append(f"{field.column} = :{field.name} COLLATE NOCASE")
+                params[field.name] = value
+            elif field.compare in ("from", "to"):
+                clauses.append(f"{field.column} {'>=' if field.compare == 'from' else '<='} :{field.name}")
+                params[field.name] = value.isoformat()
+            else:  # under: the folder itself or any path below it, compared as bytes
+                clauses.append(f"({field.column} = :root OR substr(CAST({field.column} AS BLOB), 1, length(:prefix))"
+                               " = :prefix)")
+                params.update(root=_db_path(value), prefix=_db_prefix(value))
         with self.engine.connect() as conn:
             ids = conn.execute(text(f"SELECT id FROM images WHERE {' AND '.join(clauses)}"), params).scalars().all()
         return np.asarray(ids, dtype=np.int64)
 
     def values(self, column: str) -> dict[str, int]:
-        """{value: images} of one filterable column, most common first (for "no match" messages)."""
-        if column not in ("modality", "body_part", "view_position"):
+        """{value: images} of one column that a filter compares equal (for "no match" messages)."""
+        from .filters import EQUAL_COLUMNS
+
+        if column not in EQUAL_COLUMNS:
             raise ValueError(column)
         with self.engine.connect() as conn:
             return dict(conn.execute(text(f"SELECT upper({column}), count(*) FROM images WHERE {column} IS NOT NULL "

@@ -1,20 +1,83 @@
-"""What both command lines print, and how: user strings made safe for a terminal, and paths
-written byte-exact where a program reads them.
+"""The command lines' plumbing: shared options, errors as one line, and output safe for a terminal.
+
+mi-index, mi-search and mi-serve take --index, --model, --device and --json from here, and turn our typed
+errors into one click error line with `one_line_errors`; the libraries never import this module. User strings
+are made safe for a terminal, and paths written byte-exact where a program reads them.
 
 A file name is data, never markup or terminal control: `[bold red]x.png` must show as typed,
 `[/x]` must not crash rich, and an ESC in a name must not clear the screen or retitle the
 window. Names that are not valid UTF-8 (legal on Linux) arrive as surrogate escapes."""
 from __future__ import annotations
 
+import functools
 import os
 import re
 import sys
 import time
 import unicodedata
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import click
 
+from .errors import one_line
+
 DEVICE_OPTION_HELP = "cpu, cuda or cuda:N. [default: cuda if available, else cpu]"
+INDEX_HELP = "Index folder. [default: MI_INDEX, else the per-user folder mi-index uses]"
+MODEL_HELP = "Model folder or Hugging Face id. [default: MI_MODEL, else the index's model]"
+
+
+def index_option(help: str = INDEX_HELP) -> Callable:
+    """--index (MI_INDEX), the index folder, as `index_dir`."""
+    return click.option("--index", "index_dir", envvar="MI_INDEX", type=click.Path(file_okay=False, path_type=Path),
+                        help=help)
+
+
+def model_option(help: str = MODEL_HELP) -> Callable:
+    """--model (MI_MODEL): a model folder or Hugging Face id."""
+    return click.option("--model", envvar="MI_MODEL", metavar="SRC", help=help)
+
+
+def device_option(command: Callable) -> Callable:
+    """--device, checked before anything is loaded."""
+    return click.option("--device", metavar="DEVICE", callback=check_device, help=DEVICE_OPTION_HELP)(command)
+
+
+def json_option(help: str) -> Callable:
+    """--json, as `as_json`."""
+    return click.option("--json", "as_json", is_flag=True, help=help)
+
+
+def collected(name: str, build: Callable[..., object], *options: Callable) -> Callable:
+    """Click options (top to bottom) whose values reach the command as one object: `build(**their values)`,
+    passed as `name`; so that a command with many options takes a few grouped arguments."""
+    holder: Callable = lambda: None  # noqa: E731 - collects the options' parameters
+    for option in reversed(options):
+        holder = option(holder)
+    params = holder.__click_params__  # type: ignore[attr-defined]
+    names = [param.name for param in params]
+
+    def decorate(command: Callable) -> Callable:
+        @functools.wraps(command)
+        def grouped(*args: object, **values: object) -> object:
+            mine = {key: values.pop(key) for key in names}
+            return command(*args, **values, **{name: build(**mine)})
+        grouped.__click_params__ = [*getattr(command, "__click_params__", []), *params]  # type: ignore[attr-defined]
+        return grouped
+    return decorate
+
+
+@contextmanager
+def one_line_errors(*kinds: type, message: Callable[[BaseException], str] = one_line) -> Iterator[None]:
+    """Our typed errors (and `kinds`) raised inside become one click error line (`message(error)`, made
+    visible); anything else, a bug, goes on as it is, traceback and all."""
+    try:
+        yield
+    except Exception as error:
+        if not is_user_error(error, *kinds):
+            raise
+        raise click.ClickException(visible(message(error), markup=False)) from None
 
 
 def check_device(_context: click.Context, _param: click.Parameter, value: str | None) -> str | None:

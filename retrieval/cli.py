@@ -9,7 +9,12 @@ from typing import Any
 import click
 
 from indexer.errors import one_line
-from indexer.terminal import DEVICE_OPTION_HELP, check_device
+from indexer.filters import FILTER_FIELDS
+from indexer.terminal import (console_script, device_option, index_option, json_option, model_option,
+                              one_line_errors, visible, write_lines)
+
+from .query import parse_query
+from .request import DEFAULT_K, MAX_K, OPTIONS, SearchRequest
 
 EPILOG = """\b
 Queries:
@@ -41,78 +46,75 @@ probabilities for each hit. A running mi-serve of the index answers (warm);
 
 COLUMNS = [("modality", "modality"), ("body part", "body_part"), ("view", "view_position"),
            ("date", "study_date")]
+# mi-search's spelling of the search options where it is not --NAME (retrieval.request.OPTIONS)
+FLAGS = {"k": ("-k", "--top"), "duplicates": ("--show-duplicates",)}
+NOTES = {"patient": " (needs the index's patient key)"}  # after an --exclude-same-CHOICE option's help
+
+
+def _flag(name: str) -> str:
+    return FLAGS.get(name, (f"--{name.replace('_', '-')}",))[-1]
+
+
+def request_options(command: Any) -> Any:
+    """The options of a search request, one per filter (indexer.filters) and option (retrieval.request)."""
+    dates = {"type": click.DateTime(["%Y-%m-%d"]), "metavar": "YYYY-MM-DD"}
+    decorators = [click.option(*FLAGS["k"], "k", type=click.IntRange(1, MAX_K), default=DEFAULT_K,
+                               show_default=True, help="Number of hits.")]
+    decorators += [click.option(_flag(field.name), field.name, help=field.help,
+                                **(dates if field.compare in ("from", "to") else
+                                   {"type": click.Path(path_type=Path)} if field.compare == "under" else {}))
+                   for field in FILTER_FIELDS]
+    for option in OPTIONS[1:]:
+        if option.name == "exclude_same":  # one flag per choice: --exclude-same-study, --exclude-same-patient
+            decorators += [click.option(f"--exclude-same-{choice}", "exclude_same", flag_value=choice,
+                                        help=f"Image queries: leave out the query's own {choice}"
+                                             f"{NOTES.get(choice, '')}.")
+                           for choice in option.choices]
+        elif option.kind is bool:
+            decorators.append(click.option(*FLAGS.get(option.name, (_flag(option.name),)), option.name, is_flag=True,
+                                           help=option.help))
+        else:
+            decorators.append(click.option(_flag(option.name), option.name, help=option.help,
+                                           type=click.Choice(option.choices) if option.choices else option.kind))
+    for decorator in reversed(decorators):
+        command = decorator(command)
+    return command
 
 
 @click.command(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("query", nargs=-1, required=True)
-@click.option("--index", "index_dir", envvar="MI_INDEX", type=click.Path(file_okay=False, path_type=Path),
-              help="Index folder. [default: MI_INDEX, else the per-user folder mi-index uses]")
-@click.option("--model", envvar="MI_MODEL", metavar="SRC",
-              help="Model folder or Hugging Face id. [default: MI_MODEL, else the index's model]")
-@click.option("--device", metavar="DEVICE", callback=check_device, help=DEVICE_OPTION_HELP)
-@click.option("-k", "--top", "k", type=click.IntRange(min=1), default=10, show_default=True,
-              help="Number of hits.")
-@click.option("--modality", help="Only this DICOM Modality (CR, DX, CT, ...).")
-@click.option("--body-part", help="Only this BodyPartExamined (CHEST, ...).")
-@click.option("--view", help="Only this ViewPosition (PA, AP, LL, ...).")
-@click.option("--since", type=click.DateTime(["%Y-%m-%d"]), metavar="YYYY-MM-DD",
-              help="Only studies on or after this date.")
-@click.option("--until", type=click.DateTime(["%Y-%m-%d"]), metavar="YYYY-MM-DD",
-              help="Only studies on or before this date.")
-@click.option("--under", type=click.Path(path_type=Path), help="Only files under this folder.")
-@click.option("--min-score", type=float, help="Drop hits below this cosine similarity.")
-@click.option("--labels", help='Comma-separated labels for zero-shot probabilities, e.g. "normal,pneumonia".')
-@click.option("--multilabel", is_flag=True, help="Score --labels independently (sigmoid), not as a softmax.")
-@click.option("--group", type=click.Choice(["study", "patient"]),
-              help="One hit per study or patient (its best image, with the number of matches).")
-@click.option("--show-duplicates", is_flag=True,
-              help="Show exact duplicates (same SOP Instance UID or same content) as separate hits.")
-@click.option("--exclude-same-study", "exclude_same", flag_value="study",
-              help="Image queries: leave out the query's own study.")
-@click.option("--exclude-same-patient", "exclude_same", flag_value="patient",
-              help="Image queries: leave out the query's own patient (needs the index's patient key).")
+@index_option()
+@model_option()
+@device_option
+@request_options
 @click.option("--text", "force", flag_value="text", help="Read every QUERY as text.")
 @click.option("--image", "force", flag_value="image", help="Read every QUERY as an image file.")
-@click.option("--json", "as_json", is_flag=True, help="Print the hits as a JSON list.")
+@json_option("Print the hits as a JSON list.")
 @click.option("--paths", "paths_only", is_flag=True, help="Print only the paths, one per line, byte for byte.")
 @click.option("--print0", is_flag=True, help="With --paths: end each path with a NUL (for xargs -0).")
 @click.option("--no-server", is_flag=True, help="Search in this process even when a mi-serve serves the index.")
 @click.version_option(package_name="medimageinsight-search", prog_name="mi-search")
-def main(query: tuple[str, ...], index_dir: Path | None, model: str | None, device: str | None, k: int,
-         modality: str | None, body_part: str | None, view: str | None, since: Any, until: Any,
-         under: Path | None, min_score: float | None, labels: str | None, multilabel: bool,
-         group: str | None, show_duplicates: bool, exclude_same: str | None,
-         force: str | None, as_json: bool, paths_only: bool, print0: bool, no_server: bool) -> None:
+def main(query: tuple[str, ...], index_dir: Path | None, model: str | None, device: str | None,
+         force: str | None, as_json: bool, paths_only: bool, print0: bool, no_server: bool, **asked: Any) -> None:
     """Search an index of X-rays and DICOM files by text, by example image, or both.
 
     QUERY is a text or an image file (PNG, JPEG, TIFF, BMP, DICOM); several are combined
     with + and - (see below). Build the index first with mi-index. When mi-serve serves the
     index (or MI_SERVER names a server), it answers: warm, without loading the model here.
     """
-    from indexer.filters import SearchFilters
-
     try:
-        filters = SearchFilters.make(modality=modality, body_part=body_part, view=view, since=since, until=until,
-                                     under=under)
-        options = dict(k=k, min_score=min_score, labels=labels, multilabel=multilabel, group=group,
-                       duplicates=show_duplicates, exclude_same=exclude_same)
-        hits = None
-        if not (no_server or _given(("model", "device"))):  # a model or device asked for: search here
-            hits = _through_server(index_dir, list(query), force, filters, options)
-        if hits is None:
-            from .search import Searcher
+        with one_line_errors(OSError, message=lambda error: _message(error, index_dir)):
+            request = SearchRequest.make(parse_query(list(query), force=force), **asked)
+            hits = None
+            if not (no_server or _given(("model", "device"))):  # a model or device asked for: search here
+                hits = _through_server(index_dir, request)
+            if hits is None:
+                from .search import Searcher
 
-            with Searcher(index=index_dir, model=model, device=device) as searcher:
-                hits = searcher.search(list(query), force=force, filters=filters, **options)
+                with Searcher(index=index_dir, model=model, device=device) as searcher:
+                    hits = searcher.search(request)
     except KeyboardInterrupt:
         sys.exit(130)
-    except Exception as error:  # only the expected, typed errors become one line
-        if not _is_user_error(error):
-            raise
-        from indexer.terminal import visible
-        raise click.ClickException(visible(_message(error, index_dir), markup=False)) from None
-
-    from indexer.terminal import write_lines
 
     if as_json:
         click.echo(json.dumps([hit.to_dict() for hit in hits], indent=2, default=str))
@@ -135,41 +137,33 @@ def _given(names: tuple[str, ...]) -> bool:
     return any(context.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE for name in names)
 
 
-def _through_server(index_dir: Path | None, query: list[str], force: str | None, filters: Any,
-                    options: dict[str, Any]) -> list | None:
+def _through_server(index_dir: Path | None, request: SearchRequest) -> list | None:
     """The hits of a running mi-serve of this index (or of MI_SERVER), else None: search here.
     Imports neither PyTorch nor FAISS; image files are read here and sent."""
     from indexer.location import default_index_dir
 
     from .client import Client, ServerUnavailable
     from .discovery import find_server
-    from .query import parse_query
 
     folder = Path(index_dir or default_index_dir()).expanduser()
     server = find_server(folder)
     if server is None:
         return None
-    terms = parse_query(query, force=force)  # the terms are this machine's files and texts
     # Name the index unless MI_SERVER was chosen for whatever index it serves.
     meant = str(folder.resolve()) if server.index or index_dir else None
     try:
-        return Client(server, index=meant).search(terms, filters, **options)
+        return Client(server, index=meant).search(request)
     except ServerUnavailable:
         return None
 
 
-def _is_user_error(error: Exception) -> bool:
-    """Typed errors of our libraries, and the OS saying a file cannot be read or written."""
-    from indexer.terminal import is_user_error
-
-    from .errors import SearchError
-    return is_user_error(error, SearchError, OSError)
-
-
-def _message(error: Exception, index_dir: Path | None) -> str:
-    message = one_line(error)
+def _message(error: BaseException, index_dir: Path | None) -> str:
+    """The error's line, with what the command line adds: the flag a fix is about, how to build a missing index."""
     from indexer.errors import IndexNotFoundError
 
+    message = one_line(error)
+    if getattr(error, "option", None):
+        message += f" ({_flag(error.option)})"
     if isinstance(error, IndexNotFoundError) and "mi-index" not in message:
         where = f" --index {index_dir}" if index_dir else ""
         message += f"; build it first with `mi-index PATH{where}`"
@@ -186,8 +180,6 @@ def _print_table(hits: list, console: Any = None) -> None:
     cut; long labels and paths wrap. Paths are relative to the current folder when under it."""
     from rich.console import Console
     from rich.text import Text
-
-    from indexer.terminal import visible
 
     console = console or Console()
     width = max(console.width, 40)
@@ -274,7 +266,6 @@ def _cells(hit: Any, score_format: str) -> list[str]:
 
 def entry() -> None:
     """The `mi-search` console script."""
-    from indexer.terminal import console_script
     console_script(main)
 
 

@@ -14,14 +14,13 @@ import os
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
-from dataclasses import fields
 from typing import Any
 
 from .discovery import ServerInfo
 from .errors import QueryError, SearchError
 from .hits import Hit
 from .query import QueryTerm
+from .request import SearchRequest
 
 TIMEOUT_S = 600.0  # a cold server loads a tower on its first query: seconds to a minute
 INDEX_HEADER = "X-MI-Index"  # the index the client means; a server of another one answers 421
@@ -63,14 +62,10 @@ class Client:
         except (urllib.error.URLError, OSError, ValueError) as error:  # refused, reset, timed out, not JSON
             raise ServerUnavailable(f"no answer from {self.info.url}: {error}") from None
 
-    def search(self, terms: Sequence[QueryTerm], filters: Any, **options: Any) -> list[Hit]:
-        """The server's hits for parsed `terms`, `filters` (a SearchFilters) and the options of
-        `Searcher.search` (k, min_score, labels, multilabel, group, duplicates, exclude_same)."""
-        body = {"terms": [_term(term) for term in terms], **options}
-        for field in fields(filters):
-            value = getattr(filters, field.name)
-            body[field.name] = value.isoformat() if hasattr(value, "isoformat") else value
-        answer = self.call("POST", "/api/query", body)
+    def search(self, request: SearchRequest) -> list[Hit]:
+        """The server's hits for a search request (retrieval.request), its image terms sent as their bytes."""
+        answer = self.call("POST", "/api/query", {"terms": [_term(term) for term in request.terms],
+                                                  **request.to_json()})
         return [hit_from_row(row) for row in answer["hits"]]
 
 

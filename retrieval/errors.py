@@ -10,7 +10,12 @@ class SearchError(MIError):
 
 
 class QueryError(SearchError, ValueError):
-    """A query that cannot be run: bad syntax, an unreadable query image, an empty combination."""
+    """A query that cannot be run: bad syntax, an unreadable query image, an empty combination. `option`: the
+    search option (retrieval.request.OPTIONS) the fix is about, for a front end to name its own spelling of it."""
+
+    def __init__(self, message: str, *, option: str | None = None) -> None:
+        super().__init__(message)
+        self.option = option
 
 
 class EmptyIndexError(SearchError):

@@ -28,7 +28,7 @@ def parse_labels(labels: str | Sequence[str]) -> list[str]:
     if len(parsed) != len(set(parsed)):
         raise QueryError(f"repeated label in {parsed}")
     if not parsed:
-        raise QueryError('no labels given; pass them comma-separated: --labels "normal,pneumonia"')
+        raise QueryError('no labels given; pass them comma-separated, e.g. "normal,pneumonia"', option="labels")
     return parsed
 
 

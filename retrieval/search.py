@@ -27,6 +27,7 @@ from .errors import EmptyIndexError, ModelMismatchError, QueryError
 from .grouping import GROUP_FIELDS, Candidate, collapse
 from .hits import Hit
 from .query import QueryTerm, combine, parse_query
+from .request import SOFTMAX_NEEDS_TWO, SearchRequest
 
 if TYPE_CHECKING:
     from indexer.filters import SearchFilters
@@ -155,42 +156,44 @@ class Searcher:
         return [vectors[text] for text in texts]
 
     # ------------------------------------------------------------------ search
-    def search(self, query: str | Sequence[str] | Sequence[QueryTerm] | None = None, *,
-               image: str | Path | None = None, vector: np.ndarray | None = None, k: int = 10,
-               filters: SearchFilters | None = None, min_score: float | None = None,
-               labels: str | Sequence[str] | None = None, multilabel: bool = False,
-               group: str | None = None, duplicates: bool = False, exclude_same: str | None = None,
-               force: str | None = None, **filter_options: Any) -> list[Hit]:
+    def search(self, query: str | Sequence[str] | Sequence[QueryTerm] | SearchRequest | None = None, *,
+               image: str | Path | None = None, vector: np.ndarray | None = None, force: str | None = None,
+               filters: SearchFilters | None = None, **options: Any) -> list[Hit]:
         """The k best hits for a query, best first.
 
-        query: a text, an image path, or CLI-style tokens with + / - and WEIGHT:QUERY
-        (see `retrieval.query`); image: an image file; vector: a ready unit query vector (D,).
-        filters: an `indexer.filters.SearchFilters`, or its fields as keywords (modality,
-        body_part, view, since, until, under); they apply before the top-k cut.
-        min_score drops hits below a cosine similarity; labels adds zero-shot probabilities.
-        Exact duplicates (same SOP Instance UID or content) are one hit unless `duplicates`;
-        group="study"/"patient" gives one hit per study or patient; exclude_same="study"/
-        "patient" drops the query image's own study or patient (see `retrieval.grouping`)."""
-        if k < 1:
-            raise QueryError(f"k must be at least 1, not {k}")
-        if group not in (None, *GROUP_FIELDS) or exclude_same not in (None, *GROUP_FIELDS):
-            raise QueryError(f"group and exclude_same take one of {', '.join(GROUP_FIELDS)}")
-        filters = filters if filters is not None else _filters(filter_options)
-        label_list = zero_shot.parse_labels(labels) if labels is not None else None
-        terms = _terms(query, force) + ([QueryTerm("image", str(image))] if image is not None else [])
+        query: a text, an image path, CLI-style tokens with + / - and WEIGHT:QUERY (see `retrieval.query`),
+        or a ready `retrieval.request.SearchRequest`; image: an image file; vector: a ready unit query
+        vector (D,). options: those of `SearchRequest` (retrieval.request.OPTIONS): k=10, min_score,
+        labels (adds zero-shot probabilities), multilabel, group, duplicates, exclude_same; filters: an
+        `indexer.filters.SearchFilters`, or its fields as keywords (modality, body_part, view, since, until,
+        under); they apply before the top-k cut. Exact duplicates (same SOP Instance UID or content) are one
+        hit unless `duplicates`; group="study"/"patient" gives one hit per study or patient;
+        exclude_same="study"/"patient" drops the query image's own study or patient (see `retrieval.grouping`)."""
+        if isinstance(query, SearchRequest):
+            request = query
+        else:
+            terms = _terms(query, force) + ([QueryTerm("image", str(image))] if image is not None else [])
+            request = SearchRequest.make(terms, filters=filters, **options)
+        return self.answer(request, vector)
+
+    def answer(self, request: SearchRequest, vector: np.ndarray | None = None) -> list[Hit]:
+        """The hits of a search request (`vector`: a ready unit query vector instead of its terms)."""
+        terms = list(request.terms)
         if vector is None:
             vector = self.embed(terms)
         elif terms:
             raise QueryError("give either a query vector or a query, not both")
-        exclude = self._own(terms, exclude_same) if exclude_same else None
-        allowed = self._store.filter_ids(filters)
+        exclude = self._own(terms, request.exclude_same) if request.exclude_same else None
+        allowed = self._store.filter_ids(request.filters)
         if allowed is not None and len(allowed) == 0:
-            raise QueryError(self._no_match(filters))
+            raise QueryError(self._no_match(request.filters))
         vector = np.asarray(vector, np.float32)
-        hits = self._collapsed_hits(vector, k, allowed, min_score, duplicates, group, exclude)
-        if label_list and hits:
+        hits = self._collapsed_hits(vector, request.k, allowed, request.min_score, request.duplicates,
+                                    request.group, exclude)
+        if request.labels and hits:
+            label_list = list(request.labels)
             probabilities = self._label_probabilities(self._stored_vectors([h.id for h in hits]),
-                                                      label_list, multilabel)
+                                                      label_list, request.multilabel)
             for hit, row in zip(hits, probabilities):
                 hit.labels = dict(zip(label_list, map(float, row)))
         return hits
@@ -245,12 +248,10 @@ class Searcher:
 
     def _no_match(self, filters: SearchFilters) -> str:
         held = []
-        for column, name, value in (("modality", "modalities", filters.modality),
-                                    ("body_part", "body parts", filters.body_part),
-                                    ("view_position", "views", filters.view)):
-            if value is not None:
-                values = self._store.values(column)
-                held.append(f"its {name}: {', '.join(f'{v} ({n})' for v, n in values.items()) or 'none recorded'}")
+        for field, _value in filters.set():
+            if field.compare == "equal":  # what the index does hold of a column compared equal
+                values = ", ".join(f"{v} ({n})" for v, n in self._store.values(field.column).items())
+                held.append(f"its {field.plural}: {values or 'none recorded'}")
         return f"no image in the index matches {filters.describe()}" + ("; " + "; ".join(held) if held else "")
 
     def vector_of(self, image_id: int) -> np.ndarray:
@@ -338,7 +339,7 @@ class Searcher:
         label_vectors = text.encode_texts(label_list)
         if not multilabel:
             if len(label_list) < 2:
-                raise QueryError("a softmax needs at least two labels (or use --multilabel)")
+                raise QueryError(SOFTMAX_NEEDS_TWO, option="multilabel")
             return zero_shot.softmax_probabilities(image_vectors, label_vectors, text.logit_scale)
         negations = text.encode_texts([zero_shot.NEGATION_TEMPLATE.format(label) for label in label_list])
         return zero_shot.contrast_probabilities(image_vectors, label_vectors, negations, text.logit_scale)
@@ -352,18 +353,6 @@ def _terms(query: Any, force: str | None) -> list[QueryTerm]:
     if not isinstance(query, (str, Path)) and query and all(isinstance(t, QueryTerm) for t in query):
         return list(query)
     return parse_query(query, force=force)
-
-
-def _filters(options: dict[str, Any]) -> SearchFilters:
-    from indexer.filters import SearchFilters
-
-    unknown = set(options) - {"modality", "body_part", "view", "since", "until", "under"}
-    if unknown:
-        raise TypeError(f"search() got unexpected keyword arguments {sorted(unknown)}")
-    try:
-        return SearchFilters.make(**options)
-    except ValueError as e:
-        raise QueryError(str(e)) from None
 
 
 def _is_missing(path: str | None) -> bool:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from indexer.terminal import DEVICE_OPTION_HELP, check_device
+from indexer.terminal import device_option, index_option, model_option
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog="""\b
@@ -20,11 +20,9 @@ Examples:
   mi-serve --host 0.0.0.0 --token "$TOKEN"
                                    reachable from other machines: with a token
 """)
-@click.option("--index", "index_dir", envvar="MI_INDEX", type=click.Path(file_okay=False, path_type=Path),
-              help="Index folder. [default: MI_INDEX, else the per-user folder mi-index uses]")
-@click.option("--model", envvar="MI_MODEL", metavar="SRC", help="Model folder or Hugging Face id. "
-                                                               "[default: MI_MODEL, else the index's model]")
-@click.option("--device", metavar="DEVICE", callback=check_device, help=DEVICE_OPTION_HELP)
+@index_option()
+@model_option()
+@device_option
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on. Anything but loopback requires a token.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True)

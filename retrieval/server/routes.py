@@ -1,0 +1,129 @@
+"""The server's page and API: small functions over `request.app.state` (index_dir, searcher, token)."""
+from __future__ import annotations
+
+import html
+import json
+import os
+import tempfile
+import urllib.parse
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, File, Form, Header, HTTPException, Query, Request, UploadFile
+from fastapi.responses import HTMLResponse, Response
+
+from indexer.errors import MIError, one_line
+from indexer.filters import FILTER_FIELDS
+
+from ..hits import _jsonable
+from ..request import GROUP_CHOICES, SearchRequest
+from .models import PageSearch, QueryIn, options_of
+from .security import authorised
+from .thumbnails import thumbnail_png
+from .uploads import query_terms, save_upload
+
+router = APIRouter()
+api = APIRouter(prefix="/api", dependencies=[Depends(authorised)])
+DATE_INPUT = {"from": "since", "to": "until"}
+FILTER_PLACEHOLDERS = {"under": "folder"}  # the page's word for a filter where its name is not it
+
+
+@router.get("/", response_class=HTMLResponse, include_in_schema=False)
+def page() -> str:
+    """The web page, its filter inputs made from indexer.filters' FILTER_FIELDS."""
+    text = resources.files("retrieval").joinpath("web/index.html").read_text(encoding="utf-8")
+    return text.replace("<!-- filters -->", _filter_inputs())
+
+
+def _filter_inputs() -> str:
+    inputs = []
+    for field in FILTER_FIELDS:
+        label = FILTER_PLACEHOLDERS.get(field.name, field.name.replace("_", " "))
+        kind = ' type="date"' if field.compare in DATE_INPUT else f' placeholder="{label}" size="{len(label) + 1}"'
+        inputs.append(f'<input name="{field.name}"{kind} aria-label="{html.escape(label)}">')
+    groups = "".join(f'<option value="{choice}">one per {choice}</option>' for choice in GROUP_CHOICES)
+    inputs.append(f'<select name="group" aria-label="group"><option value="">every image</option>{groups}</select>')
+    return "\n  ".join(inputs)
+
+
+@api.get("/health")
+def health(request: Request) -> dict[str, Any]:
+    """Whether the index can be searched, and what it holds: images, model, generation,
+    when it was last indexed, images per modality, files skipped."""
+    index_dir = str(request.app.state.index_dir)
+    try:
+        current = request.app.state.searcher()
+    except MIError as error:
+        return {"ready": False, "index": index_dir, "reason": one_line(error)}
+    stats = current.stats()
+    return {"ready": True, "index": index_dir, "images": stats["images"], "model": current.model_info,
+            "generation": stats["generation"], "last_indexed": stats["last_run_at"],
+            "modalities": stats["modalities"], "skipped_files": sum(stats["skipped"].values())}
+
+
+@api.get("/search")
+def search_get(request: Request, params: Annotated[PageSearch, Query()], q: str | None = None,
+               like: int | None = None) -> list[dict[str, Any]]:
+    """A text query (`q`, with `+`/`-` terms as in mi-search) or "more like this" (`like`:
+    an image id), with every filter and option of mi-search."""
+    current = request.app.state.searcher()
+    if like is not None:
+        asked = SearchRequest.make(**{**options_of(params), "exclude_same": None})
+        return [hit.to_dict() for hit in current.answer(asked, current.vector_of(like))]
+    if not (q and q.strip()):
+        raise HTTPException(400, "give q (a text), an image upload, or like (an image id)")
+    # Every term is text: a term naming a file on the server must never be read as an image.
+    terms = q.split() if any(t in ("+", "-") for t in q.split()) else q
+    return [hit.to_dict() for hit in current.search(terms, force="text", **options_of(params))]
+
+
+@api.post("/search")
+async def search_upload(request: Request, params: Annotated[PageSearch, Form()],
+                        image: UploadFile = File(...)) -> list[dict[str, Any]]:
+    """An image query: a PNG, JPEG, TIFF, BMP or DICOM file uploaded (at most 64 MB)."""
+    current = request.app.state.searcher()
+    with tempfile.TemporaryDirectory(prefix="mi-serve-") as folder:
+        path = await save_upload(image, Path(folder))
+        return [hit.to_dict() for hit in current.search(image=str(path), **options_of(params))]
+
+
+@api.post("/query")
+def query(request: Request, body: QueryIn, x_mi_index: str | None = Header(None)) -> Response:
+    """The search of `mi-search` QUERY... [options]: parsed terms (image files sent as bytes)
+    and every option. Hits carry full-precision scores, so the client prints exactly what a
+    local search prints."""
+    index_dir = request.app.state.index_dir
+    if x_mi_index is not None and os.fsencode(index_dir) != urllib.parse.unquote_to_bytes(x_mi_index):
+        raise HTTPException(421, f"this server serves {index_dir}, not the index asked for")
+    current = request.app.state.searcher()
+    with tempfile.TemporaryDirectory(prefix="mi-serve-") as folder:
+        asked = SearchRequest.make(query_terms(body.terms, Path(folder)), **options_of(body))
+        hits = current.answer(asked)
+    rows = [{**hit.to_dict(), "score": float(hit.score)} for hit in hits]
+    # ASCII JSON: a file name that is not UTF-8 travels as its surrogate escapes, losslessly.
+    return Response(json.dumps({"hits": rows}, default=str), media_type="application/json")
+
+
+@api.get("/images/{image_id}")
+def image_fields(request: Request, image_id: int) -> dict[str, Any]:
+    """The stored fields of one indexed image."""
+    return {key: _jsonable(value) for key, value in request.app.state.searcher().image(image_id).items()}
+
+
+@api.get("/images/{image_id}/labels")
+def image_labels(request: Request, image_id: int, labels: str, multilabel: bool = False) -> dict[str, float]:
+    """Zero-shot probabilities of comma-separated `labels` for one indexed image: a softmax
+    over them, or one independent probability each with `multilabel`."""
+    return request.app.state.searcher().classify(image_id, labels, multilabel=multilabel)
+
+
+@api.get("/images/{image_id}/thumbnail", responses={200: {"content": {"image/png": {}}}})
+def thumbnail(request: Request, image_id: int) -> Response:
+    """A PNG of the image (DICOM rendered with the indexing windowing), at most 256 pixels a
+    side, cached beside the index. Never the original bytes."""
+    png = thumbnail_png(request.app.state.searcher(), request.app.state.index_dir, image_id)
+    return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+
+
+router.include_router(api)
