@@ -96,6 +96,12 @@ def _user_index_dir() -> str:
               help="PACS: HTTP basic password (never stored). [default: MI_DICOMWEB_PASSWORD]")
 @click.option("--connections", type=click.IntRange(1, 64), default=4, show_default=True,
               help="PACS: concurrent retrievals at most.")
+@click.option("--max-listed", type=click.IntRange(min=1), metavar="N",
+              help="PACS: records (studies, series, instances) a listing may hold before the run stops: a server "
+                   "that ignores paging lists forever. [default: 1,000,000]")
+@click.option("--allow-empty-listing", is_flag=True,
+              help="PACS: an empty listing means the archive is empty: remove what the index holds of it "
+                   "(refused otherwise, as a failed listing looks the same).")
 @click.option("--calling-aet", metavar="AET", envvar="MI_DIMSE_AET",
               help="DIMSE: this side's AE title, which the archive must allow C-FIND and C-GET from. "
                    "[default: MI_DIMSE_AET, else MI-INDEX]")
@@ -107,7 +113,8 @@ def main(paths: tuple[str, ...], sample: bool, update: bool, folders_of: Path | 
          use_ray: bool, ray_address: str | None, ray_actors: int | None, faiss_memory: float | None,
          fast_j2k: bool, compile_choice: str,
          as_json: bool, modality: str | None, study_date: str | None, body_part: str | None, user: str | None,
-         password: str | None, connections: int, calling_aet: str | None) -> None:
+         password: str | None, connections: int, max_listed: int | None, allow_empty_listing: bool,
+         calling_aet: str | None) -> None:
     """Index PATHS (folders, walked recursively, or files; or a PACS: dicomweb+http(s)://HOST/PREFIX)
     for mi-search."""
     from rich.console import Console
@@ -149,7 +156,7 @@ def main(paths: tuple[str, ...], sample: bool, update: bool, folders_of: Path | 
     modalities = tuple(m.strip() for m in (modality or "").split(",") if m.strip())
     runs = ([lambda bar: index_paths(files, index_dir, model=model, options=options, progress=bar)] if files else [])
     pacs = dict(modalities=modalities, study_date=study_date, body_part=body_part, connections=connections,
-                model=model, options=options)
+                max_listed=max_listed, allow_empty_listing=allow_empty_listing, model=model, options=options)
     runs += [lambda bar, url=url: index_dicomweb(url, index_dir, user=user, password=password, progress=bar, **pacs)
              if is_dicomweb_url(url) else index_dimse(url, index_dir, calling_aet=calling_aet, progress=bar, **pacs)
              for url in urls]
@@ -255,6 +262,9 @@ def _print_summary(console, summary: dict) -> None:
     table = Table(title=f"index {visible(summary['index'])}", show_header=False, box=None)
     for key in ("new", "updated", "unchanged", "removed", "skipped"):
         table.add_row(key, str(summary[key]))
+    if summary.get("not_retrieved"):
+        table.add_row("not retrieved", f"{summary['not_retrieved']} PACS instances (not received whole: "
+                                       f"retrieved again next run)")
     if summary["still_skipped"]:
         table.add_row("", f"(and {summary['still_skipped']} unchanged files skipped before)")
     table.add_row("encoded", f"{summary['encoded']} images ({summary['reused']} files reused stored vectors)")
