@@ -46,7 +46,7 @@ class _Watch:
 
     def __init__(self) -> None:
         self.expired = False
-        self.connection: HTTPConnection | None = None
+        self.sock: socket.socket | None = None
         self._lock = threading.Lock()
 
     def expire(self) -> None:
@@ -54,14 +54,17 @@ class _Watch:
             self.expired = True
             self._shut()
 
-    def attach(self, connection: HTTPConnection) -> None:
+    def attach(self, sock: socket.socket | None) -> None:
+        """The request's socket (kept: a connection hands it to its response and forgets it)."""
+        if sock is None:
+            return
         with self._lock:
-            self.connection = connection
+            self.sock = sock
             if self.expired:
                 self._shut()
 
     def _shut(self) -> None:
-        sock = getattr(self.connection, "sock", None)
+        sock = self.sock
         if sock is not None:
             try:  # the plain socket's shutdown, under TLS too: SSLSocket's would drop its state mid-read
                 socket.socket.shutdown(sock, socket.SHUT_RDWR)
@@ -70,12 +73,19 @@ class _Watch:
 
 
 class _Watched:
-    """A connection that tells this thread's watch (if any) it carries the request."""
+    """A connection that tells this thread's watch (if any) the socket carrying the request: a
+    reused one's when the request starts, a new one's once connected."""
+
+    def connect(self) -> None:
+        super().connect()  # type: ignore[misc]
+        watch = getattr(_local, "watch", None)
+        if watch is not None:
+            watch.attach(self.sock)  # type: ignore[attr-defined]
 
     def request(self, *args: Any, **kwargs: Any) -> Any:
         watch = getattr(_local, "watch", None)
         if watch is not None:
-            watch.attach(self)  # type: ignore[arg-type]
+            watch.attach(self.sock)  # type: ignore[attr-defined]
         return super().request(*args, **kwargs)  # type: ignore[misc]
 
 
@@ -135,7 +145,10 @@ def bounded_get(session: Any, url: str, *, max_bytes: int, deadline: float, time
         response = session.get(url, params=params, headers=headers, timeout=timeout, stream=True)
         with response:
             response.raise_for_status()
-            return response, _read_body(response, max_bytes)
+            body = _read_body(response, max_bytes)
+        if watch.expired:  # the socket was shut: an end of a close-delimited body proves nothing
+            raise DeadlineExceeded(f"no whole answer within {deadline:g} s")
+        return response, body
     except Exception:
         if watch.expired:
             raise DeadlineExceeded(f"no whole answer within {deadline:g} s") from None
