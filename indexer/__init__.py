@@ -41,7 +41,8 @@ def index_paths(paths: Sequence[str | os.PathLike], index_dir: str | os.PathLike
 def index_dicomweb(url: str, index_dir: str | os.PathLike | None = None, *, modalities: Sequence[str] = (),
                    study_date: str | None = None, body_part: str | None = None, user: str | None = None,
                    password: str | None = None, token: str | None = None, connections: int = 4,
-                   max_listed: int | None = None, allow_empty_listing: bool = False, model: Any = None, options: IndexOptions | None = None,
+                   max_listed: int | None = None, allow_empty_listing: bool = False, model: Any = None,
+                   options: IndexOptions | None = None,
                    progress: Callable[[int, int, int], None] | bool = False, **option_values: Any) -> dict[str, Any]:
     """Index (or update) the instances a DICOMweb server lists, e.g.
     `index_dicomweb("dicomweb+https://pacs/dicom-web", "./idx", modalities=["CR", "DX"])`.
