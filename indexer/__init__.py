@@ -41,32 +41,41 @@ def index_paths(paths: Sequence[str | os.PathLike], index_dir: str | os.PathLike
 def index_dicomweb(url: str, index_dir: str | os.PathLike | None = None, *, modalities: Sequence[str] = (),
                    study_date: str | None = None, body_part: str | None = None, user: str | None = None,
                    password: str | None = None, token: str | None = None, connections: int = 4,
-                   model: Any = None, options: IndexOptions | None = None,
+                   max_listed: int | None = None, allow_empty_listing: bool = False, model: Any = None,
+                   options: IndexOptions | None = None,
                    progress: Callable[[int, int, int], None] | bool = False, **option_values: Any) -> dict[str, Any]:
     """Index (or update) the instances a DICOMweb server lists, e.g.
     `index_dicomweb("dicomweb+https://pacs/dicom-web", "./idx", modalities=["CR", "DX"])`.
     Credentials: the arguments, else MI_DICOMWEB_USER / MI_DICOMWEB_PASSWORD / MI_DICOMWEB_TOKEN;
-    never stored. Returns the summary, as `index_paths` does."""
+    never stored. `max_listed`: records a listing may hold (default `indexer.pacs_guards.MAX_LISTED`);
+    `allow_empty_listing`: an empty listing removes what the index holds of this query (refused
+    otherwise). Returns the summary, as `index_paths` does."""
     from .dicomweb import Credentials, DicomwebSource, QueryFilters
+    from .pacs_guards import MAX_LISTED
 
     source = DicomwebSource(url, QueryFilters(tuple(m.upper() for m in modalities), study_date, body_part),
-                            Credentials.resolve(user, password, token), connections=connections)
+                            Credentials.resolve(user, password, token), connections=connections,
+                            max_listed=max_listed or MAX_LISTED, allow_empty_listing=allow_empty_listing)
     return index_source(source, index_dir, roots=[source.url], model=model,
                         options=options or IndexOptions(**option_values), progress=progress)
 
 
 def index_dimse(url: str, index_dir: str | os.PathLike | None = None, *, modalities: Sequence[str] = (),
                 study_date: str | None = None, body_part: str | None = None, calling_aet: str | None = None,
-                connections: int = 4, model: Any = None, options: IndexOptions | None = None,
+                connections: int = 4, max_listed: int | None = None, allow_empty_listing: bool = False,
+                model: Any = None, options: IndexOptions | None = None,
                 progress: Callable[[int, int, int], None] | bool = False, **option_values: Any) -> dict[str, Any]:
     """Index (or update) the instances a DIMSE archive lists (C-FIND) and sends (C-GET), e.g.
     `index_dimse("dimse://ORTHANC@pacs:4242", "./idx", calling_aet="MI-INDEX")`. The archive
-    must allow C-FIND and C-GET from `calling_aet`. Returns the summary, as `index_paths` does."""
+    must allow C-FIND and C-GET from `calling_aet`. `max_listed`, `allow_empty_listing`: as for
+    `index_dicomweb`. Returns the summary, as `index_paths` does."""
     from .dicomweb import QueryFilters
     from .dimse import DEFAULT_CALLING_AET, DimseSource
+    from .pacs_guards import MAX_LISTED
 
     source = DimseSource(url, QueryFilters(tuple(m.upper() for m in modalities), study_date, body_part),
-                         calling_aet=calling_aet or DEFAULT_CALLING_AET, connections=connections)
+                         calling_aet=calling_aet or DEFAULT_CALLING_AET, connections=connections,
+                         max_listed=max_listed or MAX_LISTED, allow_empty_listing=allow_empty_listing)
     return index_source(source, index_dir, roots=[source.url], model=model,
                         options=options or IndexOptions(**option_values), progress=progress)
 

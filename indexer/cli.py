@@ -62,6 +62,8 @@ class PacsOptions:
     user: str | None = None
     password: str | None = None
     connections: int = 4
+    max_listed: int | None = None
+    allow_empty_listing: bool = False
     calling_aet: str | None = None
 
     @property
@@ -72,7 +74,8 @@ class PacsOptions:
         """index_dicomweb's and index_dimse's keywords these options give."""
         modalities = tuple(m.strip() for m in (self.modality or "").split(",") if m.strip())
         return dict(modalities=modalities, study_date=self.study_date, body_part=self.body_part,
-                    connections=self.connections)
+                    connections=self.connections, max_listed=self.max_listed,
+                    allow_empty_listing=self.allow_empty_listing)
 
 
 def _index_options(use_ray: bool, ray_address: str | None, compile_choice: str, **values) -> IndexOptions:
@@ -122,6 +125,12 @@ pacs_options = collected(
                  help="PACS: HTTP basic password (never stored). [default: MI_DICOMWEB_PASSWORD]"),
     click.option("--connections", type=click.IntRange(1, 64), default=4, show_default=True,
                  help="PACS: concurrent retrievals at most."),
+    click.option("--max-listed", type=click.IntRange(min=1), metavar="N",
+                 help="PACS: records (studies, series, instances) a listing may hold before the run stops: a "
+                      "server that ignores paging lists forever. [default: 1,000,000]"),
+    click.option("--allow-empty-listing", is_flag=True,
+                 help="PACS: an empty listing means the archive is empty: remove what the index holds of it "
+                      "(refused otherwise, as a failed listing looks the same)."),
     click.option("--calling-aet", metavar="AET", envvar="MI_DIMSE_AET",
                  help="DIMSE: this side's AE title, which the archive must allow C-FIND and C-GET from. "
                       "[default: MI_DIMSE_AET, else MI-INDEX]"),
@@ -279,6 +288,9 @@ def _print_summary(console, summary: dict) -> None:
     table = Table(title=f"index {visible(summary['index'])}", show_header=False, box=None)
     for key in ("new", "updated", "unchanged", "removed", "skipped"):
         table.add_row(key, str(summary[key]))
+    if summary.get("not_retrieved"):
+        table.add_row("not retrieved", f"{summary['not_retrieved']} PACS instances (not received whole: "
+                                       f"retrieved again next run)")
     if summary["still_skipped"]:
         table.add_row("", f"(and {summary['still_skipped']} unchanged files skipped before)")
     table.add_row("encoded", f"{summary['encoded']} images ({summary['reused']} files reused stored vectors)")

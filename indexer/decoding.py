@@ -21,6 +21,7 @@ import numpy as np
 
 from .decode import DecodeError, TransientDecodeError, content_hash, decode_bytes
 from .errors import SourceError
+from .pacs_guards import RetrievalFailed
 from .sources import Item, Source
 from .store import sqlite_uri
 
@@ -60,6 +61,7 @@ class Skipped:
     retry: bool = False
     seconds: float = 0.0
     stop: bool = False
+    not_retrieved: bool = False  # the source did not deliver it whole (indexer.pacs_guards): not recorded
 
 
 @dataclass
@@ -142,7 +144,8 @@ class DecodingDataset:
         except SourceError as e:
             outcome = Skipped(item, str(e), digest, retry=True, stop=True)
         except DecodeError as e:
-            outcome = Skipped(item, str(e), digest, retry=isinstance(e, TransientDecodeError))
+            outcome = Skipped(item, str(e), digest, retry=isinstance(e, TransientDecodeError),
+                              not_retrieved=isinstance(e, RetrievalFailed))
         except MemoryError:
             outcome = Skipped(item, "out of memory while reading (tried again next run)", digest, retry=True)
         except OSError as e:

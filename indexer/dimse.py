@@ -15,6 +15,11 @@ association, so the archive needs no route to this machine (no C-MOVE destinatio
   fails, or the archive rejects the association (an AE title it does not know), the run stops
   with a `SourceError` (what was committed stays). An instance the archive no longer has is
   one skipped item. At most `connections` associations retrieve at once.
+- Bounds (`indexer.pacs_guards`): a listing holds at most `max_listed` records (an archive can
+  send C-FIND results forever); each C-FIND and each C-GET ends by a deadline (`FIND_DEADLINE`,
+  `GET_DEADLINE`), not only per message, the association aborted past it; an instance that did
+  not arrive whole is not retrieved (tried again next run), and instances sent without being
+  asked for are dropped; a UID that is not one is skipped with its reason.
 """
 from __future__ import annotations
 
@@ -30,6 +35,8 @@ from typing import TYPE_CHECKING, Any
 
 from .dicomweb import QueryFilters, known_under, version_token
 from .errors import SourceError
+from .extras import require
+from .pacs_guards import MAX_LISTED, ListingBudget, RetrievalFailed, checked_uid
 from .pacs_keys import DIMSE_SCHEME, instance_key
 from .sources import BoundedRetrievals, Item
 
@@ -41,6 +48,9 @@ log = logging.getLogger(__name__)
 DEFAULT_CALLING_AET = "MI-INDEX"
 AET_ENV = "MI_DIMSE_AET"
 TIMEOUT = 60.0                              # seconds: association, DIMSE message, network
+FIND_DEADLINE = 600.0                       # seconds for all the results of one C-FIND
+GET_DEADLINE = 600.0                        # seconds for one instance's C-GET
+MAX_INSTANCE_BYTES = 2 << 30                # an instance as received: 2 GiB
 # C-GET needs a presentation context for each SOP class and transfer syntax an instance may come
 # in (one context carries one accepted transfer syntax): an archive sends what it stores only
 # where a context has its syntax, and cannot always transcode (Orthanc has no JPEG 2000 encoder).
@@ -78,10 +88,16 @@ class DimseSource(BoundedRetrievals):
     attempts: int = 4                       # tries to open an association before the run stops
     backoff: float = 0.5
     refused: list[tuple[str, str]] = field(default_factory=list)
+    max_listed: int = MAX_LISTED            # records (studies, series, instances) a listing may hold
+    allow_empty_listing: bool = False       # an empty listing may sweep what the index holds of it
+    find_deadline: float = FIND_DEADLINE
+    get_deadline: float = GET_DEADLINE
+    max_instance_bytes: int = MAX_INSTANCE_BYTES
     kind = "dicom"  # what it serves is DICOM
     _classes: dict[str, str] = field(default_factory=dict, repr=False)  # SOP instance UID -> SOP class UID
 
     def __post_init__(self) -> None:
+        require("pacs", "pynetdicom", "indexing a PACS over DIMSE")
         self.called_aet, self.host, self.port = parse_url(self.url)
         self.url = f"{DIMSE_SCHEME}{self.called_aet}@{self.host}:{self.port}"
         if not 0 < len(self.calling_aet) <= 16:
@@ -93,9 +109,10 @@ class DimseSource(BoundedRetrievals):
         return self.url
 
     # ---------------------------------------------------------------- associations
-    def _associate(self, received: dict[str, bytes] | None = None, classes: Sequence[str] = ()):
+    def _associate(self, received: dict[str, Any] | None = None, classes: Sequence[str] = (),
+                   wanted: frozenset[str] = frozenset()):
         """An open association (for C-GET of instances of `classes` when `received` collects the
-        instances sent back)."""
+        instances sent back: those of `wanted`, the others dropped)."""
         from pynetdicom import AE, build_role, evt
         from pynetdicom.sop_class import (StudyRootQueryRetrieveInformationModelFind,
                                           StudyRootQueryRetrieveInformationModelGet)
@@ -113,7 +130,12 @@ class DimseSource(BoundedRetrievals):
             roles = [build_role(sop_class, scp_role=True) for sop_class in classes]
 
             def store(event) -> int:
-                received[str(event.request.AffectedSOPInstanceUID)] = bytes(event.encoded_dataset())
+                sop_uid = str(event.request.AffectedSOPInstanceUID)
+                if sop_uid not in wanted:  # not asked for: an archive could send anything, endlessly
+                    return SUCCESS
+                data = bytes(event.encoded_dataset())
+                received[sop_uid] = data if len(data) <= self.max_instance_bytes else RetrievalFailed(
+                    f"not retrieved: {len(data):,} bytes, more than the {self.max_instance_bytes:,} allowed")
                 return SUCCESS
 
             handlers.append((evt.EVT_C_STORE, store))
@@ -132,8 +154,9 @@ class DimseSource(BoundedRetrievals):
         raise SourceError(f"{self.url} stopped answering (no association after {self.attempts} tries): what was "
                           f"indexed stays; run mi-index again to resume")
 
-    def _find(self, assoc, level: str, **keys: str) -> Iterator[Any]:
-        """The identifiers a C-FIND at `level` answers (Study Root)."""
+    def _find(self, assoc, level: str, budget: ListingBudget, **keys: str) -> Iterator[Any]:
+        """The identifiers a C-FIND at `level` answers (Study Root), within the listing's budget
+        and this query's deadline (the association aborted past it)."""
         from pydicom.dataset import Dataset
         from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
@@ -141,7 +164,13 @@ class DimseSource(BoundedRetrievals):
         query.QueryRetrieveLevel = level
         for keyword, value in keys.items():
             setattr(query, keyword, value)
+        deadline = time.monotonic() + self.find_deadline
         for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
+            if time.monotonic() > deadline:
+                assoc.abort()
+                raise SourceError(f"{self.url} was still answering the {level} query after {self.find_deadline:g} s: "
+                                  f"what was indexed stays; run mi-index again to resume")
+            budget.take(1)
             if not status:  # an empty status: the association was aborted or timed out
                 raise SourceError(f"{self.url} broke off the {level} query: it may not allow C-FIND from AE title "
                                   f"{self.calling_aet} (configure it on the archive), or it stopped answering (what "
@@ -163,32 +192,44 @@ class DimseSource(BoundedRetrievals):
         study_keys = {"StudyInstanceUID": "", "StudyDate": self.filters.study_date or ""}
         # One query per modality: C-FIND has no OR across values of a non-UID attribute
         modalities = self.filters.modalities or ("",)
+        budget = ListingBudget(self.url, self.max_listed)
         seen: set[str] = set()
         studies = []
         for modality in modalities:
-            for study in self._find(assoc, "STUDY", **study_keys, ModalitiesInStudy=modality):
-                uid = str(study.get("StudyInstanceUID", ""))
+            for study in self._find(assoc, "STUDY", budget, **study_keys, ModalitiesInStudy=modality):
+                uid = self._uid(study, "StudyInstanceUID")
                 if uid and uid not in seen:
                     seen.add(uid)
                     studies.append(uid)
         for study_uid in studies:
             series_uids = []
             for modality in modalities:
-                for series in self._find(assoc, "SERIES", StudyInstanceUID=study_uid, SeriesInstanceUID="",
+                for series in self._find(assoc, "SERIES", budget, StudyInstanceUID=study_uid, SeriesInstanceUID="",
                                          Modality=modality, BodyPartExamined=self.filters.body_part or ""):
-                    uid = str(series.get("SeriesInstanceUID", ""))
+                    uid = self._uid(series, "SeriesInstanceUID")
                     if uid and uid not in seen:
                         seen.add(uid)
                         series_uids.append(uid)
             for series_uid in series_uids:
-                for instance in self._find(assoc, "IMAGE", StudyInstanceUID=study_uid,
+                for instance in self._find(assoc, "IMAGE", budget, StudyInstanceUID=study_uid,
                                            SeriesInstanceUID=series_uid, SOPInstanceUID="", SOPClassUID=""):
-                    sop_uid = str(instance.get("SOPInstanceUID", ""))
+                    sop_uid = self._uid(instance, "SOPInstanceUID")
                     if sop_uid:
-                        if instance.get("SOPClassUID"):
-                            self._classes[sop_uid] = str(instance.SOPClassUID)
+                        sop_class = checked_uid(str(instance.get("SOPClassUID", "")), "SOPClassUID")[0]
+                        if sop_class:
+                            self._classes[sop_uid] = sop_class
                         key = instance_key(self.url, study_uid, series_uid, sop_uid)
                         yield Item(key, 0, version_token(key))
+
+    def _uid(self, identifier: Any, keyword: str) -> str | None:
+        """A UID of a C-FIND result; None, reported, when it is not one (it goes into keys)."""
+        value = identifier.get(keyword, "")
+        if value in ("", None):
+            return None
+        uid, why = checked_uid(str(value), keyword)
+        if uid is None:
+            self.refused.append((f"{self.url} (C-FIND result)", f"malformed record skipped: {why}"))
+        return uid
 
     def known(self, store: IndexStore, listed: Sequence[str]) -> dict[str, tuple]:
         return known_under(store, self.url, self.filters, listed)
@@ -197,7 +238,7 @@ class DimseSource(BoundedRetrievals):
         return True
 
     def sweepable(self, key: str) -> bool:
-        return True  # listing failures stop the run before anything is swept
+        return True  # listing failures stop the run before anything is swept (empty listings: pacs_guards)
 
     def read(self, item: Item) -> bytes:
         return self.read_many([item])[0]
@@ -227,16 +268,23 @@ class DimseSource(BoundedRetrievals):
 
         results: list[bytes | BaseException] = []
         with self._slots:
-            received: dict[str, bytes] = {}
+            received: dict[str, Any] = {}
             assoc = None
             try:
-                assoc = self._associate(received, classes)
+                wanted = frozenset(item.key.rsplit("/", 1)[-1] for item in items)
+                assoc = self._associate(received, classes, wanted)
                 for item in items:
                     study_uid, series_uid, sop_uid = item.key.split("/studies/", 1)[1].split("/")[::2]
                     query = Dataset()
                     query.QueryRetrieveLevel = "IMAGE"
                     query.StudyInstanceUID, query.SeriesInstanceUID, query.SOPInstanceUID = study_uid, series_uid, sop_uid
+                    deadline = time.monotonic() + self.get_deadline
                     for status, _ in assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet):
+                        if time.monotonic() > deadline:
+                            assoc.abort()
+                            raise SourceError(f"{self.url} was still sending instance {sop_uid} after "
+                                              f"{self.get_deadline:g} s: what was indexed stays; run mi-index "
+                                              f"again to resume")
                         if not status:  # aborted or timed out
                             raise SourceError(f"{self.url} stopped answering while sending instances: what was "
                                               f"indexed stays; run mi-index again to resume")

@@ -27,6 +27,7 @@ from .decoding import FILES_PER_HANDOVER, Decoded, DecodingDataset, Encoded, Out
 from .errors import SourceError
 from .model_choice import chosen_model_source, named_model_source
 from .options import IndexOptions, compile_wanted, decoding_workers
+from .pacs_guards import check_sweep
 from .sources import Item, Source
 from .store import DB_NAME, IndexStore
 
@@ -46,6 +47,7 @@ class Summary:
     still_skipped: int = 0      # unchanged files skipped by an earlier run (retried once they change)
     encoded: int = 0            # images that went through the model in this run
     reused: int = 0             # files whose vectors were found by content hash
+    not_retrieved: int = 0      # PACS instances not received whole: not recorded, retrieved again next run
     images: int = 0             # images in the index after the run
     skipped_files: list[dict[str, str]] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
@@ -117,6 +119,7 @@ class Indexer:
                 continue  # not an image or DICOM file: not ours (and gone from the index if it was)
             keep.add(item.key)
         removed = [key for key in known if key not in keep and source.sweepable(key)]
+        check_sweep(source, len(listed), len(removed))  # an empty PACS listing is taken for a failed one
         return todo, removed
 
     # ---------------------------------------------------------------- run
@@ -236,7 +239,10 @@ class Indexer:
             self._finish_in_flight()
             self._commit(force=True)  # the whole items done so far stay: the next run resumes after them
             raise SourceError(outcome.reason)
-        if isinstance(outcome, Skipped):
+        if isinstance(outcome, Skipped) and outcome.not_retrieved:  # reported, not recorded: retried next run
+            self.summary.not_retrieved += 1
+            self.summary.skipped_files.append({"path": item.key, "reason": outcome.reason})
+        elif isinstance(outcome, Skipped):
             self._pending_skipped.append({**record, "error": outcome.reason, "retry": outcome.retry})
             self.summary.skipped += 1
             self.summary.skipped_files.append({"path": item.key, "reason": outcome.reason})
