@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from indexer.cli import main as index_command
+from indexer.receive_cli import main as receive_command
 from indexer.terminal import console_script
 
 from .cli import main as search_command
@@ -23,6 +24,7 @@ def mi() -> None:
 mi.add_command(index_command, "index")
 mi.add_command(search_command, "search")
 mi.add_command(serve_command, "serve")
+mi.add_command(receive_command, "receive")
 
 
 @mi.command("doctor")
