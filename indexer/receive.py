@@ -22,6 +22,7 @@ import io
 import logging
 import socket
 import ssl
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,11 +190,12 @@ class Receiver:
 
     # ------------------------------------------------------------ handlers (association threads)
     def _requested(self, event: Any) -> None:
-        requestor = event.assoc.requestor
-        calling, address = str(requestor.ae_title).strip(), str(requestor.address)
+        requestor = event.assoc.requestor  # its ae_title is set only once negotiation starts
+        calling, address = str(requestor.primitive.calling_ae_title).strip(), str(requestor.address)
         if self.allowed is not None and not any(caller.admits(calling, address) for caller in self.allowed):
             log.warning("refused an association from %s at %s: not on the allow list", calling, address)
             event.assoc.acse.send_reject(0x01, 0x01, 0x03)  # permanent, service user, calling AE title
+            event.assoc.kill()  # as pynetdicom's own rejections: waits for the A-ASSOCIATE-RJ to leave
             return
         _prefer_proposed_syntaxes(event.assoc)
 
@@ -232,12 +234,14 @@ class Receiver:
         from .bounds import inflate_deflated_dicom
 
         readable = inflate_deflated_dicom(data, self.max_megapixels)
-        ds = pydicom.dcmread(io.BytesIO(readable), stop_before_pixels=True,
-                             specific_tags=["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"])
-        found = tuple(ds.get(name) for name in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))
-        missing = [name for name, value in zip(("Study", "Series", "SOP"), found) if value in (None, "")]
+        names = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+        with warnings.catch_warnings():  # a malformed dataset makes one log line, not pydicom's warnings
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(io.BytesIO(readable), stop_before_pixels=True, specific_tags=list(names))
+            found = tuple(str(ds.get(name) or "") for name in names)  # values are checked (and warned of) here
+        missing = [name for name, value in zip(names, found) if not value]
         if missing:
-            raise ValueError(f"the dataset has no {', '.join(missing)} Instance UID")
+            raise ValueError(f"the dataset lacks its {', '.join(missing)}")
         return found  # type: ignore[return-value]
 
 
