@@ -377,3 +377,30 @@ def test_listening_beyond_loopback_needs_an_allow_list(tmp_path):
     from retrieval.commands import mi
     helped = CliRunner().invoke(mi, ["receive", "--help"])
     assert helped.exit_code == 0 and "--allow" in helped.output
+
+
+def test_tls_when_given_a_certificate_and_key(tmp_path, receivers):
+    import ssl
+
+    from pynetdicom import AE
+    made = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                           "/CN=localhost", "-keyout", str(tmp_path / "node.key"), "-out", str(tmp_path / "node.pem")],
+                          capture_output=True)
+    if made.returncode != 0:
+        pytest.skip("openssl cannot make a certificate here")
+    receivers.append(running := start_receiver(tmp_path, "--tls-cert", str(tmp_path / "node.pem"),
+                                               "--tls-key", str(tmp_path / "node.key")))
+    client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tmp_path / "node.pem"))
+    client.check_hostname = False
+    ds = ct_dataset()
+    ae = AE(ae_title="SECURE")
+    ae.add_requested_context(CT_IMAGE, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", running.port, ae_title="MI", tls_args=(client, None))
+    assert assoc.is_established
+    assert int(assoc.send_c_store(ds).Status) == 0
+    assoc.release()
+    plain = ae.associate("127.0.0.1", running.port, ae_title="MI")  # no TLS: no association
+    assert not plain.is_established
+    path = written(ds, tmp_path / "sent")
+    wait_until_indexed(running, [path])
+    assert_kept_as_sent_and_found_first(running, [path])
