@@ -8,8 +8,8 @@ from pathlib import Path
 import click
 
 from indexer.cli import main as index_command
-from indexer.terminal import console_script
-from indexer.terminal import DEVICE_OPTION_HELP, check_device
+from indexer.receive_cli import main as receive_command
+from indexer.terminal import DEVICE_OPTION_HELP, check_device, console_script
 
 from .cli import main as search_command
 from .serve_cli import main as serve_command
@@ -25,6 +25,7 @@ def mi() -> None:
 mi.add_command(index_command, "index")
 mi.add_command(search_command, "search")
 mi.add_command(serve_command, "serve")
+mi.add_command(receive_command, "receive")
 mi.add_command(curate_cli.duplicates, "duplicates")
 mi.add_command(curate_cli.leakage, "leakage")
 mi.add_command(curate_cli.export, "export")
