@@ -47,7 +47,7 @@ def index_dicomweb(url: str, index_dir: str | os.PathLike | None = None, *, moda
     `index_dicomweb("dicomweb+https://pacs/dicom-web", "./idx", modalities=["CR", "DX"])`.
     Credentials: the arguments, else MI_DICOMWEB_USER / MI_DICOMWEB_PASSWORD / MI_DICOMWEB_TOKEN;
     never stored. Returns the summary, as `index_paths` does."""
-    from .dicomweb import Credentials, DicomwebSource, QueryFilters
+    from .sources.dicomweb import Credentials, DicomwebSource, QueryFilters
 
     source = DicomwebSource(url, QueryFilters(tuple(m.upper() for m in modalities), study_date, body_part),
                             Credentials.resolve(user, password, token), connections=connections)
@@ -62,8 +62,8 @@ def index_dimse(url: str, index_dir: str | os.PathLike | None = None, *, modalit
     """Index (or update) the instances a DIMSE archive lists (C-FIND) and sends (C-GET), e.g.
     `index_dimse("dimse://ORTHANC@pacs:4242", "./idx", calling_aet="MI-INDEX")`. The archive
     must allow C-FIND and C-GET from `calling_aet`. Returns the summary, as `index_paths` does."""
-    from .dicomweb import QueryFilters
-    from .dimse import DEFAULT_CALLING_AET, DimseSource
+    from .sources.dicomweb import QueryFilters
+    from .sources.dimse import DEFAULT_CALLING_AET, DimseSource
 
     source = DimseSource(url, QueryFilters(tuple(m.upper() for m in modalities), study_date, body_part),
                          calling_aet=calling_aet or DEFAULT_CALLING_AET, connections=connections)
@@ -76,7 +76,7 @@ def index_source(source: Any, index_dir: str | os.PathLike | None = None, *, roo
                  progress: Callable[[int, int, int], None] | bool = False) -> dict[str, Any]:
     """Index (or update) what `source` (an `indexer.sources.Source`) lists; `roots` are
     recorded for `mi-index --update`. A failed first run leaves no index behind."""
-    from .pipeline import Indexer
+    from .run import Indexer
     from .store import DB_NAME, IndexStore
 
     options = options or IndexOptions()

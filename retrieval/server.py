@@ -269,9 +269,9 @@ def thumbnail_png(searcher: Any, index_dir: Path, image_id: int) -> bytes:
         if is_dicomweb_url(fields["path"]) or is_dimse_url(fields["path"]):
             # indexed from a PACS: retrieved from it (MI_DICOMWEB_* login, MI_DIMSE_AET)
             if is_dicomweb_url(fields["path"]):
-                from indexer.dicomweb import read_instance
+                from indexer.sources.dicomweb import read_instance
             else:
-                from indexer.dimse import read_instance
+                from indexer.sources.dimse import read_instance
             decoded = decode_bytes(read_instance(fields["path"]), Path("instance.dcm"), frames=frames, kind="dicom")
         else:
             decoded = decode_file(fields["path"], frames=frames)

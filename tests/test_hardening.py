@@ -116,7 +116,7 @@ def test_fuzzed_dicom_files_are_indexed_or_skipped_with_a_reason(tmp_path, model
 def test_a_transient_failure_is_retried_on_the_next_run(tmp_path, model, monkeypatch):
     data = tmp_path / "data"
     make_images(data, 3)
-    import indexer.decoding as pipeline
+    import indexer.run.workers as pipeline
     real = pipeline.decode_bytes
 
     def out_of_memory_for_img001(data_bytes, path, **kwargs):
@@ -435,8 +435,8 @@ def test_patient_pseudonyms_are_keyed_with_a_key_outside_the_index(tmp_path, mod
 def test_an_index_with_salted_hashes_is_migrated_to_keyed_pseudonyms(tmp_path):
     from sqlalchemy import create_engine, text
 
-    from indexer import schema as schema_module
-    from indexer import store as store_module
+    from indexer.store import schema as schema_module
+    from indexer.store import index_store as store_module
     from indexer.privacy import patient_key, pseudonym
 
     index_dir = tmp_path / "old"

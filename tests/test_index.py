@@ -101,8 +101,8 @@ def test_incremental_runs(tmp_path, model):
 
 
 def test_migration_killed_halfway_leaves_nothing_behind(tmp_path, monkeypatch):
-    import indexer.schema as schema_module
-    import indexer.store as store_module
+    import indexer.store.schema as schema_module
+    import indexer.store.index_store as store_module
 
     def broken_migration(conn):
         conn.execute(store_module.text("CREATE TABLE half_done (x)"))
@@ -121,7 +121,7 @@ def test_migration_killed_halfway_leaves_nothing_behind(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("flat_max", [50_000, 50])  # an exact index, and an IVF one above 50 rows
 def test_faiss_cache_is_brought_up_to_date_from_sqlite(tmp_path, monkeypatch, flat_max):
-    import indexer.vectors as vector_index
+    import indexer.store.vectors as vector_index
     monkeypatch.setattr(vector_index, "FLAT_MAX_VECTORS", flat_max)
     rng = np.random.default_rng(0)
 
@@ -177,7 +177,7 @@ def test_walk_rules(tmp_path, model):
 
 
 def test_a_decoder_crash_costs_one_file_not_the_run(tmp_path, model, monkeypatch):
-    import indexer.decoding as pipeline
+    import indexer.run.workers as pipeline
     real_decode = pipeline.decode_bytes
 
     def decode_or_crash(data, path, **kwargs):  # runs in the (forked) worker processes

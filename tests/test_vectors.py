@@ -7,7 +7,7 @@ import faiss
 import numpy as np
 import pytest
 
-from indexer import vectors
+from indexer.store import vectors
 
 
 def unit(x: np.ndarray) -> np.ndarray:

@@ -19,10 +19,10 @@ from typing import Any, Union
 
 import numpy as np
 
-from .decode import DecodeError, TransientDecodeError, content_hash, decode_bytes
-from .errors import SourceError
-from .sources import Item, Source
-from .store import sqlite_uri
+from ..decode import DecodeError, TransientDecodeError, content_hash, decode_bytes
+from ..errors import SourceError
+from ..sources import Item, Source
+from ..store import sqlite_uri
 
 log = logging.getLogger(__name__)
 

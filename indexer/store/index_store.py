@@ -35,10 +35,10 @@ METADATA_FIELDS = ("width", "height", "source_format", "sop_instance_uid", "stud
                    "series_description", "patient_sex", "patient_age", "patient_hash")
 
 
-from .filters import SearchFilters
+from ..filters import SearchFilters
 from .schema import MIGRATIONS, SCHEMA_VERSION
-from .location import INDEX_ENV, default_index_dir  # noqa: F401  (re-exported)
-from .errors import (IndexBusyError, IndexDamagedError, IndexFormatError, IndexNotFoundError, one_line,  # noqa: F401
+from ..location import INDEX_ENV, default_index_dir  # noqa: F401  (re-exported)
+from ..errors import (IndexBusyError, IndexDamagedError, IndexFormatError, IndexNotFoundError, one_line,  # noqa: F401
                      IndexReadOnlyError, ModelMismatchError, StorageFullError, StoreError)
 
 
@@ -266,7 +266,7 @@ class IndexStore:
         """The key of this index's patient pseudonyms (see indexer.privacy): recorded by its id
         on first use, and refused when another key is in place (pseudonyms made with two keys
         would split each patient in two)."""
-        from .privacy import KEY_ENV, PatientKeyError, key_id, key_path, patient_key
+        from ..privacy import KEY_ENV, PatientKeyError, key_id, key_path, patient_key
 
         try:
             key = patient_key()
@@ -443,7 +443,7 @@ class IndexStore:
     def remove_root(self, root: str | os.PathLike) -> int:
         """Take a folder (or file, or PACS) out of the index: its files, their images, and the
         root itself. Returns the number of files removed; the FAISS cache follows on write_faiss()."""
-        from .pacs_keys import is_pacs_url
+        from ..pacs_keys import is_pacs_url
 
         root = os.fspath(root)
         root = root.rstrip("/") if is_pacs_url(root) else os.path.realpath(root)

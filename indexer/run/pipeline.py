@@ -23,12 +23,12 @@ from typing import Any
 
 import numpy as np
 
-from .decoding import FILES_PER_HANDOVER, Decoded, DecodingDataset, Encoded, Outcome, Reused, Skipped, loader
-from .errors import SourceError
-from .model_choice import chosen_model_source, named_model_source
-from .options import IndexOptions, compile_wanted, decoding_workers
-from .sources import Item, Source
-from .store import DB_NAME, IndexStore
+from .workers import FILES_PER_HANDOVER, Decoded, DecodingDataset, Encoded, Outcome, Reused, Skipped, loader
+from ..errors import SourceError
+from ..model_choice import chosen_model_source, named_model_source
+from ..options import IndexOptions, compile_wanted, decoding_workers
+from ..sources import Item, Source
+from ..store import DB_NAME, IndexStore
 
 log = logging.getLogger(__name__)
 COMMIT_EVERY = 256  # files skipped or reused between commits when nothing is being encoded
@@ -210,7 +210,7 @@ class Indexer:
 
     def _process_on_ray(self, todo: list[Item], dataset: DecodingDataset) -> None:
         """Decode and encode on a Ray cluster; commit here, as a local run does."""
-        from .distributed import outcomes_on_ray
+        from .ray import outcomes_on_ray
 
         decode_seconds = 0.0
         start = time.perf_counter()

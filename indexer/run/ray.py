@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from .decoding import FILES_PER_HANDOVER, Decoded, DecodingDataset, Encoded, Outcome
-from .errors import ClusterError
-from .sources import Item
+from .workers import FILES_PER_HANDOVER, Decoded, DecodingDataset, Encoded, Outcome
+from ..errors import ClusterError
+from ..sources import Item
 
 log = logging.getLogger(__name__)
 LOCAL = "local"  # --ray without an address: RAY_ADDRESS if set, else a cluster on this machine

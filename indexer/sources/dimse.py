@@ -29,12 +29,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .dicomweb import QueryFilters, known_under, version_token
-from .errors import SourceError
-from .pacs_keys import DIMSE_SCHEME, instance_key
-from .sources import BoundedRetrievals, Item
+from ..errors import SourceError
+from ..pacs_keys import DIMSE_SCHEME, instance_key
+from .base import BoundedRetrievals, Item
 
 if TYPE_CHECKING:
-    from .store import IndexStore
+    from ..store import IndexStore
 
 log = logging.getLogger(__name__)
 

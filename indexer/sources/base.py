@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .decode import sniff_kind
-from .errors import PathNotFoundError
+from ..decode import sniff_kind
+from ..errors import PathNotFoundError
 
 if TYPE_CHECKING:
-    from .store import IndexStore
+    from ..store import IndexStore
 
 log = logging.getLogger(__name__)
 

@@ -22,15 +22,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from .errors import one_line
-from .privacy import pseudonym
+from ..errors import one_line
+from ..privacy import pseudonym
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom", ".dic", ".ima"})
 PIL_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")  # JPEG opens MPO files too
 _IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*", b"BM")
 
-from .options import FRAMES_CHOICES  # one list of the frame choices
+from ..options import FRAMES_CHOICES  # one list of the frame choices
 
 
 class DecodeError(Exception):

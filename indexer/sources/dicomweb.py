@@ -31,13 +31,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from .decode import TransientDecodeError
-from .errors import SourceError, one_line
-from .pacs_keys import SCHEME_PREFIX, instance_key, is_dicomweb_url, wado_url
-from .sources import BoundedRetrievals, Item
+from ..decode import TransientDecodeError
+from ..errors import SourceError, one_line
+from ..pacs_keys import SCHEME_PREFIX, instance_key, is_dicomweb_url, wado_url
+from .base import BoundedRetrievals, Item
 
 if TYPE_CHECKING:
-    from .store import IndexStore
+    from ..store import IndexStore
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import secrets
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
-from .errors import StoreError
+from ..errors import StoreError
 
 
 def _m001_initial(conn: Connection) -> None:
@@ -58,7 +58,7 @@ def _m003_keyed_patient_pseudonyms(conn: Connection) -> None:
     # test guessed IDs. Pseudonyms are now keyed with a key kept outside the index (see
     # indexer.privacy); the old hashes are keyed the same way (a patient's images stay grouped)
     # and the salt is deleted, its page overwritten.
-    from .privacy import PatientKeyError, key_id, patient_key, pseudonym
+    from ..privacy import PatientKeyError, key_id, patient_key, pseudonym
 
     conn.exec_driver_sql("PRAGMA secure_delete = ON")
     if conn.execute(text("SELECT count(*) FROM images WHERE patient_hash IS NOT NULL")).scalar():
