@@ -47,7 +47,8 @@ def index_dicomweb(url: str, index_dir: str | os.PathLike | None = None, *, moda
     `index_dicomweb("dicomweb+https://pacs/dicom-web", "./idx", modalities=["CR", "DX"])`.
     Credentials: the arguments, else MI_DICOMWEB_USER / MI_DICOMWEB_PASSWORD / MI_DICOMWEB_TOKEN;
     never stored. Returns the summary, as `index_paths` does."""
-    from .sources.dicomweb import Credentials, DicomwebSource, QueryFilters
+    from .sources.dicomweb import Credentials, DicomwebSource
+    from .sources.pacs import QueryFilters
 
     source = DicomwebSource(url, QueryFilters(tuple(m.upper() for m in modalities), study_date, body_part),
                             Credentials.resolve(user, password, token), connections=connections)
@@ -62,7 +63,7 @@ def index_dimse(url: str, index_dir: str | os.PathLike | None = None, *, modalit
     """Index (or update) the instances a DIMSE archive lists (C-FIND) and sends (C-GET), e.g.
     `index_dimse("dimse://ORTHANC@pacs:4242", "./idx", calling_aet="MI-INDEX")`. The archive
     must allow C-FIND and C-GET from `calling_aet`. Returns the summary, as `index_paths` does."""
-    from .sources.dicomweb import QueryFilters
+    from .sources.pacs import QueryFilters
     from .sources.dimse import DEFAULT_CALLING_AET, DimseSource
 
     source = DimseSource(url, QueryFilters(tuple(m.upper() for m in modalities), study_date, body_part),

@@ -19,25 +19,21 @@ server's copy of a file and the file give the same pixels, metadata and embeddin
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 from ..decode import TransientDecodeError
 from ..errors import SourceError, one_line
-from ..pacs_keys import SCHEME_PREFIX, instance_key, is_dicomweb_url, wado_url
-from .base import BoundedRetrievals, Item
-
-if TYPE_CHECKING:
-    from ..store import IndexStore
+from ..pacs_keys import DICOMWEB_SCHEME, instance_key, is_dicomweb_url, service_url, wado_url
+from .base import Item
+from .pacs import PacsSource, QueryFilters, version_token
 
 log = logging.getLogger(__name__)
 
@@ -52,50 +48,6 @@ WADO_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 # that takes it (Orthanc does) spends ~100 ms of CPU per 2 MB instance compressing pixels that
 # hardly compress (measured: 100 ms per retrieval against 2 ms with identity).
 WADO_HEADERS = {"Accept": WADO_ACCEPT, "Accept-Encoding": "identity"}
-
-
-@dataclass(frozen=True)
-class QueryFilters:
-    """What to index of the archive, as QIDO-RS matching keys applied by the server."""
-
-    modalities: tuple[str, ...] = ()      # CR, DX: ModalitiesInStudy for studies, Modality for series
-    study_date: str | None = None         # 20200101-20201231, 20200101-, or one date
-    body_part: str | None = None          # BodyPartExamined of the series
-
-    def __post_init__(self) -> None:
-        if self.study_date and not re.fullmatch(r"\d{8}|\d{8}-|-\d{8}|\d{8}-\d{8}", self.study_date):
-            raise SourceError(f"--study-date {self.study_date}: write YYYYMMDD, a range YYYYMMDD-YYYYMMDD, "
-                              f"or an open one (YYYYMMDD- or -YYYYMMDD)")
-
-    def __bool__(self) -> bool:
-        return bool(self.modalities or self.study_date or self.body_part)
-
-    def covers(self, modality: str | None, body_part: str | None, study_date: str | None) -> bool:
-        """Whether an indexed instance with these stored fields (study_date ISO) is one the server
-        would list under these filters."""
-        if self.modalities and (modality or "").upper() not in {m.upper() for m in self.modalities}:
-            return False
-        if self.body_part and (body_part or "").upper() != self.body_part.upper():
-            return False
-        if self.study_date:
-            if not study_date:
-                return False
-            low, _, high = self.study_date.partition("-") if "-" in self.study_date else (self.study_date, "", self.study_date)
-            day = study_date.replace("-", "")
-            return (not low or day >= low) and (not high or day <= high)
-        return True
-
-    def study_params(self) -> dict[str, str]:
-        params = {"StudyDate": self.study_date} if self.study_date else {}
-        if self.modalities:
-            params["ModalitiesInStudy"] = ",".join(self.modalities)
-        return params
-
-    def series_params(self) -> dict[str, str]:
-        params = {"Modality": ",".join(self.modalities)} if self.modalities else {}
-        if self.body_part:
-            params["BodyPartExamined"] = self.body_part
-        return params
 
 
 @dataclass(frozen=True)
@@ -119,7 +71,7 @@ def base_url(text: str) -> str:
     SourceError for a URL that carries credentials (they would end up in the index's keys)."""
     if not is_dicomweb_url(text):
         raise SourceError(f"not a DICOMweb URL: {text} (write dicomweb+http://HOST:PORT/dicom-web, or https)")
-    parts = urlsplit(text[len(SCHEME_PREFIX):])
+    parts = urlsplit(text[len(DICOMWEB_SCHEME):])
     if parts.username or parts.password:
         raise SourceError(f"put credentials in --user/--password or {USER_ENV}/{PASSWORD_ENV} (or {TOKEN_ENV}), "
                           f"not in the URL: it names every indexed instance")
@@ -128,7 +80,7 @@ def base_url(text: str) -> str:
     if parts.query or parts.fragment:
         raise SourceError(f"a DICOMweb URL names the service, without ?query or #fragment: {text} "
                           f"(filters are --modality, --study-date, --body-part)")
-    return f"{SCHEME_PREFIX}{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
+    return f"{DICOMWEB_SCHEME}{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
 
 
 def _uid(result: dict[str, Any], tag: str) -> str | None:
@@ -137,7 +89,7 @@ def _uid(result: dict[str, Any], tag: str) -> str | None:
 
 
 @dataclass
-class DicomwebSource(BoundedRetrievals):
+class DicomwebSource(PacsSource):
     """The instances a DICOMweb server lists (under `filters`), read over WADO-RS. Pickles
     without its HTTP session (each decoding process opens its own)."""
 
@@ -149,21 +101,16 @@ class DicomwebSource(BoundedRetrievals):
     attempts: int = 4                      # tries per request before the run stops
     backoff: float = 0.5                   # seconds before the 2nd try, doubled for each next one
     refused: list[tuple[str, str]] = field(default_factory=list)
-    kind = "dicom"  # what it serves is DICOM, with or without a preamble (decoded as files named .dcm are)
 
     def __post_init__(self) -> None:
         self.url = base_url(self.url)
-        self._http = self.url[len(SCHEME_PREFIX):]
+        self._http = self.url[len(DICOMWEB_SCHEME):]
         self._bound_retrievals()
         self._local: threading.local | None = None
         self._client_pid = -1
 
     def __getstate__(self) -> dict[str, Any]:
         return {**super().__getstate__(), "_local": None, "_client_pid": -1}
-
-    @property
-    def name(self) -> str:
-        return self.url
 
     # ---------------------------------------------------------------- HTTP
     def _client(self):
@@ -271,18 +218,6 @@ class DicomwebSource(BoundedRetrievals):
         except OSError as e:
             raise SourceError(f"{self.url} refused {what} ({e})") from None
 
-    def known(self, store: IndexStore, listed: Sequence[str]) -> dict[str, tuple]:
-        return known_under(store, self.url, self.filters, listed)
-
-    def accepts(self, item: Item) -> bool:
-        return True  # an instance without pixels (a report) is skipped with its reason
-
-    def sweepable(self, key: str) -> bool:
-        return True  # listing failures stop the run before anything is swept
-
-    def read(self, item: Item) -> bytes:
-        return self.read_many([item])[0]
-
     def read_many(self, items: Sequence[Item]) -> list[bytes | BaseException]:
         """The bytes of each item (or the exception reading it raised), fetched concurrently:
         the latency of the server, not its bandwidth, bounds one request."""
@@ -317,26 +252,11 @@ class DicomwebSource(BoundedRetrievals):
             raise TransientDecodeError(f"the server refused it: {e} (tried again next run)") from None
 
 
-def known_under(store: IndexStore, service: str, filters: QueryFilters, listed: Sequence[str]) -> dict[str, tuple]:
-    """The index's records of a PACS's instances that a run under `filters` covers: all of them
-    unfiltered; filtered, those listed and those whose stored fields match the filters (gone
-    from the archive: swept), the others staying indexed as they are."""
-    known = store.files_under([service])  # a key prefix, not a folder: str, as Path would fold the '//'
-    if not filters:
-        return known
-    listed_now = set(listed)
-    others = [key for key in known if key not in listed_now]
-    fields = store.first_image_fields(others, ("modality", "body_part", "study_date"))
-    return {key: record for key, record in known.items()
-            if key in listed_now or (key in fields and filters.covers(**fields[key]))}
-
-
 def read_instance(key: str, credentials: Credentials | None = None) -> bytes:
     """The bytes of one indexed PACS instance, by its key (a thumbnail for mi-serve, say).
     Credentials: the environment's unless given. Raises SourceError, or OSError / DecodeError
     for an instance the server no longer has or refuses."""
-    service = key[:key.index("/studies/")] if "/studies/" in key else key
-    source = DicomwebSource(service, credentials=credentials or Credentials.resolve(), connections=1, attempts=2)
+    source = DicomwebSource(service_url(key), credentials=credentials or Credentials.resolve(), connections=1, attempts=2)
     return source.read(Item(key, 0, version_token(key)))
 
 
@@ -356,8 +276,4 @@ def first_part(body: bytes, content_type: str) -> bytes:
         raise OSError("the server sent no whole instance (a truncated multipart answer)")
     return body[head_end + 4:end]
 
-
-def version_token(key: str) -> int:
-    """A stable stand-in for a file's mtime: an instance does not change under its UID."""
-    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") >> 2
 

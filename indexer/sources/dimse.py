@@ -8,7 +8,7 @@ title (`--calling-aet`, default MI-INDEX; Orthanc: a `DicomModalities` entry for
 association, so the archive needs no route to this machine (no C-MOVE destination, no port).
 
 - Key: `dimse://ARCHIVE_AET@host:port/studies/S/series/SE/instances/I` (`indexer.pacs_keys`);
-  version token, incremental runs, sweeping and filters as for DICOMweb (`indexer.dicomweb`).
+  version token, incremental runs, sweeping and filters as for DICOMweb (`indexer.sources.dicomweb`, `indexer.sources.pacs`).
 - Bytes: the instance as received over C-GET, as a Part 10 file. Every transfer syntax is
   offered, so an archive can send what it stores without transcoding.
 - Failures: an association that cannot be opened is tried again with backoff; when it still
@@ -26,15 +26,12 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .dicomweb import QueryFilters, known_under, version_token
 from ..errors import SourceError
-from ..pacs_keys import DIMSE_SCHEME, instance_key
-from .base import BoundedRetrievals, Item
-
-if TYPE_CHECKING:
-    from ..store import IndexStore
+from ..pacs_keys import DIMSE_SCHEME, instance_key, instance_uids, service_url
+from .base import Item
+from .pacs import PacsSource, QueryFilters, version_token
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +64,7 @@ def parse_url(text: str) -> tuple[str, str, int]:
 
 
 @dataclass
-class DimseSource(BoundedRetrievals):
+class DimseSource(PacsSource):
     """The instances a DIMSE archive lists (C-FIND, under `filters`), read with C-GET. Pickles
     without its associations (each process opens its own)."""
 
@@ -78,7 +75,6 @@ class DimseSource(BoundedRetrievals):
     attempts: int = 4                       # tries to open an association before the run stops
     backoff: float = 0.5
     refused: list[tuple[str, str]] = field(default_factory=list)
-    kind = "dicom"  # what it serves is DICOM
     _classes: dict[str, str] = field(default_factory=dict, repr=False)  # SOP instance UID -> SOP class UID
 
     def __post_init__(self) -> None:
@@ -87,10 +83,6 @@ class DimseSource(BoundedRetrievals):
         if not 0 < len(self.calling_aet) <= 16:
             raise SourceError(f"--calling-aet {self.calling_aet!r}: an AE title has 1 to 16 characters")
         self._bound_retrievals()
-
-    @property
-    def name(self) -> str:
-        return self.url
 
     # ---------------------------------------------------------------- associations
     def _associate(self, received: dict[str, bytes] | None = None, classes: Sequence[str] = ()):
@@ -190,18 +182,6 @@ class DimseSource(BoundedRetrievals):
                         key = instance_key(self.url, study_uid, series_uid, sop_uid)
                         yield Item(key, 0, version_token(key))
 
-    def known(self, store: IndexStore, listed: Sequence[str]) -> dict[str, tuple]:
-        return known_under(store, self.url, self.filters, listed)
-
-    def accepts(self, item: Item) -> bool:
-        return True
-
-    def sweepable(self, key: str) -> bool:
-        return True  # listing failures stop the run before anything is swept
-
-    def read(self, item: Item) -> bytes:
-        return self.read_many([item])[0]
-
     def read_many(self, items: Sequence[Item]) -> list[bytes | BaseException]:
         """The bytes of each item (or the error reading it), over one association for each
         MAX_CLASSES SOP classes among them."""
@@ -232,7 +212,7 @@ class DimseSource(BoundedRetrievals):
             try:
                 assoc = self._associate(received, classes)
                 for item in items:
-                    study_uid, series_uid, sop_uid = item.key.split("/studies/", 1)[1].split("/")[::2]
+                    study_uid, series_uid, sop_uid = instance_uids(item.key)
                     query = Dataset()
                     query.QueryRetrieveLevel = "IMAGE"
                     query.StudyInstanceUID, query.SeriesInstanceUID, query.SOPInstanceUID = study_uid, series_uid, sop_uid
@@ -263,10 +243,6 @@ def _no_delay(event) -> None:
 def read_instance(key: str, calling_aet: str | None = None) -> bytes:
     """The bytes of one indexed DIMSE instance, by its key (a thumbnail for mi-serve); the
     calling AE title: MI_DIMSE_AET unless given, else MI-INDEX."""
-    service = key[:key.index("/studies/")] if "/studies/" in key else key
     calling_aet = calling_aet or os.environ.get(AET_ENV) or DEFAULT_CALLING_AET
-    data = DimseSource(service, calling_aet=calling_aet, connections=1, attempts=2).read_many(
-        [Item(key, 0, version_token(key))])[0]
-    if isinstance(data, BaseException):
-        raise data
-    return data
+    source = DimseSource(service_url(key), calling_aet=calling_aet, connections=1, attempts=2)
+    return source.read(Item(key, 0, version_token(key)))
