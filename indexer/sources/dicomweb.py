@@ -256,7 +256,8 @@ def read_instance(key: str, credentials: Credentials | None = None) -> bytes:
     """The bytes of one indexed PACS instance, by its key (a thumbnail for mi-serve, say).
     Credentials: the environment's unless given. Raises SourceError, or OSError / DecodeError
     for an instance the server no longer has or refuses."""
-    source = DicomwebSource(service_url(key), credentials=credentials or Credentials.resolve(), connections=1, attempts=2)
+    source = DicomwebSource(service_url(key), credentials=credentials or Credentials.resolve(), connections=1,
+                            attempts=2)
     return source.read(Item(key, 0, version_token(key)))
 
 

@@ -8,7 +8,7 @@ title (`--calling-aet`, default MI-INDEX; Orthanc: a `DicomModalities` entry for
 association, so the archive needs no route to this machine (no C-MOVE destination, no port).
 
 - Key: `dimse://ARCHIVE_AET@host:port/studies/S/series/SE/instances/I` (`indexer.pacs_keys`);
-  version token, incremental runs, sweeping and filters as for DICOMweb (`indexer.sources.dicomweb`, `indexer.sources.pacs`).
+  version token, incremental runs, sweeping and filters as for DICOMweb (`indexer.sources.pacs`).
 - Bytes: the instance as received over C-GET, as a Part 10 file. Every transfer syntax is
   offered, so an archive can send what it stores without transcoding.
 - Failures: an association that cannot be opened is tried again with backoff; when it still
@@ -215,7 +215,8 @@ class DimseSource(PacsSource):
                     study_uid, series_uid, sop_uid = instance_uids(item.key)
                     query = Dataset()
                     query.QueryRetrieveLevel = "IMAGE"
-                    query.StudyInstanceUID, query.SeriesInstanceUID, query.SOPInstanceUID = study_uid, series_uid, sop_uid
+                    query.StudyInstanceUID, query.SeriesInstanceUID = study_uid, series_uid
+                    query.SOPInstanceUID = sop_uid
                     for status, _ in assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet):
                         if not status:  # aborted or timed out
                             raise SourceError(f"{self.url} stopped answering while sending instances: what was "

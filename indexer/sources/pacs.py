@@ -42,7 +42,8 @@ class QueryFilters:
         if self.study_date:
             if not study_date:
                 return False
-            low, _, high = self.study_date.partition("-") if "-" in self.study_date else (self.study_date, "", self.study_date)
+            low, _, high = self.study_date.partition("-") if "-" in self.study_date else \
+                (self.study_date, "", self.study_date)
             day = study_date.replace("-", "")
             return (not low or day >= low) and (not high or day <= high)
         return True
