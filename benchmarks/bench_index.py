@@ -237,7 +237,7 @@ def archive(model, root: Path, count: int, workers: int | None, batch_size: int,
     mix = make_archive(root / "archive", count)
     print("archive: " + ", ".join(f"{n} {kind}" for kind, n in mix.items()))
     if compiled:
-        from indexer.pipeline import inductor_cache
+        from indexer.run.encode import inductor_cache
         model.compile(cache_dir=inductor_cache())
     workers = decoding_workers(workers)  # what the run will use: for the busy fraction
     # Alternating, best of two of each: other work on the machine moves single runs.

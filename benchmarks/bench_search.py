@@ -33,7 +33,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from indexer import vectors  # noqa: E402
+from indexer.store import vectors  # noqa: E402
 
 DIM = 1024
 

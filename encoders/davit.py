@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from .config import ImageTowerConfig
@@ -87,16 +88,15 @@ class WindowAttention(nn.Module):
             qkv = windows(qkv, ws)
         q, k, v = qkv.view(qkv.shape[0], ws * ws, 3, h, C // h).permute(2, 0, 3, 1, 4).unbind(0)
         x = F.scaled_dot_product_attention(q, k, v, scale=(C // h) ** -0.5)
-        # (B_, h, ws*ws, C/h) -> (B, Hp, Wp, C); the padding is cropped before proj, which acts per token
-        x = x.transpose(1, 2).reshape(B, Hp // ws, Wp // ws, ws, ws, C).permute(0, 1, 3, 2, 4, 5)
-        x = x.reshape(B, Hp, Wp, C)[:, :H, :W].contiguous()
+        # the windows back in place, heads joined; the padding is cropped before proj, which acts per token
+        x = rearrange(x, "(b nh nw) heads (wh ww) c -> b (nh wh) (nw ww) (heads c)", b=B, nh=Hp // ws, wh=ws, ww=ws)
+        x = x[:, :H, :W].contiguous()
         return linear(x, self.proj, residual=residual)
 
 
 def windows(x: torch.Tensor, ws: int) -> torch.Tensor:
     """(B, Hp, Wp, D) -> (B * nWindows, ws*ws, D), windows in row-major order."""
-    B, Hp, Wp, D = x.shape
-    return x.view(B, Hp // ws, ws, Wp // ws, ws, D).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, D)
+    return rearrange(x, "b (nh wh) (nw ww) d -> (b nh nw) (wh ww) d", wh=ws, ww=ws)
 
 
 class ChannelAttention(nn.Module):

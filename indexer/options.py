@@ -1,5 +1,6 @@
-"""How a run of mi-index works: one frozen object, built once (from the command line or the
-API's keywords) and read by the pipeline."""
+"""How a run of mi-index works: `IndexOptions`, as asked (from the command line or the API's
+keywords), and `RunSettings`, the same settled against the device once (`settle`): every
+default of a run is decided here."""
 from __future__ import annotations
 
 import os
@@ -10,16 +11,17 @@ FRAMES_CHOICES = ("middle", "all")
 
 @dataclass(frozen=True)
 class IndexOptions:
-    """batch_size: images per model call (None: 64 on CUDA, 2 on CPU; capped at 256);
-    workers: decoding processes (None: cores - 1, at most 8; 0: in this process); device and
-    dtype: as encoders.load_model; max_megapixels: larger images are skipped (decompression
-    bombs); frames: "middle" or "all" frames of multi-frame files; ray: None for this machine,
-    else a Ray cluster's address or "local" (RAY_ADDRESS, else a new local cluster) to decode
-    and encode on (indexer.distributed); ray_actors: encoding actors there (None: one per GPU,
-    or one CPU actor without GPUs); faiss_memory: the FAISS index's memory budget in GB, kept
-    in the index (None: leave it as it is; 0: no budget); fast_j2k: decode JPEG 2000 DICOM
-    images of at least twice the model's input at a reduced resolution level (faster, not exact);
-    compile: "auto", "on" or "off": encode through torch.compile (see `compile_wanted`)."""
+    """batch_size: images per model call (None: CUDA_BATCH_SIZE on CUDA, CPU_BATCH_SIZE on CPU;
+    capped at MAX_BATCH_SIZE); workers: decoding processes (None: cores - 1, at most 8; 0: in
+    this process); device and dtype: as encoders.load_model (None: its defaults); max_megapixels:
+    larger images are skipped (decompression bombs); frames: "middle" or "all" frames of
+    multi-frame files; ray: None for this machine, else a Ray cluster's address or "local"
+    (RAY_ADDRESS, else a new local cluster) to decode and encode on (indexer.run.ray); ray_actors:
+    encoding actors there (None: one per GPU, or one CPU actor without GPUs); faiss_memory: the
+    FAISS index's memory budget in GB, kept in the index (None: leave it as it is; 0: no budget);
+    fast_j2k: decode JPEG 2000 DICOM images of at least twice the model's input at a reduced
+    resolution level (faster, not exact); compile: "auto", "on" or "off": encode through
+    torch.compile (see `compile_wanted`). `settle` turns them into a run's RunSettings."""
 
     batch_size: int | None = None
     workers: int | None = None
@@ -67,3 +69,30 @@ def compile_wanted(choice: str, device_type: str, images: int) -> bool:
     if choice == "auto":
         return device_type == "cuda" and images >= COMPILE_MIN_IMAGES
     return choice == "on"
+
+
+# A batch holds 2.76 MB of pixels per image in the model's input: the batch is capped (a
+# --batch-size of 100000 once took 5.7 GB for 400 tiny images), and every batch is its own
+# transaction, so commits stay frequent whatever is asked.
+MAX_BATCH_SIZE = 256  # about 0.7 GB of pixels
+CUDA_BATCH_SIZE = 64
+# On the CPU small batches are faster: full-size weights, float32, idle 2-core Xeon, 0.42
+# images/s at batch 1-2 against 0.37 at 4 and 0.36 at 8 (`bench_encode.py --wait-idle`).
+CPU_BATCH_SIZE = 2
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What a run does, settled once from its IndexOptions and the device that encodes."""
+
+    batch_size: int   # images per model call
+    workers: int      # decoding processes (0: in this process)
+    compile: bool     # encode through torch.compile
+
+
+def settle(options: IndexOptions, device_type: str, images: int) -> RunSettings:
+    """The settings of a run of `images` images encoded on a `device_type` ("cuda" or "cpu") device."""
+    default_batch = CUDA_BATCH_SIZE if device_type == "cuda" else CPU_BATCH_SIZE
+    return RunSettings(batch_size=min(options.batch_size or default_batch, MAX_BATCH_SIZE),
+                       workers=decoding_workers(options.workers),
+                       compile=compile_wanted(options.compile, device_type, images))

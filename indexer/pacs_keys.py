@@ -8,12 +8,12 @@ names the archive by its AE title and address the same way:
 """
 from __future__ import annotations
 
-SCHEME_PREFIX = "dicomweb+"
+DICOMWEB_SCHEME = "dicomweb+"
 DIMSE_SCHEME = "dimse://"
 
 
 def is_dicomweb_url(text: str) -> bool:
-    return text.startswith((SCHEME_PREFIX + "http://", SCHEME_PREFIX + "https://"))
+    return text.startswith((DICOMWEB_SCHEME + "http://", DICOMWEB_SCHEME + "https://"))
 
 
 def is_dimse_url(text: str) -> bool:
@@ -30,9 +30,14 @@ def instance_key(service: str, study_uid: str, series_uid: str, sop_uid: str) ->
     return f"{service}/studies/{study_uid}/series/{series_uid}/instances/{sop_uid}"
 
 
+def service_url(key: str) -> str:
+    """The service an instance key names (its part before `/studies/`); a service's own URL as it is."""
+    return key[:key.index("/studies/")] if "/studies/" in key else key
+
+
 def wado_url(key: str) -> str | None:
     """The WADO-RS URL of an indexed PACS instance (None for a file)."""
-    return key[len(SCHEME_PREFIX):] if is_dicomweb_url(key) else None
+    return key[len(DICOMWEB_SCHEME):] if is_dicomweb_url(key) else None
 
 
 def instance_uids(key: str) -> tuple[str, str, str] | None:

@@ -231,7 +231,7 @@ class Receiver:
         within the decoder's bounds)."""
         import pydicom
 
-        from .bounds import inflate_deflated_dicom
+        from .decode.bounds import inflate_deflated_dicom
 
         readable = inflate_deflated_dicom(data, self.max_megapixels)
         names = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")

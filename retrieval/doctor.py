@@ -258,7 +258,7 @@ def index_location(index_dir: str | os.PathLike | None) -> tuple[Path, bool]:
 
 def index_checks(folder: Path, named: bool) -> tuple[list[Check], dict[str, Any] | None]:
     """The index's lines, and its recorded model ({fingerprint, dim, source}) when it has one."""
-    from indexer.schema import SCHEMA_VERSION
+    from indexer.store.schema import SCHEMA_VERSION
     from indexer.store import DB_NAME, IndexStore
 
     if not (folder / DB_NAME).exists():

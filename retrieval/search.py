@@ -299,7 +299,7 @@ class Searcher:
                        ) -> tuple[np.ndarray, np.ndarray, bool]:
         """(scores, ids, coarse): the index's top k, or RERANK_FACTOR times k candidates with
         approximate scores (coarse) from an IVF-PQ index."""
-        from indexer import vectors
+        from indexer.store import vectors
 
         with self._faiss_lock:  # one reload at a time, however many threads search
             # Live index: every search answers from the newest committed generation (one cheap

@@ -19,7 +19,8 @@ from click.testing import CliRunner
 import indexer
 from encoders import load_model
 from indexer.cli import main as mi_index
-from indexer.dicomweb import DicomwebSource, QueryFilters
+from indexer.sources.dicomweb import DicomwebSource
+from indexer.sources.pacs import QueryFilters
 from indexer.pacs_keys import instance_uids, wado_url
 from indexer.errors import SourceError
 from orthanc_server import MISSING, Orthanc, dicom_files, rows, stocked

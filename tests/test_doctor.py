@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 import indexer
-from indexer.schema import SCHEMA_VERSION
+from indexer.store.schema import SCHEMA_VERSION
 from retrieval import doctor
 from retrieval.doctor import MEDIMAGEINSIGHT_TEXT, Reference, check_reference, reference_differences
 

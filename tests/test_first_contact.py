@@ -182,7 +182,7 @@ def test_the_skip_list_is_capped_in_the_human_summary(tmp_path):
 
 def test_an_absurd_batch_size_is_capped_and_commits_stay_frequent(tmp_path, monkeypatch):
     import indexer
-    import indexer.pipeline as pipeline
+    import indexer.options as pipeline
     from encoders import load_model
     from indexer.store import IndexStore
 

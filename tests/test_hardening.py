@@ -116,7 +116,7 @@ def test_fuzzed_dicom_files_are_indexed_or_skipped_with_a_reason(tmp_path, model
 def test_a_transient_failure_is_retried_on_the_next_run(tmp_path, model, monkeypatch):
     data = tmp_path / "data"
     make_images(data, 3)
-    import indexer.decoding as pipeline
+    import indexer.run.workers as pipeline
     real = pipeline.decode_bytes
 
     def out_of_memory_for_img001(data_bytes, path, **kwargs):
@@ -196,7 +196,7 @@ def test_a_damaged_cache_is_rebuilt_and_scores_stay_cosines(tmp_path, model):
     again = indexer.index_paths([data], index_dir, model=model, workers=0)  # unchanged run repairs the cache
     assert again["unchanged"] == 8 and again["encoded"] == 0
     with IndexStore.open(index_dir, readonly=True) as store:
-        index = store.load_faiss()
+        index = store.load_faiss_with_generation()[0]
         stored = store.vectors([1])
         np.testing.assert_array_equal(index.reconstruct(1), stored[0])
     assert cache.read_bytes() != bytes(raw)
@@ -328,7 +328,7 @@ def test_a_full_disk_is_one_line_and_the_index_resumes(tmp_path, small_disk):
     import json
     assert json.loads(result.output)["images"] == 40
     with IndexStore.open(index_dir, readonly=True) as store:
-        assert store.count() == 40 and store.load_faiss().ntotal == 40
+        assert store.count() == 40 and store.load_faiss_with_generation()[0].ntotal == 40
 
 
 def test_a_damaged_database_page_is_one_line(tmp_path):
@@ -435,8 +435,8 @@ def test_patient_pseudonyms_are_keyed_with_a_key_outside_the_index(tmp_path, mod
 def test_an_index_with_salted_hashes_is_migrated_to_keyed_pseudonyms(tmp_path):
     from sqlalchemy import create_engine, text
 
-    from indexer import schema as schema_module
-    from indexer import store as store_module
+    from indexer.store import schema as schema_module
+    from indexer.store import database as store_module
     from indexer.privacy import patient_key, pseudonym
 
     index_dir = tmp_path / "old"

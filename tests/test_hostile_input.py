@@ -20,7 +20,7 @@ from pydicom.uid import generate_uid
 
 import indexer
 from encoders import load_model
-from indexer.bounds import max_inflated_bytes
+from indexer.decode.bounds import max_inflated_bytes
 from indexer.decode import DecodeError, decode_bytes
 
 FIXTURE = Path(__file__).parent / "fixtures" / "medimageinsight-tiny"

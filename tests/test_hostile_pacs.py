@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 import indexer
-from indexer.dicomweb import DicomwebSource
+from indexer.sources.dicomweb import DicomwebSource
 from indexer.errors import SourceError
-from indexer.pacs_guards import RetrievalFailed
+from indexer.sources.guards import RetrievalFailed
 from indexer.sources import Item
 from orthanc_server import MISSING, Orthanc, dicom_files, rows, stocked
 
@@ -287,7 +287,7 @@ def test_a_dimse_listing_stops_at_the_cap(tmp_path):
     orthanc = Orthanc(tmp_path / "orthanc", extra={"DicomModalities": {"mi": ["MI-INDEX", "127.0.0.1", 1]}}).start()
     try:
         stocked(orthanc, dicom_files(3))
-        from indexer.dimse import DimseSource
+        from indexer.sources.dimse import DimseSource
         with pytest.raises(SourceError, match="listed more than 2 records"):
             list(DimseSource(orthanc.dimse_url, max_listed=2).items())
         assert len(list(DimseSource(orthanc.dimse_url).items())) >= 3

@@ -50,7 +50,7 @@ def index_state(index_dir: Path) -> dict[tuple[str, int], np.ndarray]:
         db = sqlite3.connect(index_dir / "index.sqlite")
         rows = db.execute("SELECT id, path, frame, embedding FROM images").fetchall()
         assert len({(p, f) for _, p, f, _ in rows}) == len(rows), "duplicate images"
-        index = store.load_faiss()
+        index = store.load_faiss_with_generation()[0]
         assert index.ntotal == len(rows)
         assert set(faiss.vector_to_array(index.id_map).tolist()) == {row_id for row_id, *_ in rows}
         for row_id, _, _, blob in rows:
@@ -101,8 +101,8 @@ def test_incremental_runs(tmp_path, model):
 
 
 def test_migration_killed_halfway_leaves_nothing_behind(tmp_path, monkeypatch):
-    import indexer.schema as schema_module
-    import indexer.store as store_module
+    import indexer.store.schema as schema_module
+    import indexer.store.database as store_module
 
     def broken_migration(conn):
         conn.execute(store_module.text("CREATE TABLE half_done (x)"))
@@ -121,7 +121,7 @@ def test_migration_killed_halfway_leaves_nothing_behind(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("flat_max", [50_000, 50])  # an exact index, and an IVF one above 50 rows
 def test_faiss_cache_is_brought_up_to_date_from_sqlite(tmp_path, monkeypatch, flat_max):
-    import indexer.vectors as vector_index
+    import indexer.store.vectors as vector_index
     monkeypatch.setattr(vector_index, "FLAT_MAX_VECTORS", flat_max)
     rng = np.random.default_rng(0)
 
@@ -137,7 +137,7 @@ def test_faiss_cache_is_brought_up_to_date_from_sqlite(tmp_path, monkeypatch, fl
         real_build = vector_index.build_faiss_index
         monkeypatch.setattr(vector_index, "build_faiss_index", lambda *a, **k: builds.append(1) or real_build(*a, **k))
         store.commit(indexed=files([f"b{i}" for i in range(30)]), removed=[f"/data/a{i}" for i in range(10)])
-        index = store.load_faiss()  # the older file plus the difference, not a rebuild
+        index = store.load_faiss_with_generation()[0]  # the older file plus the difference, not a rebuild
         second = store.write_faiss()
         assert second != first and not first.exists() and builds == []
         rows = sqlite3.connect(tmp_path / "index" / "index.sqlite").execute("SELECT id, embedding FROM images")
@@ -177,7 +177,7 @@ def test_walk_rules(tmp_path, model):
 
 
 def test_a_decoder_crash_costs_one_file_not_the_run(tmp_path, model, monkeypatch):
-    import indexer.decoding as pipeline
+    import indexer.run.workers as pipeline
     real_decode = pipeline.decode_bytes
 
     def decode_or_crash(data, path, **kwargs):  # runs in the (forked) worker processes
@@ -227,8 +227,12 @@ def test_progress_callback_counts_files(tmp_path, model):
                         progress=lambda done, total, encoded: calls.append((done, total)))
     assert calls[-1] == (3, 3) and [done for done, _ in calls] == [1, 2, 3]
     make_images(tmp_path / "more", 1)
-    assert indexer.index_paths([tmp_path / "more"], tmp_path / "index", model=model, workers=0,
-                               progress=True)["new"] == 1  # a rich bar on stderr
+    from rich.console import Console
+
+    from indexer.terminal import ProgressBar
+    with ProgressBar(Console(stderr=True), enabled=True) as bar:  # mi-index's bar is one such callable
+        assert indexer.index_paths([tmp_path / "more"], tmp_path / "index", model=model, workers=0,
+                                   progress=bar)["new"] == 1
 
 
 def test_workers_and_multiframe(tmp_path, model):
@@ -370,7 +374,7 @@ def test_search_while_indexing_sees_a_consistent_index(tmp_path):
     looks = 0
     while process.poll() is None or looks == 0:
         with IndexStore.open(index_dir, readonly=True) as store:
-            index = store.load_faiss()
+            index = store.load_faiss_with_generation()[0]
             ids = faiss.vector_to_array(index.id_map)
             rows = store.rows(ids.tolist())
             assert len(rows) == len(ids) == index.ntotal  # every vector has its row, no more, no less

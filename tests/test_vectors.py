@@ -1,4 +1,4 @@
-"""indexer.vectors: exact and IVF indexes, filtered top-k that applies the filter before the cut."""
+"""indexer.store.vectors: exact and IVF indexes, filtered top-k that applies the filter before the cut."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +7,7 @@ import faiss
 import numpy as np
 import pytest
 
-from indexer import vectors
+from indexer.store import vectors
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -166,12 +166,12 @@ def test_mi_index_faiss_memory_builds_pq_and_searches_exactly(tmp_path):
     index_dir = tmp_path / "index"
     indexer.index_paths([folder], index_dir, model=str(FIXTURE), workers=0, faiss_memory=300 * 30 / 1e9)
     with Searcher(index_dir, model=str(FIXTURE)) as searcher:
-        assert vectors.index_kind(searcher._store.load_faiss()) == "ivfpq"
+        assert vectors.index_kind(searcher._store.load_faiss_with_generation()[0]) == "ivfpq"
         pq_hits = searcher.search(image=folder / "007.png", k=5)
         assert pq_hits[0].path.endswith("007.png") and pq_hits[0].score == pytest.approx(1.0, abs=1e-5)
     indexer.index_paths([folder], index_dir, model=str(FIXTURE), workers=0, faiss_memory=0)  # no budget: exact
     with Searcher(index_dir, model=str(FIXTURE)) as searcher:
-        assert vectors.index_kind(searcher._store.load_faiss()) == "flat"
+        assert vectors.index_kind(searcher._store.load_faiss_with_generation()[0]) == "flat"
         exact = searcher.search(image=folder / "007.png", k=5)
     assert [h.id for h in exact][:1] == [h.id for h in pq_hits][:1]
     assert all(abs(a.score - b.score) < 1e-6 for a, b in zip(exact, pq_hits) if a.id == b.id)

@@ -1,5 +1,5 @@
 """All-pairs similarity in bounded memory: every stored vector's k nearest neighbours through
-the index's FAISS index (exact up to 50k images, IVF above: see indexer.vectors), queried in
+the index's FAISS index (exact up to 50k images, IVF above: see indexer.store.vectors), queried in
 batches read from SQLite, and the pairs above a threshold joined into clusters (union-find).
 
 Memory holds the FAISS index, one batch and O(images + pairs) results, never an N x N matrix.

@@ -49,9 +49,9 @@ def _decoded(fields: dict[str, Any], image_id: int) -> Any:
     frames = "all" if fields.get("frame") else "middle"
     try:
         if is_dicomweb_url(fields["path"]):
-            from indexer.dicomweb import read_instance
+            from indexer.sources.dicomweb import read_instance
         elif is_dimse_url(fields["path"]):
-            from indexer.dimse import read_instance
+            from indexer.sources.dimse import read_instance
         else:
             return decode_file(fields["path"], frames=frames)
         return decode_bytes(read_instance(fields["path"]), Path("instance.dcm"), frames=frames, kind="dicom")

@@ -17,8 +17,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from .decode import TransientDecodeError
-from .errors import SourceError
+from ..decode import TransientDecodeError
+from ..errors import SourceError
 
 MAX_LISTED = 1_000_000          # records a listing may hold (about 0.5 GB of memory at most)
 MAX_LISTED_OPTION = "--max-listed"

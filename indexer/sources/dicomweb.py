@@ -11,10 +11,10 @@ server's copy of a file and the file give the same pixels, metadata and embeddin
 - Listing: studies -> series -> instances, each level paged with limit/offset until an empty
   page (a server may cap a page below the limit asked, so a short page proves nothing). A page
   that brings no UID new to its query (a server ignoring offset) ends that query, and the run
-  then removes nothing; a listing past `max_listed` records stops the run (`indexer.pacs_guards`).
+  then removes nothing; a listing past `max_listed` records stops the run (`indexer.sources.guards`).
   A malformed record is skipped with its reason; an answer that is not JSON stops the run.
 - Bounds: each answer is read within a size cap (QIDO: `max_qido_bytes`; an instance:
-  `max_instance_bytes`) and an overall deadline, not only a per-read timeout (`indexer.http_limits`).
+  `max_instance_bytes`) and an overall deadline, not only a per-read timeout (`indexer.sources.http_limits`).
 - Failures: a request is retried with backoff on 5xx, 408/429, timeouts and refused
   connections; when the server still fails, or refuses the credentials, the run stops with a
   `SourceError` (what was committed stays: the next run resumes). An instance the server no
@@ -26,27 +26,23 @@ server's copy of a file and the file give the same pixels, metadata and embeddin
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
-from .errors import SourceError, one_line
-from .extras import require
-from .pacs_guards import MAX_LISTED, ListingBudget, RetrievalFailed, record_uid
-from .pacs_keys import SCHEME_PREFIX, instance_key, is_dicomweb_url, wado_url
-from .sources import BoundedRetrievals, Item
-
-if TYPE_CHECKING:
-    from .store import IndexStore
+from ..errors import SourceError, one_line
+from ..extras import require
+from ..pacs_keys import DICOMWEB_SCHEME, instance_key, is_dicomweb_url, service_url, wado_url
+from .base import Item
+from .guards import MAX_LISTED, ListingBudget, RetrievalFailed, record_uid
+from .pacs import PacsSource, QueryFilters, version_token
 
 log = logging.getLogger(__name__)
 
@@ -66,50 +62,6 @@ WADO_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 # that takes it (Orthanc does) spends ~100 ms of CPU per 2 MB instance compressing pixels that
 # hardly compress (measured: 100 ms per retrieval against 2 ms with identity).
 WADO_HEADERS = {"Accept": WADO_ACCEPT, "Accept-Encoding": "identity"}
-
-
-@dataclass(frozen=True)
-class QueryFilters:
-    """What to index of the archive, as QIDO-RS matching keys applied by the server."""
-
-    modalities: tuple[str, ...] = ()      # CR, DX: ModalitiesInStudy for studies, Modality for series
-    study_date: str | None = None         # 20200101-20201231, 20200101-, or one date
-    body_part: str | None = None          # BodyPartExamined of the series
-
-    def __post_init__(self) -> None:
-        if self.study_date and not re.fullmatch(r"\d{8}|\d{8}-|-\d{8}|\d{8}-\d{8}", self.study_date):
-            raise SourceError(f"--study-date {self.study_date}: write YYYYMMDD, a range YYYYMMDD-YYYYMMDD, "
-                              f"or an open one (YYYYMMDD- or -YYYYMMDD)")
-
-    def __bool__(self) -> bool:
-        return bool(self.modalities or self.study_date or self.body_part)
-
-    def covers(self, modality: str | None, body_part: str | None, study_date: str | None) -> bool:
-        """Whether an indexed instance with these stored fields (study_date ISO) is one the server
-        would list under these filters."""
-        if self.modalities and (modality or "").upper() not in {m.upper() for m in self.modalities}:
-            return False
-        if self.body_part and (body_part or "").upper() != self.body_part.upper():
-            return False
-        if self.study_date:
-            if not study_date:
-                return False
-            low, _, high = self.study_date.partition("-") if "-" in self.study_date else (self.study_date, "", self.study_date)
-            day = study_date.replace("-", "")
-            return (not low or day >= low) and (not high or day <= high)
-        return True
-
-    def study_params(self) -> dict[str, str]:
-        params = {"StudyDate": self.study_date} if self.study_date else {}
-        if self.modalities:
-            params["ModalitiesInStudy"] = ",".join(self.modalities)
-        return params
-
-    def series_params(self) -> dict[str, str]:
-        params = {"Modality": ",".join(self.modalities)} if self.modalities else {}
-        if self.body_part:
-            params["BodyPartExamined"] = self.body_part
-        return params
 
 
 @dataclass(frozen=True)
@@ -133,7 +85,7 @@ def base_url(text: str) -> str:
     SourceError for a URL that carries credentials (they would end up in the index's keys)."""
     if not is_dicomweb_url(text):
         raise SourceError(f"not a DICOMweb URL: {text} (write dicomweb+http://HOST:PORT/dicom-web, or https)")
-    parts = urlsplit(text[len(SCHEME_PREFIX):])
+    parts = urlsplit(text[len(DICOMWEB_SCHEME):])
     if parts.username or parts.password:
         raise SourceError(f"put credentials in --user/--password or {USER_ENV}/{PASSWORD_ENV} (or {TOKEN_ENV}), "
                           f"not in the URL: it names every indexed instance")
@@ -142,11 +94,11 @@ def base_url(text: str) -> str:
     if parts.query or parts.fragment:
         raise SourceError(f"a DICOMweb URL names the service, without ?query or #fragment: {text} "
                           f"(filters are --modality, --study-date, --body-part)")
-    return f"{SCHEME_PREFIX}{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
+    return f"{DICOMWEB_SCHEME}{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
 
 
 @dataclass
-class DicomwebSource(BoundedRetrievals):
+class DicomwebSource(PacsSource):
     """The instances a DICOMweb server lists (under `filters`), read over WADO-RS. Pickles
     without its HTTP session (each decoding process opens its own)."""
 
@@ -164,13 +116,12 @@ class DicomwebSource(BoundedRetrievals):
     max_instance_bytes: int = MAX_INSTANCE_BYTES
     qido_deadline: float = QIDO_DEADLINE
     wado_deadline: float = WADO_DEADLINE
-    kind = "dicom"  # what it serves is DICOM, with or without a preamble (decoded as files named .dcm are)
 
     def __post_init__(self) -> None:
         self.url = base_url(self.url)
         require("pacs", "requests", "indexing a PACS over DICOMweb")
         self._incomplete: list[str] = []   # queries whose listing ended early: nothing is swept
-        self._http = self.url[len(SCHEME_PREFIX):]
+        self._http = self.url[len(DICOMWEB_SCHEME):]
         self._bound_retrievals()
         self._local: threading.local | None = None
         self._client_pid = -1
@@ -178,14 +129,10 @@ class DicomwebSource(BoundedRetrievals):
     def __getstate__(self) -> dict[str, Any]:
         return {**super().__getstate__(), "_local": None, "_client_pid": -1}
 
-    @property
-    def name(self) -> str:
-        return self.url
-
     # ---------------------------------------------------------------- HTTP
     def _session(self):
         """This thread's HTTP session (a requests session is not shared across threads or
-        processes), with connections that `indexer.http_limits` can bound. QIDO-RS and WADO-RS
+        processes), with connections that `indexer.sources.http_limits` can bound. QIDO-RS and WADO-RS
         go through it directly: dicomweb-client reads answers whole, without a cap."""
         if self._local is None or self._client_pid != os.getpid():
             self._local, self._client_pid = threading.local(), os.getpid()
@@ -332,19 +279,10 @@ class DicomwebSource(BoundedRetrievals):
         except OSError as e:
             raise SourceError(f"{self.url} refused {what} ({one_line(e)})") from None
 
-    def known(self, store: IndexStore, listed: Sequence[str]) -> dict[str, tuple]:
-        return known_under(store, self.url, self.filters, listed)
-
-    def accepts(self, item: Item) -> bool:
-        return True  # an instance without pixels (a report) is skipped with its reason
-
     def sweepable(self, key: str) -> bool:
         # Listing failures stop the run before anything is swept; a listing that ended early
         # (a repeated page) sweeps nothing
         return not self._incomplete
-
-    def read(self, item: Item) -> bytes:
-        return self.read_many([item])[0]
 
     def read_many(self, items: Sequence[Item]) -> list[bytes | BaseException]:
         """The bytes of each item (or the exception reading it raised), fetched concurrently:
@@ -380,26 +318,12 @@ class DicomwebSource(BoundedRetrievals):
             raise RetrievalFailed(f"not retrieved: {one_line(e, 200)} (tried again next run)") from None
 
 
-def known_under(store: IndexStore, service: str, filters: QueryFilters, listed: Sequence[str]) -> dict[str, tuple]:
-    """The index's records of a PACS's instances that a run under `filters` covers: all of them
-    unfiltered; filtered, those listed and those whose stored fields match the filters (gone
-    from the archive: swept), the others staying indexed as they are."""
-    known = store.files_under([service])  # a key prefix, not a folder: str, as Path would fold the '//'
-    if not filters:
-        return known
-    listed_now = set(listed)
-    others = [key for key in known if key not in listed_now]
-    fields = store.first_image_fields(others, ("modality", "body_part", "study_date"))
-    return {key: record for key, record in known.items()
-            if key in listed_now or (key in fields and filters.covers(**fields[key]))}
-
-
 def read_instance(key: str, credentials: Credentials | None = None) -> bytes:
     """The bytes of one indexed PACS instance, by its key (a thumbnail for mi-serve, say).
     Credentials: the environment's unless given. Raises SourceError, or OSError / DecodeError
     for an instance the server no longer has or refuses."""
-    service = key[:key.index("/studies/")] if "/studies/" in key else key
-    source = DicomwebSource(service, credentials=credentials or Credentials.resolve(), connections=1, attempts=2)
+    source = DicomwebSource(service_url(key), credentials=credentials or Credentials.resolve(), connections=1,
+                            attempts=2)
     return source.read(Item(key, 0, version_token(key)))
 
 
@@ -439,8 +363,4 @@ def first_part(body: bytes, content_type: str) -> bytes:
         raise OSError("the server sent no whole instance (a multipart answer cut short)")
     return body[head_end + 4:end]
 
-
-def version_token(key: str) -> int:
-    """A stable stand-in for a file's mtime: an instance does not change under its UID."""
-    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") >> 2
 

@@ -9,7 +9,7 @@ import secrets
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
-from .errors import StoreError
+from ..errors import StoreError
 
 
 def _m001_initial(conn: Connection) -> None:
@@ -58,7 +58,7 @@ def _m003_keyed_patient_pseudonyms(conn: Connection) -> None:
     # test guessed IDs. Pseudonyms are now keyed with a key kept outside the index (see
     # indexer.privacy); the old hashes are keyed the same way (a patient's images stay grouped)
     # and the salt is deleted, its page overwritten.
-    from .privacy import PatientKeyError, key_id, patient_key, pseudonym
+    from ..privacy import PatientKeyError, key_id, patient_key, pseudonym
 
     conn.exec_driver_sql("PRAGMA secure_delete = ON")
     if conn.execute(text("SELECT count(*) FROM images WHERE patient_hash IS NOT NULL")).scalar():
@@ -78,7 +78,7 @@ def _keep_sealed_salt(conn: Connection, key: bytes) -> None:
     # New images of a migrated index must get the pseudonyms its migrated images got: the salt
     # is kept for that, sealed under the key (indexer.legacy_pseudonyms). Added after release:
     # indexes migrated before it lost their salt, and cannot be helped.
-    from .legacy_pseudonyms import seal_salt
+    from ..legacy_pseudonyms import seal_salt
 
     salt = conn.execute(text("SELECT value FROM meta WHERE key = 'patient_salt'")).scalar()
     if salt:

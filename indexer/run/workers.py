@@ -1,6 +1,6 @@
 """The decoding stage, run in worker processes: an item -> its bytes -> hashed -> reused, or
-decoded to 8-bit pixels at the model's size, or skipped with a reason. Each outcome is a small
-record; the main process only collects them.
+decoded and resized to 8-bit pixels at the model's size, or skipped with a reason. Each outcome
+is a small record; the main process only collects them.
 
 Workers die with their parent (a SIGKILL of mi-index must not leave them holding anything),
 and hand files over in groups, so that the main process pays the hand-over once per group.
@@ -9,28 +9,27 @@ from __future__ import annotations
 
 import logging
 import os
-import sqlite3
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Container, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
 
-from .decode import DecodeError, TransientDecodeError, content_hash, decode_bytes
-from .errors import SourceError
-from .pacs_guards import RetrievalFailed
-from .sources import Item, Source
-from .store import sqlite_uri
+from ..decode import DecodeError, TransientDecodeError, content_hash, decode_bytes
+from ..errors import SourceError
+from ..sources import Item, Source
+from ..sources.guards import RetrievalFailed
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class Decoded:
-    """New content: metadata, and per frame its index, size and 8-bit pixels at the model's size."""
+class Resized:
+    """New content decoded and resized for the model, waiting to be encoded: metadata, and per
+    frame its index, size and 8-bit pixels at the model's size."""
 
     item: Item
     content_hash: str
@@ -61,12 +60,12 @@ class Skipped:
     retry: bool = False
     seconds: float = 0.0
     stop: bool = False
-    not_retrieved: bool = False  # the source did not deliver it whole (indexer.pacs_guards): not recorded
+    not_retrieved: bool = False  # the source did not deliver it whole (indexer.sources.guards): not recorded
 
 
 @dataclass
 class Encoded:
-    """Decoded content already through the model (on a cluster's encoding actor): per frame
+    """Resized content already through the model (on a cluster's encoding actor): per frame
     its index, size and unit vector, in place of the pixels."""
 
     item: Item
@@ -77,7 +76,7 @@ class Encoded:
     seconds: float = 0.0
 
 
-Outcome = Union[Decoded, Encoded, Reused, Skipped]
+Outcome = Union[Resized, Encoded, Reused, Skipped]
 
 
 @dataclass
@@ -88,12 +87,11 @@ class DecodingDataset:
     items: Sequence[Item]
     source: Source
     resize: Any                      # the model's `preprocess.resize`: an image -> uint8 pixels
-    db_path: Path
+    known: Container[str]            # content hashes already indexed (`digest in known`)
     frames: str
     max_megapixels: float
     patient_key: bytes | None
     j2k_reduce_to: int | None = None  # decode_bytes's: large JPEG 2000 at a reduced level (--fast-j2k)
-    _db: sqlite3.Connection | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -117,11 +115,6 @@ class DecodingDataset:
             outcomes.append(outcome)
         return outcomes
 
-    def _known(self, digest: str) -> bool:
-        if self._db is None:  # one read-only connection per worker process
-            self._db = sqlite3.connect(sqlite_uri(self.db_path, mode="ro"), uri=True, timeout=30)
-        return self._db.execute("SELECT 1 FROM images WHERE content_hash = ? LIMIT 1", (digest,)).fetchone() is not None
-
     def load(self, item: Item, reuse_known: bool = True, data: bytes | BaseException | None = None) -> Outcome:
         """`data`: the item's bytes (or the error reading them) when already read."""
         start = time.perf_counter()
@@ -132,13 +125,13 @@ class DecodingDataset:
             if data is None:
                 data = self.source.read(item)
             digest = content_hash(data)
-            if reuse_known and self._known(digest):
+            if reuse_known and digest in self.known:
                 outcome: Outcome = Reused(item, digest)
             else:
                 decoded = decode_bytes(data, Path(item.key), frames=self.frames, max_megapixels=self.max_megapixels,
                                        patient_key=self.patient_key, kind=getattr(self.source, "kind", None),
                                        j2k_reduce_to=self.j2k_reduce_to)
-                outcome = Decoded(item, digest, {**decoded.metadata, "source_format": decoded.source_format},
+                outcome = Resized(item, digest, {**decoded.metadata, "source_format": decoded.source_format},
                                   [(index, image.width, image.height) for index, image in decoded.frames],
                                   [self.resize(image) for _, image in decoded.frames])
         except SourceError as e:
@@ -167,6 +160,32 @@ def loader(dataset: DecodingDataset, indices: Sequence[int], workers: int, prefe
     return DataLoader(Subset(dataset, list(indices)), batch_size=FILES_PER_HANDOVER, num_workers=workers,
                       worker_init_fn=_worker_init, prefetch_factor=prefetch if workers else None,
                       collate_fn=_identity, pin_memory=False, persistent_workers=False)
+
+
+def isolating_crashes(dataset: DecodingDataset, workers: int, prefetch: int) -> Iterator[list[Outcome]]:
+    """Every item of `dataset` as an outcome, in order, in groups (`loader`). A decoder that
+    crashes its process (a segfault in a codec, the OOM killer) costs only its item: the items in
+    flight are decoded again each in a process of its own, the one that crashes again skipped."""
+    position = 0
+    while position < len(dataset):
+        try:
+            for outcomes in loader(dataset, range(position, len(dataset)), workers, prefetch):
+                yield outcomes
+                position += len(outcomes)
+        except RuntimeError as e:
+            if "DataLoader worker" not in str(e):
+                raise
+            log.warning("a decoding process died (%s); isolating the files in flight", e)
+            in_flight = max(workers, 1) * prefetch * FILES_PER_HANDOVER
+            for i in range(position, min(len(dataset), position + in_flight)):
+                try:
+                    outcomes = next(iter(loader(dataset, [i], 1, 1)))
+                except RuntimeError as again:
+                    if "DataLoader worker" not in str(again):
+                        raise
+                    outcomes = [Skipped(dataset.items[i], "crashed the decoder (its process died)")]
+                yield outcomes
+                position += 1
 
 
 def _identity(items: list[Outcome]) -> list[Outcome]:

@@ -8,14 +8,14 @@ title (`--calling-aet`, default MI-INDEX; Orthanc: a `DicomModalities` entry for
 association, so the archive needs no route to this machine (no C-MOVE destination, no port).
 
 - Key: `dimse://ARCHIVE_AET@host:port/studies/S/series/SE/instances/I` (`indexer.pacs_keys`);
-  version token, incremental runs, sweeping and filters as for DICOMweb (`indexer.dicomweb`).
+  version token, incremental runs, sweeping and filters as for DICOMweb (`indexer.sources.pacs`).
 - Bytes: the instance as received over C-GET, as a Part 10 file. Every transfer syntax is
   offered, so an archive can send what it stores without transcoding.
 - Failures: an association that cannot be opened is tried again with backoff; when it still
   fails, or the archive rejects the association (an AE title it does not know), the run stops
   with a `SourceError` (what was committed stays). An instance the archive no longer has is
   one skipped item. At most `connections` associations retrieve at once.
-- Bounds (`indexer.pacs_guards`): a listing holds at most `max_listed` records (an archive can
+- Bounds (`indexer.sources.guards`): a listing holds at most `max_listed` records (an archive can
   send C-FIND results forever); each C-FIND and each C-GET ends by a deadline (`FIND_DEADLINE`,
   `GET_DEADLINE`), not only per message, the association aborted past it; an instance that did
   not arrive whole is not retrieved (tried again next run), and instances sent without being
@@ -31,17 +31,14 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .dicomweb import QueryFilters, known_under, version_token
-from .errors import SourceError
-from .extras import require
-from .pacs_guards import MAX_LISTED, ListingBudget, RetrievalFailed, checked_uid
-from .pacs_keys import DIMSE_SCHEME, instance_key
-from .sources import BoundedRetrievals, Item
-
-if TYPE_CHECKING:
-    from .store import IndexStore
+from ..errors import SourceError
+from ..extras import require
+from ..pacs_keys import DIMSE_SCHEME, instance_key, instance_uids, service_url
+from .base import Item
+from .guards import MAX_LISTED, ListingBudget, RetrievalFailed, checked_uid
+from .pacs import PacsSource, QueryFilters, version_token
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +74,7 @@ def parse_url(text: str) -> tuple[str, str, int]:
 
 
 @dataclass
-class DimseSource(BoundedRetrievals):
+class DimseSource(PacsSource):
     """The instances a DIMSE archive lists (C-FIND, under `filters`), read with C-GET. Pickles
     without its associations (each process opens its own)."""
 
@@ -93,7 +90,6 @@ class DimseSource(BoundedRetrievals):
     find_deadline: float = FIND_DEADLINE
     get_deadline: float = GET_DEADLINE
     max_instance_bytes: int = MAX_INSTANCE_BYTES
-    kind = "dicom"  # what it serves is DICOM
     _classes: dict[str, str] = field(default_factory=dict, repr=False)  # SOP instance UID -> SOP class UID
 
     def __post_init__(self) -> None:
@@ -103,10 +99,6 @@ class DimseSource(BoundedRetrievals):
         if not 0 < len(self.calling_aet) <= 16:
             raise SourceError(f"--calling-aet {self.calling_aet!r}: an AE title has 1 to 16 characters")
         self._bound_retrievals()
-
-    @property
-    def name(self) -> str:
-        return self.url
 
     # ---------------------------------------------------------------- associations
     def _associate(self, received: dict[str, Any] | None = None, classes: Sequence[str] = (),
@@ -231,18 +223,6 @@ class DimseSource(BoundedRetrievals):
             self.refused.append((f"{self.url} (C-FIND result)", f"malformed record skipped: {why}"))
         return uid
 
-    def known(self, store: IndexStore, listed: Sequence[str]) -> dict[str, tuple]:
-        return known_under(store, self.url, self.filters, listed)
-
-    def accepts(self, item: Item) -> bool:
-        return True
-
-    def sweepable(self, key: str) -> bool:
-        return True  # listing failures stop the run before anything is swept (empty listings: pacs_guards)
-
-    def read(self, item: Item) -> bytes:
-        return self.read_many([item])[0]
-
     def read_many(self, items: Sequence[Item]) -> list[bytes | BaseException]:
         """The bytes of each item (or the error reading it), over one association for each
         MAX_CLASSES SOP classes among them."""
@@ -274,10 +254,11 @@ class DimseSource(BoundedRetrievals):
                 wanted = frozenset(item.key.rsplit("/", 1)[-1] for item in items)
                 assoc = self._associate(received, classes, wanted)
                 for item in items:
-                    study_uid, series_uid, sop_uid = item.key.split("/studies/", 1)[1].split("/")[::2]
+                    study_uid, series_uid, sop_uid = instance_uids(item.key)
                     query = Dataset()
                     query.QueryRetrieveLevel = "IMAGE"
-                    query.StudyInstanceUID, query.SeriesInstanceUID, query.SOPInstanceUID = study_uid, series_uid, sop_uid
+                    query.StudyInstanceUID, query.SeriesInstanceUID = study_uid, series_uid
+                    query.SOPInstanceUID = sop_uid
                     deadline = time.monotonic() + self.get_deadline
                     for status, _ in assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet):
                         if time.monotonic() > deadline:
@@ -311,10 +292,6 @@ def _no_delay(event) -> None:
 def read_instance(key: str, calling_aet: str | None = None) -> bytes:
     """The bytes of one indexed DIMSE instance, by its key (a thumbnail for mi-serve); the
     calling AE title: MI_DIMSE_AET unless given, else MI-INDEX."""
-    service = key[:key.index("/studies/")] if "/studies/" in key else key
     calling_aet = calling_aet or os.environ.get(AET_ENV) or DEFAULT_CALLING_AET
-    data = DimseSource(service, calling_aet=calling_aet, connections=1, attempts=2).read_many(
-        [Item(key, 0, version_token(key))])[0]
-    if isinstance(data, BaseException):
-        raise data
-    return data
+    source = DimseSource(service_url(key), calling_aet=calling_aet, connections=1, attempts=2)
+    return source.read(Item(key, 0, version_token(key)))

@@ -1,0 +1,42 @@
+"""What a run has to do: every item a source lists compared with the index's record of it (new,
+changed, unchanged, not ours), and the known keys that are gone."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..sources import Item, Source
+from ..sources.guards import check_sweep
+
+if TYPE_CHECKING:
+    from ..store import IndexStore
+    from .pipeline import Summary
+
+
+def plan(source: Source, store: IndexStore, summary: Summary) -> tuple[list[Item], list[str]]:
+    """The new and changed items to process, and the known keys that are gone; counts what it
+    finds (new, updated, unchanged, still skipped, refused) in `summary`."""
+    listed = list(source.items())
+    for key, reason in source.refused:  # reported, not recorded: the index holds what it can read
+        summary.skipped += 1
+        summary.skipped_files.append({"path": key, "reason": reason})
+    known = source.known(store, [item.key for item in listed])
+    todo, keep = [], set()
+    for item in listed:
+        if item.key in keep:
+            continue
+        before = known.get(item.key)
+        if before is not None and before[:2] == (item.size, item.mtime_ns) and not before[3]:
+            summary.unchanged += 1
+            summary.still_skipped += before[2] is not None
+        elif source.accepts(item):
+            todo.append(item)
+            if before is None:
+                summary.new += 1
+            else:
+                summary.updated += 1
+        else:
+            continue  # not an image or DICOM file: not ours (and gone from the index if it was)
+        keep.add(item.key)
+    removed = [key for key in known if key not in keep and source.sweepable(key)]
+    check_sweep(source, len(listed), len(removed))  # an empty PACS listing is taken for a failed one
+    return todo, removed

@@ -1,0 +1,54 @@
+"""The SQL shapes the store repeats, written once: paths as SQLite holds them, "this path or
+under it", `meta` upserts, and IN-queries over many paths in chunks."""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.engine import Connection
+
+IN_CHUNK = 500  # paths per IN (...) list: far below SQLite's limit of bound parameters
+
+
+def db_path(path: str | os.PathLike) -> str | bytes:
+    """A path as SQLite stores it: text, or for a name that is not valid UTF-8 (legal on Linux,
+    common on old shares; Python holds its bytes as surrogate escapes) the raw bytes as a BLOB,
+    so that every name round-trips exactly."""
+    path = os.fspath(path)
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return os.fsencode(path)
+
+
+def py_path(value: str | bytes) -> str:
+    return os.fsdecode(value) if isinstance(value, bytes) else value
+
+
+def _db_prefix(folder: str | os.PathLike) -> bytes:
+    """`folder/` as bytes, compared with CAST(path AS BLOB): matches text and BLOB paths alike."""
+    return os.fsencode(os.fspath(folder).rstrip(os.sep) + os.sep)
+
+
+def at_or_under(root: str | os.PathLike) -> tuple[str, dict[str, Any]]:
+    """A WHERE clause and its parameters: `path` is `root` (a file, a folder, a PACS service) or
+    lies under it."""
+    return ("(path = :root OR substr(CAST(path AS BLOB), 1, length(:prefix)) = :prefix)",
+            {"root": db_path(root), "prefix": _db_prefix(root)})
+
+
+def set_meta(conn: Connection, values: Mapping[str, str]) -> None:
+    """Upsert keys of the `meta` table."""
+    conn.execute(text("INSERT OR REPLACE INTO meta VALUES (:key, :value)"),
+                 [{"key": key, "value": value} for key, value in values.items()])
+
+
+def rows_at_paths(conn: Connection, query: str, paths: Sequence[str]) -> Iterator[Any]:
+    """The rows of `query` (which ends in `path IN`) for `paths`, asked in chunks of IN_CHUNK."""
+    for start in range(0, len(paths), IN_CHUNK):
+        chunk = list(paths[start:start + IN_CHUNK])
+        yield from conn.execute(text(f"{query} ({', '.join(f':p{i}' for i in range(len(chunk)))})"),
+                                {f"p{i}": db_path(path) for i, path in enumerate(chunk)})

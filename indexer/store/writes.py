@@ -1,0 +1,85 @@
+"""Writing the index, one transaction per call: files indexed, skipped and removed (each commit
+a new generation), the roots mi-index was given, and the record of a run."""
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
+
+from .reads import METADATA_FIELDS
+from .sql import at_or_under, db_path, py_path, set_meta
+
+_IMAGE_COLUMNS = ("path", "frame", "content_hash") + METADATA_FIELDS + ("embedding",)
+_INSERT_IMAGE = text(f"INSERT INTO images ({', '.join(_IMAGE_COLUMNS)}) "
+                     f"VALUES ({', '.join(':' + c for c in _IMAGE_COLUMNS)})")
+_UPSERT_FILE = text("INSERT OR REPLACE INTO files (path, size, mtime_ns, content_hash, error, indexed_at, retry) "
+                    "VALUES (:path, :size, :mtime_ns, :content_hash, :error, :now, :retry)")
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class Writes:
+    """The writing half of IndexStore (`engine` is the store's)."""
+
+    engine: Engine
+
+    def commit(self, indexed: Sequence[dict[str, Any]] = (), skipped: Sequence[dict[str, Any]] = (),
+               removed: Sequence[str] = ()) -> None:
+        """One transaction: files indexed (with their images), skipped (with the reason) and removed.
+
+        `indexed` items: {path, size, mtime_ns, content_hash, images: [{frame, embedding, **metadata}]}.
+        `skipped` items: {path, size, mtime_ns, content_hash (or None), error, retry (optional:
+        true for a failure of the run, not the file, so that the next run tries it again)}."""
+        if not (indexed or skipped or removed):
+            return
+        now = _now()
+        with self.engine.begin() as conn:
+            for path in removed:
+                conn.execute(text("DELETE FROM images WHERE path = :p"), {"p": db_path(path)})
+                conn.execute(text("DELETE FROM files WHERE path = :p"), {"p": db_path(path)})
+            files = list(indexed) + list(skipped)
+            if files:  # one statement each for the whole batch: per-file statements cost more than SQLite
+                conn.execute(text("DELETE FROM images WHERE path = :p"),
+                             [{"p": db_path(item["path"])} for item in files])
+                conn.execute(_UPSERT_FILE, [{"path": db_path(item["path"]), "size": item["size"],
+                                             "mtime_ns": item["mtime_ns"], "content_hash": item.get("content_hash"),
+                                             "error": item.get("error"), "now": now,
+                                             "retry": int(bool(item.get("retry")))} for item in files])
+            image_rows = [
+                {**{c: image.get(c) for c in METADATA_FIELDS}, "path": db_path(item["path"]), "frame": image["frame"],
+                 "content_hash": item["content_hash"],
+                 "embedding": np.ascontiguousarray(image["embedding"], dtype=np.float32).tobytes()}
+                for item in indexed for image in item["images"]
+            ]
+            if image_rows:
+                conn.execute(_INSERT_IMAGE, image_rows)
+            conn.execute(text("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'"))
+
+    def record_run(self, roots: Sequence[str | os.PathLike], seconds: float) -> None:
+        now = _now()
+        with self.engine.begin() as conn:
+            for root in roots:
+                conn.execute(text("INSERT OR REPLACE INTO roots VALUES (:p, :now)"), {"p": db_path(root), "now": now})
+            set_meta(conn, {"last_run_at": now, "last_run_seconds": f"{seconds:.1f}"})
+
+    def remove_root(self, root: str | os.PathLike) -> int:
+        """Take a folder (or file, or PACS) out of the index: its files, their images, and the
+        root itself. Returns the number of files removed; the FAISS cache follows on write_faiss()."""
+        from ..pacs_keys import is_pacs_url
+
+        root = os.fspath(root)
+        root = root.rstrip("/") if is_pacs_url(root) else os.path.realpath(root)
+        where, params = at_or_under(root)
+        with self.engine.connect() as conn:
+            paths = [py_path(p) for p in conn.execute(text(f"SELECT path FROM files WHERE {where}"), params).scalars()]
+        self.commit(removed=paths)
+        with self.engine.begin() as conn:
+            conn.execute(text(f"DELETE FROM roots WHERE {where}"), params)
+        return len(paths)
