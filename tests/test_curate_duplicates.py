@@ -91,7 +91,7 @@ def test_exact_only_reads_no_vectors_and_frames_of_one_file_are_never_duplicates
 def test_an_ivf_index_finds_every_planted_pair(tmp_path, monkeypatch):
     """Above FLAT_MAX_VECTORS the store's FAISS index is IVF (approximate): near duplicates still
     share a list and are found, with exact scores."""
-    from indexer import vectors
+    from indexer.store import vectors
     monkeypatch.setattr(vectors, "FLAT_MAX_VECTORS", 100)
     rng = np.random.default_rng(3)
     centres = unit(rng.standard_normal((20, DIM)))

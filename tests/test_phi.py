@@ -39,7 +39,7 @@ def _mi_search(*args, env=None):
 def test_a_migrated_image_and_a_new_image_of_one_patient_share_a_pseudonym(tmp_path, model):
     from sqlalchemy import create_engine, text
 
-    from indexer import schema as schema_module
+    from indexer.store import schema as schema_module
     from indexer.legacy_pseudonyms import legacy_hash
     from retrieval import Searcher
 

@@ -43,7 +43,7 @@ def scan(reader, *, threshold: float = 1.1, k: int = DEFAULT_K, batch: int = 204
          nprobe: int | None = DEFAULT_NPROBE) -> Scan:
     """One pass: each image's k nearest images of other files, and every pair at or above
     `threshold` (cosine) among them. Raises IndexChangedError when mi-index committed meanwhile."""
-    from indexer import vectors as vector_index
+    from indexer.store import vectors as vector_index
 
     index, generation = reader.store.load_faiss_with_generation()
     kind = vector_index.index_kind(index)
