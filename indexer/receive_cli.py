@@ -1,5 +1,5 @@
-"""`mi receive` / `mi-receive`: the DICOM receiver as a service of its own (see indexer.receive
-and indexer.arrivals): modalities and the PACS send with C-STORE, each instance is kept under
+"""`mi receive` / `mi-receive`: the DICOM receiver as a service of its own (see indexer.receive):
+modalities and the PACS send with C-STORE, each instance is kept under
 --store and searchable within seconds; mi-serve goes on answering searches from the same index
 (the index has one writer, the receiver, and any number of readers)."""
 from __future__ import annotations
@@ -87,7 +87,7 @@ def main(store_dir: Path, index_dir: Path | None, model: str | None, device: str
 def _start(store_dir, index_dir, model_arg, device, host, port, ae_title, allow, allow_files, tls_cert, tls_key,
            tls_ca, batch_seconds, batch_files, workers):
     from . import IndexOptions
-    from .arrivals import ArrivalIndexer, InstanceFolder
+    from .receive import ArrivalIndexer, InstanceFolder
     from .location import default_index_dir
     from .receive import Receiver, ReceiverError, allowed_callers, tls_context
 

@@ -1,4 +1,4 @@
-"""Instances that arrive (over C-STORE, see `indexer.receive`): kept as files under one folder by
+"""Instances that arrive (over C-STORE, see `indexer.receive.scp`): kept as files under one folder by
 their UIDs, written atomically, and indexed in the background in small batches.
 
     STORE/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import IndexBusyError, MIError, NoImagesError, StorageFullError, one_line
+from ..errors import IndexBusyError, MIError, NoImagesError, StorageFullError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class InstanceFolder:
 
     def create(self) -> None:
         """Make the folder (owner-only when it is made here)."""
-        from .private_files import private_folder
+        from ..private_files import private_folder
         private_folder(self.root)
 
     def path_for(self, study: Any, series: Any, instance: Any) -> Path:
@@ -123,7 +123,7 @@ class ArrivalsSource:
         return f"{len(self.paths)} received instances"
 
     def items(self) -> Iterator[Any]:
-        from .sources import Item
+        from ..sources import Item
 
         for path in dict.fromkeys(self.paths):
             try:
@@ -222,7 +222,7 @@ class ArrivalIndexer:
 
     def _index(self, paths: list[str]) -> bool:
         """Index `paths`; False when it could not be done now and should be tried again."""
-        from . import index_source
+        from .. import index_source
 
         try:
             summary = index_source(ArrivalsSource(paths), self.index_dir, roots=[str(self.folder.root)],
@@ -250,7 +250,7 @@ class ArrivalIndexer:
     def _index_whole_folder(self) -> None:
         """What STORE holds but the index lacks (instances a killed receiver stored but did not
         index; files copied in by hand): one run of the indexer over STORE."""
-        from . import index_paths
+        from .. import index_paths
 
         removed = self.folder.remove_leftovers()
         if removed:

@@ -1,6 +1,6 @@
 """The DICOM receiver: a C-STORE SCP (pynetdicom) that keeps what modalities and the PACS send
-under one folder (`indexer.arrivals.InstanceFolder`) and hands each stored file to the indexing
-thread (`indexer.arrivals.ArrivalIndexer`).
+under one folder (`indexer.receive.arrivals.InstanceFolder`) and hands each stored file to the indexing
+thread (`indexer.receive.arrivals.ArrivalIndexer`).
 
 - Storage SOP classes of radiography (CR, DX, mammography, intra-oral), CT, MR (and their
   enhanced forms), ultrasound (single and multi-frame) and secondary capture, plus
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .arrivals import OUT_OF_SPACE, InstanceFolder, UnsafeUIDError
-from .errors import MIError, one_line
+from ..errors import MIError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +231,7 @@ class Receiver:
         within the decoder's bounds)."""
         import pydicom
 
-        from .decode.bounds import inflate_deflated_dicom
+        from ..decode.bounds import inflate_deflated_dicom
 
         readable = inflate_deflated_dicom(data, self.max_megapixels)
         names = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
