@@ -2,6 +2,7 @@
 Each is one readable line with a non-zero exit, and a failed first run leaves no index behind."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -85,7 +86,6 @@ def test_the_weights_message_names_the_current_download_command(tmp_path, monkey
 
 
 def test_a_relative_owner_name_folder_is_a_folder_and_the_download_top_folder_works(tmp_path, monkeypatch):
-    import shutil
 
     from encoders.checkpoint import resolve_model_source
 
@@ -116,7 +116,6 @@ def test_sample_then_search_runs_end_to_end(tmp_path, monkeypatch):
 
 def test_status_update_remove_and_rebuild_with_another_model(tmp_path):
     import json
-    import shutil
 
     a, b = tmp_path / "a", tmp_path / "b"
     for folder, n in ((a, 3), (b, 2)):
@@ -145,13 +144,7 @@ def test_status_update_remove_and_rebuild_with_another_model(tmp_path):
     status = json.loads(CliRunner().invoke(mi_index, ["--status", "--json", *common]).output)
     assert status["images"] == 4 and status["folders"] == [str(a.resolve())] and not status["skipped"]
 
-    other = tmp_path / "other-model"  # the same network with other weights: another fingerprint
-    shutil.copytree(FIXTURE, other)
-    checkpoint = next((other / "vision_model").glob("*.pt"))
-    raw = bytearray(checkpoint.read_bytes())
-    start = 8 + int.from_bytes(raw[:8], "little")  # the first tensor's bytes: always in the fingerprint
-    raw[start:start + 64] = bytes(64)
-    checkpoint.write_bytes(bytes(raw))
+    other = model_with_other_weights(tmp_path)
     refused = one_line_error(CliRunner().invoke(mi_index, [str(a), "--model", str(other), *common]))
     advice = f"mi-index --folders-of {index_dir.resolve()} --index NEW_INDEX --model {other}"
     assert advice in refused
@@ -161,11 +154,37 @@ def test_status_update_remove_and_rebuild_with_another_model(tmp_path):
     assert json.loads(rebuilt.output)["images"] == 4
 
 
-def test_one_model_mismatch_error_for_both_commands():
-    import indexer.store
-    import retrieval
+def model_with_other_weights(tmp_path: Path) -> Path:
+    """The same network with other weights: another fingerprint."""
+    other = tmp_path / "other-model"
+    shutil.copytree(FIXTURE, other)
+    checkpoint = next((other / "vision_model").glob("*.pt"))
+    raw = bytearray(checkpoint.read_bytes())
+    start = 8 + int.from_bytes(raw[:8], "little")  # the first tensor's bytes: always in the fingerprint
+    raw[start:start + 64] = bytes(64)
+    checkpoint.write_bytes(bytes(raw))
+    return other
 
-    assert retrieval.ModelMismatchError is indexer.store.ModelMismatchError
+
+def test_one_model_mismatch_error_for_both_commands(tmp_path):
+    """Indexing and searching with a model other than the index's are refused alike: one error
+    class that the retrieval API exports, with the same advice."""
+    import indexer
+    from retrieval import ModelMismatchError, Searcher
+
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(data / "a.png")
+    index_dir = tmp_path / "index"
+    indexer.index_paths([data], index_dir, model=str(FIXTURE), workers=0)
+    other = model_with_other_weights(tmp_path)
+    with pytest.raises(ModelMismatchError) as indexing:
+        indexer.index_paths([data], index_dir, model=str(other), workers=0)
+    with pytest.raises(ModelMismatchError) as searching:
+        with Searcher(index_dir, model=str(other)) as searcher:
+            searcher.search("chest")
+    advice = f"--folders-of {index_dir.resolve()} --index NEW_INDEX --model {other}"
+    assert advice in str(indexing.value) and advice in str(searching.value)
 
 
 def test_the_skip_list_is_capped_in_the_human_summary(tmp_path):
@@ -196,9 +215,16 @@ def test_an_absurd_batch_size_is_capped_and_commits_stay_frequent(tmp_path, monk
     real_start = model.start_encoding
     monkeypatch.setattr(model, "start_encoding", lambda resized: batches.append(len(resized)) or real_start(resized))
     real_commit = IndexStore.commit
-    monkeypatch.setattr(IndexStore, "commit", lambda self, *a, **k: commits.append(1) or real_commit(self, *a, **k))
+
+    def commit(self, indexed=(), *args, **kwargs):
+        commits.append(len(indexed))  # files whose images this transaction writes
+        return real_commit(self, indexed, *args, **kwargs)
+
+    monkeypatch.setattr(IndexStore, "commit", commit)
     summary = indexer.index_paths([data], tmp_path / "index", model=model, batch_size=100_000, workers=0)
-    assert summary["images"] == 12 and max(batches) == 4 and len(commits) >= 3
+    assert summary["images"] == 12 and batches == [4, 4, 4]
+    # each batch is committed as it is done: no transaction holds more than one batch, none is lost
+    assert max(commits) == 4 and sum(commits) == 12
 
 
 def test_cuda_asked_for_without_a_gpu_is_one_line(tmp_path):
