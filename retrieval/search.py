@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from . import labels as zero_shot
-from .errors import EmptyIndexError, ModelMismatchError, QueryError
+from .errors import EmptyIndexError, QueryError
 from .grouping import GROUP_FIELDS, Candidate, collapse
 from .hits import Hit
 from .query import QueryTerm, combine, parse_query
@@ -115,11 +115,7 @@ class Searcher:
         return self._towers[tower]
 
     def _check_model(self, model: Any) -> None:
-        info = self.model_info
-        same_dim = info.get("dim") in (None, model.dim)
-        if same_dim and info.get("fingerprint") in (None, model.fingerprint):
-            return
-        raise ModelMismatchError.between(self.index_dir, info, model.source, model.fingerprint, model.dim)
+        self._store.check_model(model.fingerprint, model.dim, model.source, record=False)  # the indexer's one rule
 
     def embed(self, query: str | Sequence[str] | Sequence[QueryTerm] | None = None, *,
               image: str | Path | None = None, force: str | None = None) -> np.ndarray:
