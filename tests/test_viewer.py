@@ -162,7 +162,8 @@ def test_the_viewer_in_a_browser(served_study, study):
         presets = page.locator("#presets button").all_inner_texts()
         assert presets[:2] == ["SOFT", "LUNG"] and {"Lung", "Bone", "Soft tissue", "Brain"} <= set(presets)
         mean = "(() => { const i = document.getElementById('view-img'); const c = document.createElement('canvas');" \
-               " c.width = i.naturalWidth; c.height = i.naturalHeight; const x = c.getContext('2d'); x.drawImage(i, 0, 0);" \
+               " c.width = i.naturalWidth; c.height = i.naturalHeight; const x = c.getContext('2d');" \
+               " x.drawImage(i, 0, 0);" \
                " const d = x.getImageData(0, 0, c.width, c.height).data; let s = 0;" \
                " for (let k = 0; k < d.length; k += 4) s += d[k]; return s / (d.length / 4); })()"
         soft = page.evaluate(mean)

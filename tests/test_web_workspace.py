@@ -176,7 +176,8 @@ def test_select_tiles_search_like_them_and_export(page, served):
     expect(page.locator("#shown .chip.like")).to_have_count(4)
     expect(page.locator(".hit")).to_have_count(7)
     liked = page.eval_on_selector_all("#shown .chip.like", "chips => chips.map(c => c.textContent.match(/#(\\d+)/)[1])")
-    assert liked == chosen and urllib.parse.parse_qs(urllib.parse.urlsplit(page.url).query)["like"] == [",".join(chosen)]
+    assert liked == chosen
+    assert urllib.parse.parse_qs(urllib.parse.urlsplit(page.url).query)["like"] == [",".join(chosen)]
     first = page.locator(".hit").first
     away = first.get_attribute("data-id")
     first.click()
