@@ -28,6 +28,7 @@ def page(served):
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 800})
         page.set_default_timeout(30_000)
+        sync_api.expect.set_options(timeout=30_000)  # the first search loads the model, on a loaded machine
         yield page
         browser.close()
 
@@ -60,7 +61,7 @@ def test_search_filter_upload_details_and_more_like_this(page, served, archive):
     first = page.locator(".hit").first
     image_id = first.get_attribute("data-id")
     first.click()
-    detail = page.locator("#detail")
+    detail = page.locator("#viewer")
     expect(detail).to_be_visible()
     expect(detail).to_contain_text("png2.png")
 

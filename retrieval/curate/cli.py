@@ -253,8 +253,6 @@ def export(query: tuple[str, ...], index_dir: Path | None, ids: str | None, repo
            url_prefix: str | None, root: Path | None) -> None:
     """Export images as CSV, JSON, WADO-RS URLs or an OHIF DICOM JSON manifest: the hits of a
     QUERY (mi-search's syntax), a report of mi duplicates / leakage / outliers, or --ids."""
-    import io
-
     from . import export as exporting
 
     if sum(bool(x) for x in (query, ids, report_file)) != 1:
@@ -280,10 +278,7 @@ def export(query: tuple[str, ...], index_dir: Path | None, ids: str | None, repo
         with reader_of(index_dir) as reader:
             rows = exporting.rows_of(reader, selection)
         if fmt == "csv":
-            buffer = io.StringIO()
-            csv.writer(buffer).writerows([list(exporting.ROW_FIELDS)] +
-                                         [["" if r[f] is None else r[f] for f in exporting.ROW_FIELDS] for r in rows])
-            text_out = buffer.getvalue()
+            text_out = exporting.csv_text(rows)
         elif fmt == "json":
             text_out = exporting.dumps(rows) + "\n"
         elif fmt == "wado":

@@ -176,5 +176,16 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def csv_text(rows: list[dict[str, Any]]) -> str:
+    """The rows as CSV, a header of ROW_FIELDS first (None: an empty cell)."""
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows([list(ROW_FIELDS)] + [["" if r[f] is None else r[f] for f in ROW_FIELDS]
+                                                       for r in rows])
+    return buffer.getvalue()
+
+
 def dumps(value: Any) -> str:
     return json.dumps(value, indent=2, default=str, ensure_ascii=False)

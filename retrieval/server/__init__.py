@@ -12,6 +12,11 @@ with the indexer's guards. A bad request gets a 4xx with a one-line reason.
     app.py         create_app: the application and its state (the index, its warm Searcher, the token)
     routes.py      the page and the API, small functions over `request.app.state`
     models.py      the API's request models, derived from retrieval.request
+    page.py        the page's filter controls, made from FILTER_FIELDS
+    workspace.py   the page's facets, searches with paging (like/unlike ids) and exports
+    aggregates.py  the read-only SQL behind them: facet counts, folders, years, series and study
+    viewer.py      the viewer's API: an image's windows, series and study; renderings at any window/level
+    pixels.py      the original pixels (modality LUT), their in-memory LRU, and window/level PNGs
     uploads.py     query images sent to the server: size-limited, in a private temporary folder
     thumbnails.py  the PNG thumbnails and their cache
     security.py    the token check, and what counts as loopback

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 
 from indexer.errors import MIError, one_line
 
+from . import viewer, workspace
 from .routes import router
 
 
@@ -47,6 +48,8 @@ def create_app(index_dir: str | os.PathLike, *, model: Any = None, device: str |
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(HTTPException, _http_error)
     app.include_router(router)
+    app.include_router(workspace.router)
+    app.include_router(viewer.router)
     return app
 
 

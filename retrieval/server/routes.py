@@ -1,12 +1,10 @@
 """The server's page and API: small functions over `request.app.state` (index_dir, searcher, token)."""
 from __future__ import annotations
 
-import html
 import json
 import os
 import tempfile
 import urllib.parse
-from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,37 +12,23 @@ from fastapi import APIRouter, Depends, File, Form, Header, HTTPException, Query
 from fastapi.responses import HTMLResponse, Response
 
 from indexer.errors import MIError, one_line
-from indexer.filters import FILTER_FIELDS
 
 from ..hits import _jsonable
-from ..request import GROUP_CHOICES, SearchRequest
+from ..request import SearchRequest
 from .models import PageSearch, QueryIn, options_of
+from .page import page_html
 from .security import authorised
 from .thumbnails import thumbnail_png
 from .uploads import query_terms, save_upload
 
 router = APIRouter()
 api = APIRouter(prefix="/api", dependencies=[Depends(authorised)])
-DATE_INPUT = {"from": "since", "to": "until"}
-FILTER_PLACEHOLDERS = {"under": "folder"}  # the page's word for a filter where its name is not it
 
 
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)
 def page() -> str:
-    """The web page, its filter inputs made from indexer.filters' FILTER_FIELDS."""
-    text = resources.files("retrieval").joinpath("web/index.html").read_text(encoding="utf-8")
-    return text.replace("<!-- filters -->", _filter_inputs())
-
-
-def _filter_inputs() -> str:
-    inputs = []
-    for field in FILTER_FIELDS:
-        label = FILTER_PLACEHOLDERS.get(field.name, field.name.replace("_", " "))
-        kind = ' type="date"' if field.compare in DATE_INPUT else f' placeholder="{label}" size="{len(label) + 1}"'
-        inputs.append(f'<input name="{field.name}"{kind} aria-label="{html.escape(label)}">')
-    groups = "".join(f'<option value="{choice}">one per {choice}</option>' for choice in GROUP_CHOICES)
-    inputs.append(f'<select name="group" aria-label="group"><option value="">every image</option>{groups}</select>')
-    return "\n  ".join(inputs)
+    """The web page, its filter controls made from indexer.filters' FILTER_FIELDS (retrieval.server.page)."""
+    return page_html()
 
 
 @api.get("/health")

@@ -1,0 +1,155 @@
+"""The web page's speed: first paint, a search round trip in the browser and through the API over a synthetic
+index of N images, and the viewer's window/level re-render of a 2500x2048 CT (16 bit).
+
+    python benchmarks/bench_web.py                       # 10k images, the tiny test model
+    python benchmarks/bench_web.py --images 2000 --repeats 10
+
+The index's vectors are random (bench_search's RandomEncoder: the model's identity, random embeddings), so
+building it costs the decoding of N tiny PNGs, not N encodings; queries use the real (test) model. Prints
+numbers; asserts nothing. Needs Playwright and Debian's Chromium (/usr/bin/chromium) for the browser part.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_search import RandomEncoder, load, percentiles  # noqa: E402
+
+TINY = ROOT / "tests" / "fixtures" / "medimageinsight-tiny"
+
+
+def big_ct(path: Path) -> None:
+    """A 2500x2048 signed 16-bit CT (intercept -1024) from pydicom's CT_small."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    ds = pydicom.dcmread(Path(pydicom.__file__).parent / "data" / "test_files" / "CT_small.dcm")
+    rng = np.random.default_rng(0)
+    ds.Rows, ds.Columns = 2048, 2500
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+    ds.PixelData = rng.integers(0, 3000, (2048, 2500)).astype("<i2").tobytes()
+    ds.SOPInstanceUID = generate_uid()
+    ds.save_as(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=10_000)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--model", default=str(TINY))
+    args = parser.parse_args()
+
+    from PIL import Image
+
+    import indexer
+    from encoders import load_model
+
+    print(f"== the web page over {args.images} images, model {args.model}; {os.cpu_count()} CPUs; {load()} ==")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    with tempfile.TemporaryDirectory() as tmp:
+        images = Path(tmp, "images")
+        images.mkdir()
+        rng = np.random.default_rng(0)
+        for i in range(args.images - 1):
+            Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(images / f"{i:06d}.png")
+        big_ct(images / "big.dcm")
+        start = time.perf_counter()
+        indexer.index_paths([images], Path(tmp, "index"), model=RandomEncoder(load_model(args.model, device="cpu")))
+        print(f"synthetic index built in {time.perf_counter() - start:.0f} s")
+        server = subprocess.Popen([sys.executable, "-m", "retrieval.serve_cli", "--index", str(Path(tmp, "index")),
+                                   "--model", args.model, "--port", "0"], cwd=ROOT, env=env, stderr=subprocess.PIPE,
+                                  text=True)
+        try:
+            url = server.stderr.readline().strip().split(" on ")[-1].rstrip("/")
+            for _ in range(300):
+                try:
+                    urllib.request.urlopen(url + "/api/health", timeout=5).close()
+                    break
+                except OSError:
+                    time.sleep(0.1)
+            api(url, args.repeats)
+            browser(url, args.repeats)
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+
+
+def timed(url: str) -> tuple[float, bytes]:
+    start = time.perf_counter()
+    with urllib.request.urlopen(url, timeout=600) as response:
+        body = response.read()
+    return (time.perf_counter() - start) * 1000, body
+
+
+def api(url: str, repeats: int) -> None:
+    timed(f"{url}/api/results?q=warm+up")  # loads the text tower
+    texts = [f"pleural effusion {i}" for i in range(repeats)]  # distinct: the server keeps texts it has seen
+    print(f"GET /api/results (a new text, 24 hits, hit count): "
+          f"{percentiles([timed(f'{url}/api/results?' + urllib.parse.urlencode({'q': t}))[0] for t in texts])}")
+    print(f"GET /api/facets (cached per generation after the first): "
+          f"first {timed(url + '/api/facets')[0]:.1f} ms, then "
+          f"{percentiles([timed(url + '/api/facets')[0] for _ in range(repeats)])}")
+    hits = json.loads(timed(f"{url}/api/results?q=x&k=200")[1])["hits"]
+    big = next(hit["id"] for hit in json.loads(timed(f"{url}/api/results?q=x&k=1&modality=CT")[1])["hits"])
+    first, _ = timed(f"{url}/api/images/{big}/render?wc=40&ww=400")
+    print(f"2500x2048 CT, first render (decode + window + PNG): {first:.0f} ms")
+    windows = [(40 + 7 * i, 400 + 11 * i) for i in range(repeats)]
+    full = [timed(f"{url}/api/images/{big}/render?wc={c}&ww={w}")[0] for c, w in windows]
+    print(f"2500x2048 CT, window/level re-render at full resolution: {percentiles(full)}")
+    small = [timed(f"{url}/api/images/{big}/render?wc={c}&ww={w}&size=1024")[0] for c, w in windows]
+    print(f"2500x2048 CT, window/level re-render at 1024 px (while dragging): {percentiles(small)}")
+    assert hits  # the index answers
+
+
+def browser(url: str, repeats: int) -> None:
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        print("browser part skipped: Playwright is not installed")
+        return
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path="/usr/bin/chromium",
+                                              args=["--no-sandbox", "--disable-gpu", "--disable-quic"])
+        page = chromium.new_page(viewport={"width": 1280, "height": 800})
+        page.set_default_timeout(120_000)
+        paints, ready = [], []
+        for _ in range(5):
+            start = time.perf_counter()
+            page.goto(url + "/")
+            page.wait_for_function("document.querySelectorAll('#facets .values button').length > 0")
+            ready.append((time.perf_counter() - start) * 1000)
+            paints.append(page.evaluate("performance.getEntriesByName('first-contentful-paint')[0].startTime"))
+        print(f"first contentful paint of the page: {percentiles(paints)}")
+        print(f"the page with its facets filled (10k images' folders and values): {percentiles(ready)}")
+        page.fill("#q", "warm up")
+        page.press("#q", "Enter")
+        page.wait_for_selector(".hit")
+        times = []
+        for i in range(repeats):
+            page.fill("#q", f"lumbar spine fracture {i}")
+            start = time.perf_counter()
+            page.press("#q", "Enter")
+            page.wait_for_function(f"document.querySelector('#shown')?.textContent.includes('fracture {i}') && "
+                                   "document.querySelectorAll('.hit').length === 24")
+            times.append((time.perf_counter() - start) * 1000)
+        print(f"search round trip in the browser (Enter to 24 tiles drawn): {percentiles(times)}")
+        chromium.close()
+
+
+if __name__ == "__main__":
+    main()
