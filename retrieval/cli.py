@@ -27,7 +27,8 @@ Queries:
   mi-search pleural effusion                    unquoted words are one text
 Each term's embedding is normalised, weighted (+ or -, times WEIGHT), summed
 and normalised again. --text or --image reads every term as a text or as an
-image file.
+image file. A term that looks like a file (a path, or a .png/.dcm/... name)
+but is none is an error: a typo, or --text.
 
 \b
 Filters apply before the top-k cut: -k 10 --modality CR gives 10 CR images
@@ -104,7 +105,10 @@ def main(query: tuple[str, ...], index_dir: Path | None, model: str | None, devi
     """
     try:
         with one_line_errors(OSError, message=lambda error: _message(error, index_dir)):
-            request = SearchRequest.make(parse_query(list(query), force=force), **asked)
+            terms = parse_query(list(query), force=force)
+            if force is None:
+                _check_no_missing_files(terms)
+            request = SearchRequest.make(terms, **asked)
             hits = None
             if not (no_server or _given(("model", "device"))):  # a model or device asked for: search here
                 hits = _through_server(index_dir, request)
@@ -129,6 +133,33 @@ def main(query: tuple[str, ...], index_dir: Path | None, model: str | None, devi
         header = (["rank", "score", "path"] + [key for _, key in COLUMNS] + list(TSV_EXTRA) + ["copies", "missing"]
                   + (["labels"] if with_labels else []))
         write_lines(["\t".join(header)] + ["\t".join(_cells(hit, score_format="{:.4f}")) for hit in hits])
+
+
+def _looks_like_a_path(text: str) -> bool:
+    """Whether a text term was likely meant as a file: one word with a path separator, or a word that
+    starts like a path (/, ./, ../, ~/) or ends with a suffix the indexer reads (indexer.decode)."""
+    import os
+
+    words = text.split()
+    separators = tuple({"/", os.sep})
+    if len(words) == 1 and any(sep in words[0] for sep in separators):
+        return True
+    if any(word.startswith(("/", "./", "../", "~/")) for word in words):
+        return True
+    if not any(Path(word).suffix for word in words):
+        return False
+    from indexer.decode import DICOM_SUFFIXES, IMAGE_SUFFIXES  # Pillow: only when a word has a suffix
+
+    return any(Path(word).suffix.lower() in IMAGE_SUFFIXES | DICOM_SUFFIXES for word in words)
+
+
+def _check_no_missing_files(terms: list) -> None:
+    """A text term that looks like a file (a typo in its name, most often) is refused, not searched as text."""
+    from .errors import QueryError
+
+    for term in terms:
+        if term.kind == "text" and _looks_like_a_path(term.value):
+            raise QueryError(f"no such file: {term.value}; to search for it as text, add --text")
 
 
 def _given(names: tuple[str, ...]) -> bool:

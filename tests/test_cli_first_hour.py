@@ -1,0 +1,93 @@
+"""What a new user still trips on in the first hour with mi-index and mi-search (hardening, item 5): a mistyped
+query file, an unreadable --status, a summary hard to read, --update with a folder gone, --since 2020, a failed
+--sample run, --remove of what was never indexed. Each command runs as a real process."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).parents[1]
+FIXTURE = REPO / "tests" / "fixtures" / "medimageinsight-tiny"
+LONG_REASON_END = "or the transfer syntax may be incorrect"  # pydicom's reason for short pixel data, whole
+
+
+def run(module: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+                   "COLUMNS": "80", **(env or {})}
+    environment.pop("MI_MODEL", None)
+    environment.pop("MI_INDEX", None)
+    environment.pop("MI_SERVER", None)
+    return subprocess.run([sys.executable, "-c", f"from {module} import entry; entry()", *args],
+                          env=environment, capture_output=True, text=True, timeout=300)
+
+
+def mi_index(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return run("indexer.cli", *args, env=env)
+
+
+def mi_search(*args: str) -> subprocess.CompletedProcess:
+    return run("retrieval.cli", *args, "--no-server")
+
+
+def pngs(folder: Path, count: int, start: int = 0) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(start, start + count):
+        Image.fromarray(np.full((16, 16), i * 20, np.uint8)).save(folder / f"{i:02d}.png")
+    return folder
+
+
+def short_pixel_data_dicom(path: Path) -> Path:
+    """A real CT file whose pixel data is cut short: pydicom's reason for it is long (about 190 characters)."""
+    dataset = pydicom.dcmread(Path(pydicom.__file__).parent / "data" / "test_files" / "CT_small.dcm")
+    dataset.PixelData = dataset.PixelData[:100]
+    dataset.save_as(path)
+    return path
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory):
+    """Two folders indexed once: three PNGs, a file that is no image, and a DICOM with short pixel data; and
+    one PNG in another folder. Returns (root, index, the first run)."""
+    root = tmp_path_factory.mktemp("first-hour")
+    first, second = pngs(root / "xrays", 3), pngs(root / "more", 1, start=5)
+    (first / "notes.png").write_bytes(b"not a png at all")
+    short_pixel_data_dicom(first / "short.dcm")
+    index = root / "index"
+    result = mi_index(str(first), str(second), "--index", str(index), "--model", str(FIXTURE), "--workers", "0")
+    assert result.returncode == 0, result.stderr
+    return root, index, result
+
+
+# ---------------------------------------------------------------- mi-search: a query file that is not there
+
+@pytest.mark.parametrize("query", ["./nofile.png", "scans/case12", "case12.DCM"])
+def test_a_query_that_looks_like_a_missing_file_is_an_error_not_a_text(indexed, query):
+    _, index, _ = indexed
+    line = one_error_line(mi_search(query, "--index", str(index)))
+    assert f"no such file: {query}" in line and "--text" in line
+
+
+def test_text_that_merely_contains_a_slash_and_forced_text_are_still_searched(indexed):
+    _, index, _ = indexed
+    assert mi_search("cardiomegaly and/or effusion", "--index", str(index)).returncode == 0
+    forced = mi_search("./nofile.png", "--text", "--index", str(index), "--json")
+    assert forced.returncode == 0, forced.stderr
+    assert len(json.loads(forced.stdout)) > 0
