@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from .errors import shortened
 from .options import COMPILE_CHOICES, FRAMES_CHOICES, IndexOptions
 from .terminal import (ProgressBar, collected, console_script, device_option, index_option, json_option,
                        model_option, one_line_errors, visible)
@@ -41,6 +42,7 @@ stored vectors. Killing mi-index loses at most the batch in flight.
 """
 
 
+STATUS_REASON_CHARS = 64  # a skip reason in the --status table: its row stays within 80 columns
 SKIPPED_SHOWN = 5  # paths listed in the human summary; the counts by reason cover the rest
 
 
@@ -266,8 +268,11 @@ def _manage(index_dir: Path, status: bool, remove: tuple[str, ...], as_json: boo
     table = Table(title=f"index {visible(info['index'])}", show_header=False, box=None)
     table.add_row("images", f"{info['images']} from {info['files']} files")
     table.add_row("modalities", visible(", ".join(f"{m or 'none'} {n}" for m, n in info["modalities"].items())))
-    table.add_row("skipped", visible(", ".join(f"{n} {why}" for why, n in info["skipped"].items()) or "none"))
-    table.add_row("folders", visible("\n".join(info["folders"]) or "(not recorded)"))
+    # One line per reason and per folder (visible() would show a joining newline as \x0a); a long reason
+    # shortened at a word boundary (--json has it whole).
+    table.add_row("skipped", "\n".join(visible(f"{n} {shortened(why, STATUS_REASON_CHARS)}")
+                                       for why, n in info["skipped"].items()) or "none")
+    table.add_row("folders", "\n".join(visible(folder) for folder in info["folders"]) or "(not recorded)")
     model = info["model"] or {}
     table.add_row("model", visible(f"{model.get('source')} ({str(model.get('fingerprint'))[:12]}, "
                                    f"{model.get('dim')}-d)" if model else "none yet"))

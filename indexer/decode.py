@@ -24,7 +24,7 @@ from PIL import Image, ImageOps
 
 from .bounds import RefusedInput, check_frames, inflate_deflated_dicom
 from .dicom_values import element_text
-from .errors import one_line
+from .errors import REASON_LIMIT, one_line
 from .privacy import pseudonym
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
@@ -187,11 +187,11 @@ def _decode_image(data: bytes, frames: str, max_megapixels: float) -> Decoded:
     except MemoryError:
         raise TransientDecodeError("out of memory while decoding (tried again next run)") from None
     except (OSError, ValueError, SyntaxError, EOFError, IndexError, KeyError) as e:
-        raise DecodeError(f"truncated or corrupt image: {one_line(e, 120)}") from None
+        raise DecodeError(f"truncated or corrupt image: {one_line(e, REASON_LIMIT)}") from None
     except BaseException as e:
         if _is_fatal(e):
             raise
-        raise DecodeError(f"the image decoder failed: {one_line(e, 120)}") from None
+        raise DecodeError(f"the image decoder failed: {one_line(e, REASON_LIMIT)}") from None
     return Decoded(source_format=(img.format or "image").lower().replace("mpo", "jpeg"), frames=decoded)
 
 
@@ -337,15 +337,15 @@ def _decode_dicom(data: bytes, frames: str, max_megapixels: float, patient_key: 
     except RefusedInput as e:
         raise DecodeError(str(e)) from None
     except InvalidDicomError as e:
-        raise DecodeError(f"corrupt DICOM: {one_line(e, 120)}") from None
+        raise DecodeError(f"corrupt DICOM: {one_line(e, REASON_LIMIT)}") from None
     except NotImplementedError as e:
-        raise DecodeError(f"unsupported DICOM: {one_line(e, 120)}") from None
+        raise DecodeError(f"unsupported DICOM: {one_line(e, REASON_LIMIT)}") from None
     except MemoryError:
         raise TransientDecodeError("out of memory while decoding (tried again next run)") from None
     except BaseException as e:                          # pydicom and its codecs raise many types
         if _is_fatal(e):
             raise
-        raise DecodeError(f"truncated or corrupt DICOM: {one_line(e, 120)}") from None
+        raise DecodeError(f"truncated or corrupt DICOM: {one_line(e, REASON_LIMIT)}") from None
     return Decoded(source_format="dicom", frames=images, metadata=dicom_metadata(ds, patient_key))
 
 

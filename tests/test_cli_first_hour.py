@@ -91,3 +91,39 @@ def test_text_that_merely_contains_a_slash_and_forced_text_are_still_searched(in
     forced = mi_search("./nofile.png", "--text", "--index", str(index), "--json")
     assert forced.returncode == 0, forced.stderr
     assert len(json.loads(forced.stdout)) > 0
+
+
+# ---------------------------------------------------------------- mi-index --status
+
+def test_status_lists_one_folder_a_line_and_shortens_reasons_at_a_word(indexed):
+    root, index, _ = indexed
+    status = mi_index("--status", "--index", str(index))
+    assert status.returncode == 0, status.stderr
+    assert "\\x0a" not in status.stdout
+    lines = status.stdout.splitlines()
+    assert all(len(line) <= 80 for line in lines), status.stdout
+    for folder in (root / "xrays", root / "more"):
+        assert sum(line.strip().endswith(str(folder)) for line in lines) == 1, status.stdout
+    reason = next(line for line in lines if "pixel data" in line).strip()
+    assert reason.endswith("...") and LONG_REASON_END not in reason
+    shown = reason.removeprefix("skipped").strip().removeprefix("1 ").removesuffix("...").split()
+    whole = ("truncated or corrupt DICOM: The number of bytes of pixel data is less than expected (100 vs 32768 "
+             "bytes) - the dataset may be corrupted, have an invalid group 0028 element value, " + LONG_REASON_END)
+    assert shown == whole.split()[:len(shown)], reason  # whole words only
+
+
+def test_json_carries_the_whole_skip_reason(indexed):
+    _, index, first_run = indexed
+    assert "short.dcm" in first_run.stdout  # the human summary names it
+    status = json.loads(mi_index("--status", "--json", "--index", str(index)).stdout)
+    assert any(reason.endswith(LONG_REASON_END) for reason in status["skipped"]), status["skipped"]
+
+
+def test_a_run_summary_in_json_carries_the_whole_reason(tmp_path):
+    data = pngs(tmp_path / "data", 1)
+    short_pixel_data_dicom(data / "short.dcm")
+    result = mi_index(str(data), "--index", str(tmp_path / "index"), "--model", str(FIXTURE), "--workers", "0",
+                      "--json")
+    assert result.returncode == 0, result.stderr
+    reasons = [row["reason"] for row in json.loads(result.stdout)["skipped_files"]]
+    assert len(reasons) == 1 and reasons[0].endswith(LONG_REASON_END), reasons
