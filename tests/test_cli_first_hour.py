@@ -127,3 +127,60 @@ def test_a_run_summary_in_json_carries_the_whole_reason(tmp_path):
     assert result.returncode == 0, result.stderr
     reasons = [row["reason"] for row in json.loads(result.stdout)["skipped_files"]]
     assert len(reasons) == 1 and reasons[0].endswith(LONG_REASON_END), reasons
+
+
+# ---------------------------------------------------------------- mi-search's table (on a terminal)
+
+def printed_table(hits: list, width: int = 80) -> list[str]:
+    import io
+
+    from rich.console import Console
+
+    from retrieval.cli import _print_table
+
+    out = io.StringIO()
+    _print_table(hits, Console(file=out, width=width, color_system=None))
+    return out.getvalue().splitlines()
+
+
+LABELS = {f"finding number {i}": 1 / (i + 2) for i in range(12)}
+
+
+def two_hits() -> list:
+    from retrieval.hits import Hit
+
+    return [Hit(1, 0.4123, 1, "/a/b.dcm", {"modality": "CR", "study_instance_uid": "1.2.840.113619.2.55.3.2831164355.1"},
+                LABELS),
+            Hit(2, -0.0763, 2, "/a/c.dcm", {"modality": "CT", "study_instance_uid": "1.2.840.999.2.55.3.2831164355.1"},
+                LABELS)]
+
+
+def hit_lines(lines: list[str]) -> list[str]:
+    found = [line for line in lines if line.lstrip().startswith(("1 ", "2 "))]
+    assert len(found) == 2, lines
+    return found
+
+
+def test_the_table_tells_studies_apart():
+    lines = printed_table(two_hits())
+    start, end = lines[0].index("study"), lines[0].index("labels")
+    studies = [line[start:end].strip() for line in hit_lines(lines)]
+    assert studies[0] != studies[1] and all(len(study) <= 20 for study in studies), studies
+
+
+def test_the_table_keeps_negative_scores_whole():
+    first, second = hit_lines(printed_table(two_hits()))
+    assert " 0.412 " in first and " -0.076 " in second
+
+
+def test_the_table_keeps_labels_in_their_column_within_80_columns():
+    lines = printed_table(two_hits())
+    assert all(len(line) <= 80 for line in lines), lines
+    column = lines[0].index("labels")
+    shown = 0
+    for line in lines:
+        if "finding number" in line:
+            assert line.index("finding number") >= column, line  # never wrapped into column 0
+            assert line[:column].strip() == "" or line in hit_lines(lines), line
+            shown += line.count("finding number")
+    assert shown == 2 * len(LABELS)
