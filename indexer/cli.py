@@ -287,23 +287,51 @@ def entry() -> None:
     console_script(main)
 
 
+def _count(n: int, word: str) -> str:
+    """`1 file`, `247 files`."""
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+
+def summary_sentences(summary: dict) -> list[str]:
+    """A run's summary (the --json keys) as a few plain sentences."""
+    said = []
+    read = [_count(summary["new"], "new file")] if summary["new"] else []
+    read += [_count(summary["updated"], "changed file")] if summary["updated"] else []
+    outcome = [f"{_count(summary['encoded'], 'image')} indexed"] if summary["encoded"] else []
+    if summary["reused"]:
+        outcome.append(f"{_count(summary['reused'], 'file')} reused {'its' if summary['reused'] == 1 else 'their'} "
+                       f"stored vectors")
+    if summary["skipped"]:
+        outcome.append(f"{_count(summary['skipped'], 'file') if not read else summary['skipped']} skipped "
+                       f"(reasons below)")
+    if read:
+        said.append(f"{' and '.join(read)}: {', '.join(outcome) or 'nothing indexed'}.")
+    elif outcome:
+        said.append(", ".join(outcome).capitalize() + ".")
+    if summary["unchanged"]:
+        before = summary["still_skipped"]
+        said.append(f"{_count(summary['unchanged'], 'file')} unchanged since the last run, not read again"
+                    + (f" ({before} of them could not be read: tried again once they change)." if before else "."))
+    if summary["removed"]:
+        where = "its folder" if summary["removed"] == 1 else "their folders"
+        said.append(f"{_count(summary['removed'], 'file')} gone from {where}: taken out of the index.")
+    if summary.get("not_retrieved"):
+        said.append(f"{_count(summary['not_retrieved'], 'PACS instance')} not received whole: retrieved again "
+                    f"next run.")
+    if not (read or summary["skipped"] or summary["removed"] or summary.get("not_retrieved")):
+        said.insert(0, "Nothing new or changed.")
+    seconds = summary["seconds"].get("total", 0)
+    rate = f" ({summary['encoded'] / seconds:.1f} images/s)" if summary["encoded"] and seconds else ""
+    said.append(f"The index at {summary['index']} holds {_count(summary['images'], 'image')}; this run took "
+                f"{seconds:.1f} s{rate}.")
+    return said
+
+
 def _print_summary(console, summary: dict) -> None:
     from rich.table import Table
 
-    table = Table(title=f"index {visible(summary['index'])}", show_header=False, box=None)
-    for key in ("new", "updated", "unchanged", "removed", "skipped"):
-        table.add_row(key, str(summary[key]))
-    if summary.get("not_retrieved"):
-        table.add_row("not retrieved", f"{summary['not_retrieved']} PACS instances (not received whole: "
-                                       f"retrieved again next run)")
-    if summary["still_skipped"]:
-        table.add_row("", f"(and {summary['still_skipped']} unchanged files skipped before)")
-    table.add_row("encoded", f"{summary['encoded']} images ({summary['reused']} files reused stored vectors)")
-    table.add_row("in index", f"{summary['images']} images")
-    seconds = summary["seconds"]
-    rate = summary["encoded"] / seconds["total"] if seconds.get("total") else 0
-    table.add_row("time", f"{seconds.get('total', 0):.1f} s ({rate:.1f} images/s)")
-    console.print(table)
+    for sentence in summary_sentences(summary):
+        console.print(visible(sentence))
     if summary["skipped_files"]:
         from collections import Counter
         reasons = Table("skipped", "reason", title="skipped files (retried when they change)")

@@ -184,3 +184,34 @@ def test_the_table_keeps_labels_in_their_column_within_80_columns():
             assert line[:column].strip() == "" or line in hit_lines(lines), line
             shown += line.count("finding number")
     assert shown == 2 * len(LABELS)
+
+
+# ---------------------------------------------------------------- the summary of a run
+
+def no_wrong_plural(text: str) -> None:
+    assert not re.search(r"(?<![\d.,])1 (files|images|PACS instances)\b", text), text
+
+
+def test_the_summary_is_a_few_plain_sentences(indexed):
+    root, index, first_run = indexed
+    text = " ".join(first_run.stdout.split())
+    assert "6 new files: 4 images indexed, 2 skipped (reasons below)." in text, first_run.stdout
+    assert f"The index at {index} holds 4 images" in text
+    no_wrong_plural(text)
+
+
+def test_a_rerun_says_what_it_reused_and_left_alone_with_correct_plurals(tmp_path):
+    data = pngs(tmp_path / "data", 2)
+    (data / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    index = str(tmp_path / "index")
+    common = ("--index", index, "--model", str(FIXTURE), "--workers", "0")
+    assert mi_index(str(data), *common).returncode == 0
+    shutil.copy(data / "00.png", data / "copy.png")
+    again = mi_index(str(data), *common)
+    assert again.returncode == 0, again.stderr
+    text = " ".join(again.stdout.split())
+    assert "1 new file: 1 file reused its stored vectors." in text, again.stdout
+    assert "3 files unchanged since the last run, not read again (1 of them could not be read" in text
+    no_wrong_plural(text)
+    assert json.loads(mi_index(str(data), *common, "--json").stdout).keys() >= {
+        "new", "updated", "unchanged", "removed", "skipped", "still_skipped", "encoded", "reused", "images"}
