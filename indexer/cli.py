@@ -235,15 +235,28 @@ def _more_paths(index_dir: Path, sample: bool, update: bool, folders_of: Path | 
             roots = store.roots()
         urls += [root for root in roots if is_pacs_url(root)]
         roots = [root for root in roots if not is_pacs_url(root)]
-        gone = [root for root in roots if not Path(root).exists()]
-        if gone:
-            raise StoreError(f"{gone[0]} is gone: take it out with `mi-index --remove {gone[0]}`"
-                             + (f" --index {index_dir}" if source == index_dir else f" --index {source}"))
         if not roots and not urls:
             raise StoreError(f"the index at {source} records no folders (made before mi-index recorded them): "
                              f"name them once, e.g. `mi-index FOLDER --index {source}`")
-        more += [Path(root) for root in roots]
+        gone = [root for root in roots if not Path(root).exists()]
+        if gone:  # the others are updated: one folder unplugged must not hold up the rest
+            _say_gone(gone, source, everything=len(gone) == len(roots) and not urls)
+        more += [Path(root) for root in roots if root not in gone]
     return tuple(more), urls
+
+
+def _say_gone(gone: list[str], index_dir: Path, everything: bool) -> None:
+    """One line naming the recorded folders that are gone, and how to take them out of the index; an error
+    when no folder is left to update."""
+    from .store import StoreError
+
+    named = ", ".join(visible(root, markup=False) for root in gone)
+    what = named if len(gone) == 1 else "PATH"
+    how = f"take {'it' if len(gone) == 1 else 'each'} out with `mi-index --remove {what} --index {index_dir}`"
+    if everything:
+        raise StoreError(f"nothing to update: every folder the index records is gone ({named}); {how}")
+    click.echo(f"not updated, gone: {named} ({'its' if len(gone) == 1 else 'their'} images stay in the index; "
+               f"{how})", err=True)
 
 
 def _manage(index_dir: Path, status: bool, remove: tuple[str, ...], as_json: bool) -> None:

@@ -215,3 +215,22 @@ def test_a_rerun_says_what_it_reused_and_left_alone_with_correct_plurals(tmp_pat
     no_wrong_plural(text)
     assert json.loads(mi_index(str(data), *common, "--json").stdout).keys() >= {
         "new", "updated", "unchanged", "removed", "skipped", "still_skipped", "encoded", "reused", "images"}
+
+
+# ---------------------------------------------------------------- --update with a folder gone
+
+def test_update_updates_the_folders_that_exist_and_names_the_gone_one(tmp_path):
+    kept, unplugged = pngs(tmp_path / "kept", 2), pngs(tmp_path / "usb", 1, start=4)
+    index = str(tmp_path / "index")
+    common = ("--index", index, "--model", str(FIXTURE), "--workers", "0")
+    assert mi_index(str(kept), str(unplugged), *common).returncode == 0
+    shutil.rmtree(unplugged)
+    pngs(kept, 1, start=7)  # something to update
+    updated = mi_index("--update", *common, "--json")
+    assert updated.returncode == 0, updated.stderr
+    assert json.loads(updated.stdout)["new"] == 1
+    note = [line for line in updated.stderr.splitlines() if line.strip()]
+    assert len(note) == 1 and str(unplugged) in note[0] and f"mi-index --remove {unplugged}" in note[0], note
+    shutil.rmtree(kept)
+    nothing = one_error_line(mi_index("--update", *common))
+    assert str(kept) in nothing and str(unplugged) in nothing and "mi-index --remove" in nothing
