@@ -33,7 +33,7 @@ but is none is an error: a typo, or --text.
 \b
 Filters apply before the top-k cut: -k 10 --modality CR gives 10 CR images
 when 10 exist:
-  mi-search "lumbar spine fracture" -k 20 --modality CR --since 2020-01-01
+  mi-search "lumbar spine fracture" -k 20 --modality CR --since 2020
 
 \b
 Output: a table on a terminal; tab-separated lines under a header row (rank,
@@ -58,7 +58,7 @@ def _flag(name: str) -> str:
 
 def request_options(command: Any) -> Any:
     """The options of a search request, one per filter (indexer.filters) and option (retrieval.request)."""
-    dates = {"type": click.DateTime(["%Y-%m-%d"]), "metavar": "YYYY-MM-DD"}
+    dates = {"metavar": "DATE"}  # YYYY-MM-DD, YYYY-MM or YYYY: read by indexer.filters, one rule everywhere
     decorators = [click.option(*FLAGS["k"], "k", type=click.IntRange(1, MAX_K), default=DEFAULT_K,
                                show_default=True, help="Number of hits.")]
     decorators += [click.option(_flag(field.name), field.name, help=field.help,

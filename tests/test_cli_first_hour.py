@@ -18,6 +18,7 @@ from PIL import Image
 
 REPO = Path(__file__).parents[1]
 FIXTURE = REPO / "tests" / "fixtures" / "medimageinsight-tiny"
+TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 LONG_REASON_END = "or the transfer syntax may be incorrect"  # pydicom's reason for short pixel data, whole
 
 
@@ -48,7 +49,7 @@ def pngs(folder: Path, count: int, start: int = 0) -> Path:
 
 def short_pixel_data_dicom(path: Path) -> Path:
     """A real CT file whose pixel data is cut short: pydicom's reason for it is long (about 190 characters)."""
-    dataset = pydicom.dcmread(Path(pydicom.__file__).parent / "data" / "test_files" / "CT_small.dcm")
+    dataset = pydicom.dcmread(TEST_FILES / "CT_small.dcm")
     dataset.PixelData = dataset.PixelData[:100]
     dataset.save_as(path)
     return path
@@ -64,12 +65,14 @@ def one_error_line(result: subprocess.CompletedProcess) -> str:
 
 @pytest.fixture(scope="module")
 def indexed(tmp_path_factory):
-    """Two folders indexed once: three PNGs, a file that is no image, and a DICOM with short pixel data; and
-    one PNG in another folder. Returns (root, index, the first run)."""
+    """Two folders indexed once: three PNGs, two DICOM studies of 2004, a file that is no image, and a DICOM
+    with short pixel data; and one PNG in another folder. Returns (root, index, the first run)."""
     root = tmp_path_factory.mktemp("first-hour")
     first, second = pngs(root / "xrays", 3), pngs(root / "more", 1, start=5)
     (first / "notes.png").write_bytes(b"not a png at all")
     short_pixel_data_dicom(first / "short.dcm")
+    for name in ("CT_small.dcm", "MR_small.dcm"):  # studies of 2004-01-19 and 2004-08-26
+        shutil.copy(TEST_FILES / name, first / name)
     index = root / "index"
     result = mi_index(str(first), str(second), "--index", str(index), "--model", str(FIXTURE), "--workers", "0")
     assert result.returncode == 0, result.stderr
@@ -195,8 +198,8 @@ def no_wrong_plural(text: str) -> None:
 def test_the_summary_is_a_few_plain_sentences(indexed):
     root, index, first_run = indexed
     text = " ".join(first_run.stdout.split())
-    assert "6 new files: 4 images indexed, 2 skipped (reasons below)." in text, first_run.stdout
-    assert f"The index at {index} holds 4 images" in text
+    assert "8 new files: 6 images indexed, 2 skipped (reasons below)." in text, first_run.stdout
+    assert f"The index at {index} holds 6 images" in text
     no_wrong_plural(text)
 
 
@@ -234,3 +237,27 @@ def test_update_updates_the_folders_that_exist_and_names_the_gone_one(tmp_path):
     shutil.rmtree(kept)
     nothing = one_error_line(mi_index("--update", *common))
     assert str(kept) in nothing and str(unplugged) in nothing and "mi-index --remove" in nothing
+
+
+# ---------------------------------------------------------------- --since 2020
+
+@pytest.mark.parametrize("since, until, found", [
+    ("2004", None, {"CT_small.dcm", "MR_small.dcm"}), ("2005", None, "since 2005-01-01"),
+    (None, "2004-01", {"CT_small.dcm"}), ("2004-08", "2004", {"MR_small.dcm"}), (None, "2003", "until 2003-12-31")])
+def test_dates_may_be_a_year_or_a_month(indexed, since, until, found):
+    _, index, _ = indexed
+    dates = [*(("--since", since) if since else ()), *(("--until", until) if until else ())]
+    result = mi_search("scan", "--index", str(index), "-k", "20", "--json", *dates)
+    if isinstance(found, str):  # nothing matches: the message says which day the year begins or ends on
+        assert f"no image in the index matches {found}" in one_error_line(result)
+        return
+    assert result.returncode == 0, result.stderr
+    assert {Path(hit["path"]).name for hit in json.loads(result.stdout)} == found
+
+
+def test_a_month_that_does_not_exist_is_one_line():
+    from indexer.filters import SearchFilters
+
+    with pytest.raises(ValueError, match="YYYY-MM-DD, YYYY-MM or YYYY"):
+        SearchFilters.make(until="2020-13")
+    assert SearchFilters.make(since="2024-02", until="2024-02").until.isoformat() == "2024-02-29"
