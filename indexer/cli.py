@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,30 +167,36 @@ def main(paths: tuple[str, ...], sample: bool, update: bool, folders_of: Path | 
     from .pacs_keys import is_dicomweb_url
 
     index_dir = index_dir or default_index_dir()
-    with one_line_errors():
-        if status or remove:
-            return _manage(index_dir, status, remove, as_json)
-        files, urls = _sources(paths, index_dir, sample, update, folders_of)
-    if not files and not urls:
-        raise click.UsageError("give PATHS to index (or --sample, --update, --status; see --help)")
-    if pacs.filtered and not urls:
-        raise click.UsageError("--modality, --study-date and --body-part filter a PACS: give its "
-                               "dicomweb+http(s):// or dimse:// URL")
-    runs = ([lambda bar: index_paths(files, index_dir, model=model, options=options, progress=bar)] if files else [])
-    common = dict(model=model, options=options, **pacs.keywords())
-    runs += [lambda bar, url=url: index_dicomweb(url, index_dir, user=pacs.user, password=pacs.password,
-                                                 progress=bar, **common)
-             if is_dicomweb_url(url) else
-             index_dimse(url, index_dir, calling_aet=pacs.calling_aet, progress=bar, **common)
-             for url in urls]
-    for run in runs:  # folders, then each PACS: one summary each
-        _run_and_report(run, as_json)
+    with ExitStack() as undone_on_failure:  # a failed --sample run leaves no copy of the sample behind
+        with one_line_errors():
+            if status or remove:
+                return _manage(index_dir, status, remove, as_json)
+            sample_dir = None
+            if sample:
+                from .sample import sample_copy
+                sample_dir = undone_on_failure.enter_context(sample_copy())
+            files, urls = _sources(paths, index_dir, sample_dir, update, folders_of)
+        if not files and not urls:
+            raise click.UsageError("give PATHS to index (or --sample, --update, --status; see --help)")
+        if pacs.filtered and not urls:
+            raise click.UsageError("--modality, --study-date and --body-part filter a PACS: give its "
+                                   "dicomweb+http(s):// or dimse:// URL")
+        runs = ([lambda bar: index_paths(files, index_dir, model=model, options=options, progress=bar)]
+                if files else [])
+        common = dict(model=model, options=options, **pacs.keywords())
+        runs += [lambda bar, url=url: index_dicomweb(url, index_dir, user=pacs.user, password=pacs.password,
+                                                     progress=bar, **common)
+                 if is_dicomweb_url(url) else
+                 index_dimse(url, index_dir, calling_aet=pacs.calling_aet, progress=bar, **common)
+                 for url in urls]
+        for run in runs:  # folders, then each PACS: one summary each
+            _run_and_report(run, as_json)
 
 
-def _sources(paths: tuple[str, ...], index_dir: Path, sample: bool, update: bool, folders_of: Path | None
-             ) -> tuple[tuple[Path, ...], list[str]]:
-    """The files and folders, and the PACS URLs, to index: those named, and those --sample, --update and
-    --folders-of add."""
+def _sources(paths: tuple[str, ...], index_dir: Path, sample_dir: Path | None, update: bool,
+             folders_of: Path | None) -> tuple[tuple[Path, ...], list[str]]:
+    """The files and folders, and the PACS URLs, to index: those named, and those --sample (copied into
+    `sample_dir`), --update and --folders-of add."""
     from .pacs_keys import is_pacs_url
 
     for path in paths:
@@ -197,7 +204,7 @@ def _sources(paths: tuple[str, ...], index_dir: Path, sample: bool, update: bool
             raise click.UsageError(f"to index a PACS over DICOMweb, write dicomweb+{path}")
     urls = [path for path in paths if is_pacs_url(path)]
     files = tuple(Path(path) for path in paths if not is_pacs_url(path))
-    more_files, more_urls = _more_paths(index_dir, sample, update, folders_of)
+    more_files, more_urls = _more_paths(index_dir, sample_dir, update, folders_of)
     return files + more_files, urls + [url for url in more_urls if url not in urls]
 
 
@@ -217,17 +224,14 @@ def _run_and_report(run, as_json: bool) -> None:
         _print_summary(Console(), summary)
 
 
-def _more_paths(index_dir: Path, sample: bool, update: bool, folders_of: Path | None
+def _more_paths(index_dir: Path, sample_dir: Path | None, update: bool, folders_of: Path | None
                 ) -> tuple[tuple[Path, ...], list[str]]:
     """The folders and PACS URLs that --sample, --update and --folders-of add."""
     from .pacs_keys import is_pacs_url
     from .store import IndexStore, StoreError
 
-    more: list[Path] = []
+    more: list[Path] = [sample_dir] if sample_dir else []
     urls: list[str] = []
-    if sample:
-        from .sample import sample_folder
-        more.append(sample_folder())
     for source, asked in ((index_dir, update), (folders_of, folders_of is not None)):
         if not asked:
             continue

@@ -261,3 +261,18 @@ def test_a_month_that_does_not_exist_is_one_line():
     with pytest.raises(ValueError, match="YYYY-MM-DD, YYYY-MM or YYYY"):
         SearchFilters.make(until="2020-13")
     assert SearchFilters.make(since="2024-02", until="2024-02").until.isoformat() == "2024-02-29"
+
+
+# ---------------------------------------------------------------- a failed --sample run
+
+def test_a_failed_sample_run_leaves_no_copy_and_a_good_one_keeps_it(tmp_path):
+    env = {"XDG_DATA_HOME": str(tmp_path / "data-home")}  # where the per-user data folder is (platformdirs)
+    sample = tmp_path / "data-home" / "medimageinsight-search" / "sample"
+    failed = mi_index("--sample", "--index", str(tmp_path / "index"), "--model", str(tmp_path / "no-model"),
+                      "--workers", "0", env=env)
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stderr
+    assert not sample.exists() and not (tmp_path / "data-home").exists()
+    ok = mi_index("--sample", "--index", str(tmp_path / "index"), "--model", str(FIXTURE), "--workers", "0",
+                  "--json", env=env)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["images"] > 0 and len(list(sample.glob("*.dcm"))) >= 6
