@@ -249,6 +249,24 @@ def _more_paths(index_dir: Path, sample_dir: Path | None, update: bool, folders_
     return tuple(more), urls
 
 
+def _check_held(store, paths: tuple[str, ...]) -> None:
+    """--remove PATH of something the index never held is a typo: an error naming what it holds, before
+    anything is removed."""
+    import os
+
+    from .pacs_keys import is_pacs_url
+    from .store import StoreError
+
+    roots = store.roots()
+    for path in paths:
+        where = path.rstrip("/") if is_pacs_url(path) else os.path.realpath(path)  # as remove_root reads it
+        if where not in roots and not store.files_under([where]):
+            held = ", ".join(visible(root, markup=False) for root in roots[:3]) + (", ..." if len(roots) > 3 else "")
+            raise StoreError(f"{path} is not in the index at {store.folder}"
+                             + (f", which holds {held}" if roots else "")
+                             + " (see `mi-index --status`)")
+
+
 def _say_gone(gone: list[str], index_dir: Path, everything: bool) -> None:
     """One line naming the recorded folders that are gone, and how to take them out of the index; an error
     when no folder is left to update."""
@@ -271,6 +289,7 @@ def _manage(index_dir: Path, status: bool, remove: tuple[str, ...], as_json: boo
     with IndexStore.open(index_dir, readonly=not remove) as store:
         if remove:
             store.lock()
+            _check_held(store, remove)
             removed = sum(store.remove_root(path) for path in remove)
             store.write_faiss()
             click.echo(f"removed {removed} files from {index_dir}; {store.count()} images left", err=as_json)

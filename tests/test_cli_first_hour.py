@@ -276,3 +276,16 @@ def test_a_failed_sample_run_leaves_no_copy_and_a_good_one_keeps_it(tmp_path):
                   "--json", env=env)
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["images"] > 0 and len(list(sample.glob("*.dcm"))) >= 6
+
+
+# ---------------------------------------------------------------- --remove of what was never indexed
+
+def test_removing_what_was_never_indexed_is_one_line_and_removes_nothing(indexed):
+    root, index, _ = indexed
+    before = json.loads(mi_index("--status", "--json", "--index", str(index)).stdout)
+    line = one_error_line(mi_index("--remove", str(root / "more"), "--remove", str(root / "xrays-typo"),
+                                   "--index", str(index)))
+    assert f"{root / 'xrays-typo'} is not in the index" in line and str(root / "xrays") in line
+    assert "mi-index --status" in line
+    after = json.loads(mi_index("--status", "--json", "--index", str(index)).stdout)
+    assert after["images"] == before["images"] and after["folders"] == before["folders"]
