@@ -152,10 +152,9 @@ LABELS = {f"finding number {i}": 1 / (i + 2) for i in range(12)}
 def two_hits() -> list:
     from retrieval.hits import Hit
 
-    return [Hit(1, 0.4123, 1, "/a/b.dcm", {"modality": "CR", "study_instance_uid": "1.2.840.113619.2.55.3.2831164355.1"},
-                LABELS),
-            Hit(2, -0.0763, 2, "/a/c.dcm", {"modality": "CT", "study_instance_uid": "1.2.840.999.2.55.3.2831164355.1"},
-                LABELS)]
+    studies = ("1.2.840.113619.2.55.3.2831164355.1", "1.2.840.999.2.55.3.2831164355.1")  # the same last 11
+    return [Hit(1, 0.4123, 1, "/a/b.dcm", {"modality": "CR", "study_instance_uid": studies[0]}, LABELS),
+            Hit(2, -0.0763, 2, "/a/c.dcm", {"modality": "CT", "study_instance_uid": studies[1]}, LABELS)]
 
 
 def hit_lines(lines: list[str]) -> list[str]:
