@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
+from .errors import shortened
 from .options import COMPILE_CHOICES, FRAMES_CHOICES, IndexOptions
 from .terminal import (ProgressBar, collected, console_script, device_option, index_option, json_option,
                        model_option, one_line_errors, visible)
@@ -41,6 +43,7 @@ stored vectors. Killing mi-index loses at most the batch in flight.
 """
 
 
+STATUS_REASON_CHARS = 64  # a skip reason in the --status table: its row stays within 80 columns
 SKIPPED_SHOWN = 5  # paths listed in the human summary; the counts by reason cover the rest
 
 
@@ -164,30 +167,36 @@ def main(paths: tuple[str, ...], sample: bool, update: bool, folders_of: Path | 
     from .pacs_keys import is_dicomweb_url
 
     index_dir = index_dir or default_index_dir()
-    with one_line_errors():
-        if status or remove:
-            return _manage(index_dir, status, remove, as_json)
-        files, urls = _sources(paths, index_dir, sample, update, folders_of)
-    if not files and not urls:
-        raise click.UsageError("give PATHS to index (or --sample, --update, --status; see --help)")
-    if pacs.filtered and not urls:
-        raise click.UsageError("--modality, --study-date and --body-part filter a PACS: give its "
-                               "dicomweb+http(s):// or dimse:// URL")
-    runs = ([lambda bar: index_paths(files, index_dir, model=model, options=options, progress=bar)] if files else [])
-    common = dict(model=model, options=options, **pacs.keywords())
-    runs += [lambda bar, url=url: index_dicomweb(url, index_dir, user=pacs.user, password=pacs.password,
-                                                 progress=bar, **common)
-             if is_dicomweb_url(url) else
-             index_dimse(url, index_dir, calling_aet=pacs.calling_aet, progress=bar, **common)
-             for url in urls]
-    for run in runs:  # folders, then each PACS: one summary each
-        _run_and_report(run, as_json)
+    with ExitStack() as undone_on_failure:  # a failed --sample run leaves no copy of the sample behind
+        with one_line_errors():
+            if status or remove:
+                return _manage(index_dir, status, remove, as_json)
+            sample_dir = None
+            if sample:
+                from .sample import sample_copy
+                sample_dir = undone_on_failure.enter_context(sample_copy())
+            files, urls = _sources(paths, index_dir, sample_dir, update, folders_of)
+        if not files and not urls:
+            raise click.UsageError("give PATHS to index (or --sample, --update, --status; see --help)")
+        if pacs.filtered and not urls:
+            raise click.UsageError("--modality, --study-date and --body-part filter a PACS: give its "
+                                   "dicomweb+http(s):// or dimse:// URL")
+        runs = ([lambda bar: index_paths(files, index_dir, model=model, options=options, progress=bar)]
+                if files else [])
+        common = dict(model=model, options=options, **pacs.keywords())
+        runs += [lambda bar, url=url: index_dicomweb(url, index_dir, user=pacs.user, password=pacs.password,
+                                                     progress=bar, **common)
+                 if is_dicomweb_url(url) else
+                 index_dimse(url, index_dir, calling_aet=pacs.calling_aet, progress=bar, **common)
+                 for url in urls]
+        for run in runs:  # folders, then each PACS: one summary each
+            _run_and_report(run, as_json)
 
 
-def _sources(paths: tuple[str, ...], index_dir: Path, sample: bool, update: bool, folders_of: Path | None
-             ) -> tuple[tuple[Path, ...], list[str]]:
-    """The files and folders, and the PACS URLs, to index: those named, and those --sample, --update and
-    --folders-of add."""
+def _sources(paths: tuple[str, ...], index_dir: Path, sample_dir: Path | None, update: bool,
+             folders_of: Path | None) -> tuple[tuple[Path, ...], list[str]]:
+    """The files and folders, and the PACS URLs, to index: those named, and those --sample (copied into
+    `sample_dir`), --update and --folders-of add."""
     from .pacs_keys import is_pacs_url
 
     for path in paths:
@@ -195,7 +204,7 @@ def _sources(paths: tuple[str, ...], index_dir: Path, sample: bool, update: bool
             raise click.UsageError(f"to index a PACS over DICOMweb, write dicomweb+{path}")
     urls = [path for path in paths if is_pacs_url(path)]
     files = tuple(Path(path) for path in paths if not is_pacs_url(path))
-    more_files, more_urls = _more_paths(index_dir, sample, update, folders_of)
+    more_files, more_urls = _more_paths(index_dir, sample_dir, update, folders_of)
     return files + more_files, urls + [url for url in more_urls if url not in urls]
 
 
@@ -215,17 +224,14 @@ def _run_and_report(run, as_json: bool) -> None:
         _print_summary(Console(), summary)
 
 
-def _more_paths(index_dir: Path, sample: bool, update: bool, folders_of: Path | None
+def _more_paths(index_dir: Path, sample_dir: Path | None, update: bool, folders_of: Path | None
                 ) -> tuple[tuple[Path, ...], list[str]]:
     """The folders and PACS URLs that --sample, --update and --folders-of add."""
     from .pacs_keys import is_pacs_url
     from .store import IndexStore, StoreError
 
-    more: list[Path] = []
+    more: list[Path] = [sample_dir] if sample_dir else []
     urls: list[str] = []
-    if sample:
-        from .sample import sample_folder
-        more.append(sample_folder())
     for source, asked in ((index_dir, update), (folders_of, folders_of is not None)):
         if not asked:
             continue
@@ -233,15 +239,46 @@ def _more_paths(index_dir: Path, sample: bool, update: bool, folders_of: Path | 
             roots = store.roots()
         urls += [root for root in roots if is_pacs_url(root)]
         roots = [root for root in roots if not is_pacs_url(root)]
-        gone = [root for root in roots if not Path(root).exists()]
-        if gone:
-            raise StoreError(f"{gone[0]} is gone: take it out with `mi-index --remove {gone[0]}`"
-                             + (f" --index {index_dir}" if source == index_dir else f" --index {source}"))
         if not roots and not urls:
             raise StoreError(f"the index at {source} records no folders (made before mi-index recorded them): "
                              f"name them once, e.g. `mi-index FOLDER --index {source}`")
-        more += [Path(root) for root in roots]
+        gone = [root for root in roots if not Path(root).exists()]
+        if gone:  # the others are updated: one folder unplugged must not hold up the rest
+            _say_gone(gone, source, everything=len(gone) == len(roots) and not urls)
+        more += [Path(root) for root in roots if root not in gone]
     return tuple(more), urls
+
+
+def _check_held(store, paths: tuple[str, ...]) -> None:
+    """--remove PATH of something the index never held is a typo: an error naming what it holds, before
+    anything is removed."""
+    import os
+
+    from .pacs_keys import is_pacs_url
+    from .store import StoreError
+
+    roots = store.roots()
+    for path in paths:
+        where = path.rstrip("/") if is_pacs_url(path) else os.path.realpath(path)  # as remove_root reads it
+        if where not in roots and not store.files_under([where]):
+            held = ", ".join(visible(root, markup=False) for root in roots[:3]) + (", ..." if len(roots) > 3 else "")
+            raise StoreError(f"{path} is not in the index at {store.folder}"
+                             + (f", which holds {held}" if roots else "")
+                             + " (see `mi-index --status`)")
+
+
+def _say_gone(gone: list[str], index_dir: Path, everything: bool) -> None:
+    """One line naming the recorded folders that are gone, and how to take them out of the index; an error
+    when no folder is left to update."""
+    from .store import StoreError
+
+    named = ", ".join(visible(root, markup=False) for root in gone)
+    what = named if len(gone) == 1 else "PATH"
+    how = f"take {'it' if len(gone) == 1 else 'each'} out with `mi-index --remove {what} --index {index_dir}`"
+    if everything:
+        raise StoreError(f"nothing to update: every folder the index records is gone ({named}); {how}")
+    click.echo(f"not updated, gone: {named} ({'its' if len(gone) == 1 else 'their'} images stay in the index; "
+               f"{how})", err=True)
 
 
 def _manage(index_dir: Path, status: bool, remove: tuple[str, ...], as_json: bool) -> None:
@@ -252,6 +289,7 @@ def _manage(index_dir: Path, status: bool, remove: tuple[str, ...], as_json: boo
     with IndexStore.open(index_dir, readonly=not remove) as store:
         if remove:
             store.lock()
+            _check_held(store, remove)
             removed = sum(store.remove_root(path) for path in remove)
             store.write_faiss()
             click.echo(f"removed {removed} files from {index_dir}; {store.count()} images left", err=as_json)
@@ -266,8 +304,11 @@ def _manage(index_dir: Path, status: bool, remove: tuple[str, ...], as_json: boo
     table = Table(title=f"index {visible(info['index'])}", show_header=False, box=None)
     table.add_row("images", f"{info['images']} from {info['files']} files")
     table.add_row("modalities", visible(", ".join(f"{m or 'none'} {n}" for m, n in info["modalities"].items())))
-    table.add_row("skipped", visible(", ".join(f"{n} {why}" for why, n in info["skipped"].items()) or "none"))
-    table.add_row("folders", visible("\n".join(info["folders"]) or "(not recorded)"))
+    # One line per reason and per folder (visible() would show a joining newline as \x0a); a long reason
+    # shortened at a word boundary (--json has it whole).
+    table.add_row("skipped", "\n".join(visible(f"{n} {shortened(why, STATUS_REASON_CHARS)}")
+                                       for why, n in info["skipped"].items()) or "none")
+    table.add_row("folders", "\n".join(visible(folder) for folder in info["folders"]) or "(not recorded)")
     model = info["model"] or {}
     table.add_row("model", visible(f"{model.get('source')} ({str(model.get('fingerprint'))[:12]}, "
                                    f"{model.get('dim')}-d)" if model else "none yet"))
@@ -282,23 +323,51 @@ def entry() -> None:
     console_script(main)
 
 
+def _count(n: int, word: str) -> str:
+    """`1 file`, `247 files`."""
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+
+def summary_sentences(summary: dict) -> list[str]:
+    """A run's summary (the --json keys) as a few plain sentences."""
+    said = []
+    read = [_count(summary["new"], "new file")] if summary["new"] else []
+    read += [_count(summary["updated"], "changed file")] if summary["updated"] else []
+    outcome = [f"{_count(summary['encoded'], 'image')} indexed"] if summary["encoded"] else []
+    if summary["reused"]:
+        outcome.append(f"{_count(summary['reused'], 'file')} reused {'its' if summary['reused'] == 1 else 'their'} "
+                       f"stored vectors")
+    if summary["skipped"]:
+        outcome.append(f"{_count(summary['skipped'], 'file') if not read else summary['skipped']} skipped "
+                       f"(reasons below)")
+    if read:
+        said.append(f"{' and '.join(read)}: {', '.join(outcome) or 'nothing indexed'}.")
+    elif outcome:
+        said.append(", ".join(outcome).capitalize() + ".")
+    if summary["unchanged"]:
+        before = summary["still_skipped"]
+        said.append(f"{_count(summary['unchanged'], 'file')} unchanged since the last run, not read again"
+                    + (f" ({before} of them could not be read: tried again once they change)." if before else "."))
+    if summary["removed"]:
+        where = "its folder" if summary["removed"] == 1 else "their folders"
+        said.append(f"{_count(summary['removed'], 'file')} gone from {where}: taken out of the index.")
+    if summary.get("not_retrieved"):
+        said.append(f"{_count(summary['not_retrieved'], 'PACS instance')} not received whole: retrieved again "
+                    f"next run.")
+    if not (read or summary["skipped"] or summary["removed"] or summary.get("not_retrieved")):
+        said.insert(0, "Nothing new or changed.")
+    seconds = summary["seconds"].get("total", 0)
+    rate = f" ({summary['encoded'] / seconds:.1f} images/s)" if summary["encoded"] and seconds else ""
+    said.append(f"The index at {summary['index']} holds {_count(summary['images'], 'image')}; this run took "
+                f"{seconds:.1f} s{rate}.")
+    return said
+
+
 def _print_summary(console, summary: dict) -> None:
     from rich.table import Table
 
-    table = Table(title=f"index {visible(summary['index'])}", show_header=False, box=None)
-    for key in ("new", "updated", "unchanged", "removed", "skipped"):
-        table.add_row(key, str(summary[key]))
-    if summary.get("not_retrieved"):
-        table.add_row("not retrieved", f"{summary['not_retrieved']} PACS instances (not received whole: "
-                                       f"retrieved again next run)")
-    if summary["still_skipped"]:
-        table.add_row("", f"(and {summary['still_skipped']} unchanged files skipped before)")
-    table.add_row("encoded", f"{summary['encoded']} images ({summary['reused']} files reused stored vectors)")
-    table.add_row("in index", f"{summary['images']} images")
-    seconds = summary["seconds"]
-    rate = summary["encoded"] / seconds["total"] if seconds.get("total") else 0
-    table.add_row("time", f"{seconds.get('total', 0):.1f} s ({rate:.1f} images/s)")
-    console.print(table)
+    for sentence in summary_sentences(summary):
+        console.print(visible(sentence))
     if summary["skipped_files"]:
         from collections import Counter
         reasons = Table("skipped", "reason", title="skipped files (retried when they change)")

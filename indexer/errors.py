@@ -10,11 +10,25 @@ class MIError(Exception):
     line (`one_line`)."""
 
 
+REASON_LIMIT = 1000  # characters of a skip reason kept: every real one whole, a hostile one bounded
+
+
 def one_line(error: BaseException, limit: int | None = None) -> str:
     """An error as one line of text (whitespace folded), its type's name where it says nothing;
-    cut at `limit` characters with "..." where one is given."""
+    where `limit` is given and exceeded, cut at a word boundary within it, with "..."."""
     text = " ".join(str(error).split()) or type(error).__name__
-    return text if limit is None or len(text) <= limit else text[: limit - 3] + "..."
+    return text if limit is None else shortened(text, limit)
+
+
+def shortened(text: str, limit: int) -> str:
+    """`text` within `limit` characters: whole when it fits, else cut after its last whole word
+    that fits (mid-word only for a word longer than half the room), with "..."."""
+    if len(text) <= limit:
+        return text
+    room = max(limit - 3, 0)
+    cut = text[:room]
+    space = cut.rfind(" ", 0, room + 1) if text[room:room + 1] != " " else room
+    return (cut[:space] if space >= room // 2 else cut).rstrip(" ,;:-") + "..."
 
 
 class StoreError(MIError):

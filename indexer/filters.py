@@ -4,8 +4,10 @@
 `retrieval.Searcher` to the store's SQL (`IndexStore.filter_ids`, which reads FILTER_FIELDS)."""
 from __future__ import annotations
 
+import calendar
 import datetime as dt
 import os
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -29,8 +31,10 @@ FILTER_FIELDS = (
     FilterField("modality", "modality", "equal", "Only this DICOM Modality (CR, DX, CT, ...).", "modalities"),
     FilterField("body_part", "body_part", "equal", "Only this BodyPartExamined (CHEST, ...).", "body parts"),
     FilterField("view", "view_position", "equal", "Only this ViewPosition (PA, AP, LL, ...).", "views"),
-    FilterField("since", "study_date", "from", "Only studies on or after this date."),
-    FilterField("until", "study_date", "to", "Only studies on or before this date."),
+    FilterField("since", "study_date", "from", "Only studies on or after this date: YYYY-MM-DD, or YYYY-MM or "
+                                               "YYYY for its first day."),
+    FilterField("until", "study_date", "to", "Only studies on or before this date: YYYY-MM-DD, or YYYY-MM or "
+                                             "YYYY for its last day."),
     FilterField("under", "path", "under", "Only files under this folder."),
 )
 FILTER_NAMES = tuple(field.name for field in FILTER_FIELDS)
@@ -53,7 +57,8 @@ class SearchFilters:
     def make(cls, *, modality: str | None = None, body_part: str | None = None, view: str | None = None,
              since: str | dt.date | dt.datetime | None = None, until: str | dt.date | dt.datetime | None = None,
              under: str | os.PathLike | None = None) -> SearchFilters:
-        """Filters from user input: dates as YYYY-MM-DD strings or dates, `under` any path."""
+        """Filters from user input: dates as YYYY-MM-DD, YYYY-MM or YYYY strings (a month or year: its first day
+        for since, its last for until) or dates, `under` any path."""
         return cls(modality=modality or None, body_part=body_part or None, view=view or None,
                    since=_date(since, "since"), until=_date(until, "until"),
                    under=os.path.realpath(Path(under).expanduser()) if under else None)
@@ -78,14 +83,28 @@ def _text(value: object) -> str | None:
     return value.isoformat() if isinstance(value, dt.date) else value  # type: ignore[return-value]
 
 
+_YEAR_OR_MONTH = re.compile(r"(\d{4})(?:-(\d{2}))?")
+
+
 def _date(value: str | dt.date | dt.datetime | None, name: str) -> dt.date | None:
+    """A date bound from user input: YYYY-MM-DD, or a year (YYYY) or month (YYYY-MM), which since= reads as
+    its first day and until= as its last: one rule for the command line, the server and the library."""
     if value is None or value == "":
         return None
     if isinstance(value, dt.datetime):
         return value.date()
     if isinstance(value, dt.date):
         return value
+    text = str(value).strip()
     try:
-        return dt.date.fromisoformat(str(value))
+        partial = _YEAR_OR_MONTH.fullmatch(text)
+        if partial is None:
+            return dt.date.fromisoformat(text)
+        year, month = int(partial.group(1)), partial.group(2)
+        last = next(field.compare for field in FILTER_FIELDS if field.name == name) == "to"
+        if month is None:
+            return dt.date(year, 12, 31) if last else dt.date(year, 1, 1)
+        first = dt.date(year, int(month), 1)  # ValueError for month 00 or 13
+        return first.replace(day=calendar.monthrange(year, first.month)[1]) if last else first
     except ValueError:
-        raise FilterError(f"{name} must be a date as YYYY-MM-DD, not {value!r}") from None
+        raise FilterError(f"{name} must be a date as YYYY-MM-DD, YYYY-MM or YYYY, not {value!r}") from None

@@ -27,12 +27,13 @@ Queries:
   mi-search pleural effusion                    unquoted words are one text
 Each term's embedding is normalised, weighted (+ or -, times WEIGHT), summed
 and normalised again. --text or --image reads every term as a text or as an
-image file.
+image file. A term that looks like a file (a path, or a .png/.dcm/... name)
+but is none is an error: a typo, or --text.
 
 \b
 Filters apply before the top-k cut: -k 10 --modality CR gives 10 CR images
 when 10 exist:
-  mi-search "lumbar spine fracture" -k 20 --modality CR --since 2020-01-01
+  mi-search "lumbar spine fracture" -k 20 --modality CR --since 2020
 
 \b
 Output: a table on a terminal; tab-separated lines under a header row (rank,
@@ -57,7 +58,7 @@ def _flag(name: str) -> str:
 
 def request_options(command: Any) -> Any:
     """The options of a search request, one per filter (indexer.filters) and option (retrieval.request)."""
-    dates = {"type": click.DateTime(["%Y-%m-%d"]), "metavar": "YYYY-MM-DD"}
+    dates = {"metavar": "DATE"}  # YYYY-MM-DD, YYYY-MM or YYYY: read by indexer.filters, one rule everywhere
     decorators = [click.option(*FLAGS["k"], "k", type=click.IntRange(1, MAX_K), default=DEFAULT_K,
                                show_default=True, help="Number of hits.")]
     decorators += [click.option(_flag(field.name), field.name, help=field.help,
@@ -104,7 +105,10 @@ def main(query: tuple[str, ...], index_dir: Path | None, model: str | None, devi
     """
     try:
         with one_line_errors(OSError, message=lambda error: _message(error, index_dir)):
-            request = SearchRequest.make(parse_query(list(query), force=force), **asked)
+            terms = parse_query(list(query), force=force)
+            if force is None:
+                _check_no_missing_files(terms)
+            request = SearchRequest.make(terms, **asked)
             hits = None
             if not (no_server or _given(("model", "device"))):  # a model or device asked for: search here
                 hits = _through_server(index_dir, request)
@@ -129,6 +133,33 @@ def main(query: tuple[str, ...], index_dir: Path | None, model: str | None, devi
         header = (["rank", "score", "path"] + [key for _, key in COLUMNS] + list(TSV_EXTRA) + ["copies", "missing"]
                   + (["labels"] if with_labels else []))
         write_lines(["\t".join(header)] + ["\t".join(_cells(hit, score_format="{:.4f}")) for hit in hits])
+
+
+def _looks_like_a_path(text: str) -> bool:
+    """Whether a text term was likely meant as a file: one word with a path separator, or a word that
+    starts like a path (/, ./, ../, ~/) or ends with a suffix the indexer reads (indexer.decode)."""
+    import os
+
+    words = text.split()
+    separators = tuple({"/", os.sep})
+    if len(words) == 1 and any(sep in words[0] for sep in separators):
+        return True
+    if any(word.startswith(("/", "./", "../", "~/")) for word in words):
+        return True
+    if not any(Path(word).suffix for word in words):
+        return False
+    from indexer.decode import DICOM_SUFFIXES, IMAGE_SUFFIXES  # Pillow: only when a word has a suffix
+
+    return any(Path(word).suffix.lower() in IMAGE_SUFFIXES | DICOM_SUFFIXES for word in words)
+
+
+def _check_no_missing_files(terms: list) -> None:
+    """A text term that looks like a file (a typo in its name, most often) is refused, not searched as text."""
+    from .errors import QueryError
+
+    for term in terms:
+        if term.kind == "text" and _looks_like_a_path(term.value):
+            raise QueryError(f"no such file: {term.value}; to search for it as text, add --text")
 
 
 def _given(names: tuple[str, ...]) -> bool:
@@ -174,41 +205,49 @@ def _text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+SCORE_FORMAT = "{:6.3f}"  # sign-aware, fixed width: " 0.412", "-0.076"
+LABELS_MIN_ROOM = 20      # columns the labels need beside a hit's fields, else they go on the lines below
+
+
 def _print_table(hits: list, console: Any = None) -> None:
     """Hits for a terminal of 80 columns or more: one line of fields per hit (rank, score,
     DICOM fields, study, labels), its file on the line below, so that nothing is dropped or
-    cut; long labels and paths wrap. Paths are relative to the current folder when under it."""
+    cut; labels wrap within their own column, paths wrap. Paths are relative to the current
+    folder when under it."""
     from rich.console import Console
     from rich.text import Text
 
     console = console or Console()
     width = max(console.width, 40)
-    columns = [("#", lambda h: str(h.rank), 3, True), ("score", lambda h: f"{h.score:.3f}", 5, True)]
+    studies = _study_labels([hit.metadata.get("study_instance_uid") for hit in hits])
+    columns = [("#", lambda h: str(h.rank), 3, True), ("score", lambda h: SCORE_FORMAT.format(h.score), 6, True)]
     columns += [(title, (lambda h, key=key: visible(h.metadata.get(key) or "", markup=False)), cap, False)
                 for title, key, cap in (("modality", "modality", 8), ("part", "body_part", 10),
                                         ("view", "view_position", 6), ("date", "study_date", 10))
                 if any(hit.metadata.get(key) for hit in hits)]
-    if any(hit.metadata.get("study_instance_uid") for hit in hits):
-        columns.append(("study", lambda h: _short_uid(h.metadata.get("study_instance_uid")), 12, False))
+    if studies:
+        columns.append(("study", lambda h: visible(studies.get(h.metadata.get("study_instance_uid"), ""), markup=False),
+                        max(map(len, studies.values())), False))
     rows = [[cell(hit)[:cap] for _, cell, cap, _ in columns] for hit in hits]
     widths = [max(len(title), *(len(row[i]) for row in rows)) for i, (title, *_rest) in enumerate(columns)]
 
     def line(cells: list[str]) -> str:
         return "  ".join(c.rjust(w) if columns[i][3] else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
-    with_labels = any(hit.labels for hit in hits)
-    header = line([title for title, *_ in columns]) + ("  labels" if with_labels else "")
-    console.print(Text(header.rstrip(), style="bold"), overflow="fold")
     indent = " " * (widths[0] + 2)
+    with_labels = any(hit.labels for hit in hits)
+    beside = len(line(rows[0])) + 2 + LABELS_MIN_ROOM <= width  # the labels' column, beside the fields
+    labels_at = len(line(rows[0])) + 2 if beside else len(indent)
+    header = line([title for title, *_ in columns]) + ("  labels" if with_labels and beside else "")
+    console.print(Text(header.rstrip(), style="bold"), overflow="fold")
     for hit, row in zip(hits, rows):
         first = line(row)
         if with_labels:
             best = sorted((hit.labels or {}).items(), key=lambda item: -item[1])
-            labels = ", ".join(f"{visible(label, markup=False)} {p:.2f}" for label, p in best)
-            room = width - len(first) - 2
-            first += "  " + (labels if room >= min(len(labels), 20) else "")
-            if room < min(len(labels), 20):
-                first += "\n" + indent + labels
+            wrapped = _packed([f"{visible(label, markup=False)} {p:.2f}" for label, p in best], width - labels_at)
+            if beside:
+                first += "  " + wrapped.pop(0)
+            first += "".join("\n" + " " * labels_at + part for part in wrapped)
         console.print(Text(first.rstrip()), overflow="fold")
         where = Text(indent + visible(_shown_path(hit.path), markup=False), style="dim")
         notes = _notes(hit)
@@ -219,8 +258,42 @@ def _print_table(hits: list, console: Any = None) -> None:
         console.print(where, overflow="fold")
 
 
-def _short_uid(uid: str | None) -> str:
-    return "" if not uid else ("…" + uid[-11:] if len(uid) > 12 else uid)
+def _packed(items: list[str], room: int) -> list[str]:
+    """`items` joined by ", " into lines of at most `room` characters, an item split only where it alone is
+    longer."""
+    import textwrap
+
+    lines: list[str] = []
+    for item in items:
+        if lines and len(lines[-1]) + 2 + len(item) <= room:
+            lines[-1] += ", " + item
+        else:
+            if lines:
+                lines[-1] += ","
+            lines += textwrap.wrap(item, room - 1, break_on_hyphens=False) or [""]
+    return lines or [""]
+
+
+STUDY_HEAD, STUDY_TAILS = 6, range(6, 13)  # a Study UID shown as its first 6 and last 6 to 12 characters
+
+
+def _study_labels(uids: list[str | None]) -> dict[str, str]:
+    """{Study Instance UID: a short form that tells it from the others shown}: its first 6 and last 6
+    characters around an ellipsis, more of its end where two would look alike, the UID itself where
+    that is no longer; numbered (#1, #2) where UIDs differ only in their middle."""
+    distinct = sorted({uid for uid in uids if uid})
+    def shortened(uid: str, tail: int) -> str:
+        return uid if len(uid) <= STUDY_HEAD + 1 + tail else f"{uid[:STUDY_HEAD]}…{uid[-tail:]}"
+
+    for tail in STUDY_TAILS:
+        short = {uid: shortened(uid, tail) for uid in distinct}
+        if len(set(short.values())) == len(distinct):
+            return short
+    alike: dict[str, list[str]] = {}
+    for uid in distinct:
+        alike.setdefault(shortened(uid, STUDY_TAILS[0]), []).append(uid)
+    return {uid: form if len(same) == 1 else f"{form} #{same.index(uid) + 1}"
+            for form, same in alike.items() for uid in same}
 
 
 def _shown_path(path: str) -> str:

@@ -15,7 +15,7 @@ from datetime import date
 import numpy as np
 from PIL import Image, ImageOps
 
-from ..errors import one_line
+from ..errors import REASON_LIMIT, one_line
 from ..privacy import pseudonym
 from .bounds import RefusedInput, check_frames, inflate_deflated_dicom
 from .dicom_values import element_text
@@ -164,13 +164,13 @@ def _decode_dicom(data: bytes, frames: str, max_megapixels: float, patient_key: 
     except RefusedInput as e:
         raise DecodeError(str(e)) from None
     except InvalidDicomError as e:
-        raise DecodeError(f"corrupt DICOM: {one_line(e, 120)}") from None
+        raise DecodeError(f"corrupt DICOM: {one_line(e, REASON_LIMIT)}") from None
     except NotImplementedError as e:
-        raise DecodeError(f"unsupported DICOM: {one_line(e, 120)}") from None
+        raise DecodeError(f"unsupported DICOM: {one_line(e, REASON_LIMIT)}") from None
     except MemoryError:
         raise TransientDecodeError("out of memory while decoding (tried again next run)") from None
     except BaseException as e:                          # pydicom and its codecs raise many types
         if is_fatal(e):
             raise
-        raise DecodeError(f"truncated or corrupt DICOM: {one_line(e, 120)}") from None
+        raise DecodeError(f"truncated or corrupt DICOM: {one_line(e, REASON_LIMIT)}") from None
     return DecodedFile(source_format="dicom", frames=images, metadata=dicom_metadata(ds, patient_key))

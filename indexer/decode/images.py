@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from ..errors import one_line
+from ..errors import REASON_LIMIT, one_line
 from .base import DecodedFile, DecodeError, TransientDecodeError, check_size, is_fatal, to_8bit_image
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
@@ -79,9 +79,9 @@ def decode_image(data: bytes, frames: str, max_megapixels: float) -> DecodedFile
     except MemoryError:
         raise TransientDecodeError("out of memory while decoding (tried again next run)") from None
     except (OSError, ValueError, SyntaxError, EOFError, IndexError, KeyError) as e:
-        raise DecodeError(f"truncated or corrupt image: {one_line(e, 120)}") from None
+        raise DecodeError(f"truncated or corrupt image: {one_line(e, REASON_LIMIT)}") from None
     except BaseException as e:
         if is_fatal(e):
             raise
-        raise DecodeError(f"the image decoder failed: {one_line(e, 120)}") from None
+        raise DecodeError(f"the image decoder failed: {one_line(e, REASON_LIMIT)}") from None
     return DecodedFile(source_format=(img.format or "image").lower().replace("mpo", "jpeg"), frames=decoded)

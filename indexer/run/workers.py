@@ -19,7 +19,7 @@ from typing import Any, Union
 import numpy as np
 
 from ..decode import DecodeError, TransientDecodeError, content_hash, decode_bytes
-from ..errors import SourceError
+from ..errors import REASON_LIMIT, SourceError, one_line
 from ..sources import Item, Source
 from ..sources.guards import RetrievalFailed
 
@@ -144,7 +144,7 @@ class DecodingDataset:
         except OSError as e:
             outcome = Skipped(item, f"unreadable: {e.strerror or e}", digest)
         except Exception as e:  # never lose the run to one file
-            outcome = Skipped(item, f"{type(e).__name__}: {e}"[:200], digest)
+            outcome = Skipped(item, f"{type(e).__name__}: {one_line(e, REASON_LIMIT)}", digest)
         outcome.seconds = time.perf_counter() - start
         return outcome
 
