@@ -20,7 +20,6 @@ from ..hits import _jsonable
 from ..request import GROUP_CHOICES, SearchRequest
 from .models import PageSearch, QueryIn, options_of
 from .security import authorised
-from .thumbnails import thumbnail_png
 from .uploads import query_terms, save_upload
 
 router = APIRouter()
@@ -119,10 +118,10 @@ def image_labels(request: Request, image_id: int, labels: str, multilabel: bool 
 
 
 @api.get("/images/{image_id}/thumbnail", responses={200: {"content": {"image/png": {}}}})
-def thumbnail(request: Request, image_id: int) -> Response:
+async def thumbnail(request: Request, image_id: int) -> Response:
     """A PNG of the image (DICOM rendered with the indexing windowing), at most 256 pixels a
-    side, cached beside the index. Never the original bytes."""
-    png = thumbnail_png(request.app.state.searcher(), request.app.state.index_dir, image_id)
+    side, cached beside the index. Never the original bytes. 503 (Retry-After) when too many are asked at once."""
+    png = await request.app.state.thumbnails.png(request.app.state.searcher, image_id)
     return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
 
