@@ -21,6 +21,7 @@ from indexer.errors import MIError, one_line
 from .limits import RequestGate
 from .routes import router
 from .thumbnails import ThumbnailRenderer
+from .uploads import as_sent
 
 SWAGGER_ASSETS = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text/css"}  # in static/
 
@@ -124,8 +125,8 @@ def _docs_asset(name: str) -> Response:
     return Response(data, media_type=SWAGGER_ASSETS[name], headers={"Cache-Control": "public, max-age=86400"})
 
 
-async def _as_one_line(_request: Request, error: Exception) -> JSONResponse:
-    return AsciiJSONResponse({"error": one_line(error)}, status_code=400)
+async def _as_one_line(request: Request, error: Exception) -> JSONResponse:
+    return AsciiJSONResponse({"error": as_sent(request, one_line(error))}, status_code=400)
 
 
 async def _invalid(_request: Request, error: Exception) -> JSONResponse:

@@ -20,7 +20,7 @@ from ..hits import _jsonable
 from ..request import GROUP_CHOICES, SearchRequest
 from .models import PageSearch, QueryIn, options_of
 from .security import authorised
-from .uploads import query_terms, save_upload
+from .uploads import query_terms, save_upload, sent_names
 
 router = APIRouter()
 api = APIRouter(prefix="/api", dependencies=[Depends(authorised)])
@@ -82,8 +82,9 @@ async def search_upload(request: Request, params: Annotated[PageSearch, Form()],
                         image: UploadFile = File(...)) -> list[dict[str, Any]]:
     """An image query: a PNG, JPEG, TIFF, BMP or DICOM file uploaded (at most 64 MB)."""
     current = request.app.state.searcher()
+    request.state.under_given = params.under
     with tempfile.TemporaryDirectory(prefix="mi-serve-") as folder:
-        path = await save_upload(image, Path(folder))
+        path = await save_upload(image, Path(folder), sent_names(request))
         return [hit.to_dict() for hit in current.search(image=str(path), **options_of(params))]
 
 
@@ -97,7 +98,8 @@ def query(request: Request, body: QueryIn, x_mi_index: str | None = Header(None)
         raise HTTPException(421, f"this server serves {index_dir}, not the index asked for")
     current = request.app.state.searcher()
     with tempfile.TemporaryDirectory(prefix="mi-serve-") as folder:
-        asked = SearchRequest.make(query_terms(body.terms, Path(folder)), **options_of(body))
+        request.state.under_given = body.under
+        asked = SearchRequest.make(query_terms(body.terms, Path(folder), sent_names(request)), **options_of(body))
         hits = current.answer(asked)
     rows = [{**hit.to_dict(), "score": float(hit.score)} for hit in hits]
     # ASCII JSON: a file name that is not UTF-8 travels as its surrogate escapes, losslessly.
