@@ -15,6 +15,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from indexer.errors import MIError, one_line
 
@@ -68,7 +69,7 @@ def create_app(index_dir: str | os.PathLike, *, model: Any = None, device: str |
     app.state.thumbnails = ThumbnailRenderer(app.state.index_dir)
     app.add_exception_handler(MIError, _as_one_line)
     app.add_exception_handler(RequestValidationError, _invalid)
-    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # FastAPI's and Starlette's own (a bad form)
     app.add_middleware(RequestGate, token=token, hosts=hosts)
     app.include_router(router)
     app.add_api_route("/docs", _docs, include_in_schema=False, response_class=HTMLResponse)
@@ -138,5 +139,5 @@ async def _invalid(_request: Request, error: Exception) -> JSONResponse:
 
 
 async def _http_error(_request: Request, error: Exception) -> JSONResponse:
-    assert isinstance(error, HTTPException)
+    assert isinstance(error, StarletteHTTPException)
     return AsciiJSONResponse({"error": str(error.detail)}, status_code=error.status_code, headers=error.headers)
