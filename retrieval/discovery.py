@@ -42,7 +42,9 @@ def claim_server_file(index_dir: str | os.PathLike, info: ServerInfo) -> Path:
     there and still listens (ServerRunningError naming it); a stale file (a killed server's) is taken over.
     OSError when the folder cannot be written."""
     running = read_server_file(index_dir)
-    if running is not None and running.pid != info.pid and _listening(running.url):
+    # A file naming another index (a copied index folder) is not a server of this one.
+    serves_this = running is not None and running.index in (None, info.index, str(index_dir))
+    if running is not None and serves_this and running.pid != info.pid and _listening(running.url):
         raise ServerRunningError(f"mi-serve (pid {running.pid}) already serves {index_dir} on {running.url}/: "
                                  f"use it, or stop it first")
     return write_server_file(index_dir, info)
