@@ -136,12 +136,14 @@ def test_huge_bodies_are_refused_from_their_headers_and_as_they_stream(archive, 
         status, body, _ = ask(served.url, "POST", "/api/query", {"Host": host, "Content-Length": str(1 << 30),
                                                                   "Authorization": f"Bearer {served.token}"})
         assert status == 413 and "over" in json.loads(body)["error"]
-        for path, kind in (("/api/query", "application/json"), ("/api/search", "multipart/form-data; boundary=x")):
+        for path, kind in (("/api/query", "application/json"),
+                           ("/api/search", "multipart/form-data; boundary=x")):
             sent, answer = stream_body(port, f"POST {path} HTTP/1.1\r\nHost: {host}\r\n{auth}Content-Type: {kind}"
                                              "\r\nTransfer-Encoding: chunked\r\n\r\n", 400 << 20, STARTS[path])
             assert answer.startswith(b"HTTP/1.1 413") and sent < 160 << 20, (path, sent, answer[:80])
         assert peak_rss_mb(pid) - before < 600, (before, peak_rss_mb(pid))
-        status, body, _ = ask(served.url, "GET", "/api/health", {"Host": host, "Authorization": f"Bearer {served.token}"})
+        bearer = {"Host": host, "Authorization": f"Bearer {served.token}"}
+        status, body, _ = ask(served.url, "GET", "/api/health", bearer)
         assert status == 200 and json.loads(body)["ready"]
     finally:
         stop_server(served.process)
@@ -192,14 +194,16 @@ def test_a_file_name_that_is_not_utf8_is_served_losslessly(served, archive):
 
 
 def test_bad_values_are_one_line_400s_naming_only_what_was_sent(served, archive):
-    for query in ("q=x&under=%00", "q=1e999:chest", "q=chest+-+1e400:x", "q=chest&min_score=nan", "like=1&under=%00"):
+    for query in ("q=x&under=%00", "q=1e999:chest", "q=chest+-+1e400:x", "q=chest&min_score=nan",
+                  "like=1&under=%00"):
         status, body, _ = ask(served.url, "GET", f"/api/search?{query}")
         assert status == 400 and len(body.splitlines()) == 1 and json.loads(body)["error"], query
     status, body, _ = ask(served.url, "POST", "/api/query", {"Content-Type": "application/json"},
                           b'{"terms": [{"kind": "text", "text": "x", "weight": NaN}]}')
     assert status == 400 and "finite" in json.loads(body)["error"]
     client = TestClient(create_app(archive["index"], model=archive["model"]))
-    for response, sent in ((client.post("/api/search", files={"image": ("my scan.png", b"not an image")}), "my scan.png"),
+    for response, sent in ((client.post("/api/search", files={"image": ("my scan.png", b"not an image")}),
+                            "my scan.png"),
                            (client.post("/api/query", json={"terms": [{"kind": "image", "data": "AAAA",
                                                                        "name": "mine.png"}]}), "mine.png"),
                            (client.get("/api/search", params={"q": "x", "under": "~/no-such-folder"}),
