@@ -118,7 +118,8 @@ def stream_body(port: int, head: str, limit_bytes: int, start: bytes = b"") -> t
 
 # ------------------------------------------------------------------ 1. bodies refused before they are read
 def test_huge_bodies_are_refused_from_their_headers_and_as_they_stream(archive, tmp_path):
-    served = start_server(copy_of(archive["index"], tmp_path), "--host", "127.1")  # not loopback by its spelling: a token is needed
+    # 127.1 is not loopback by its spelling: a token is needed
+    served = start_server(copy_of(archive["index"], tmp_path), "--host", "127.1")
     try:
         assert served.token
         port, pid = port_of(served.url), served.process.pid
@@ -190,7 +191,8 @@ def test_a_file_name_that_is_not_utf8_is_served_losslessly(served, archive):
     png = (archive["data"] / ODD_NAME).read_bytes()
     client = TestClient(create_app(archive["index"], model=archive["model"]))
     upload = client.post("/api/search", files={"image": ("q.png", png)}, data={"k": "1"})
-    assert upload.status_code == 200 and os.fsencode(upload.json()[0]["path"]) == os.fsencode(archive["data"] / ODD_NAME)
+    assert upload.status_code == 200
+    assert os.fsencode(upload.json()[0]["path"]) == os.fsencode(archive["data"] / ODD_NAME)
 
 
 def test_bad_values_are_one_line_400s_naming_only_what_was_sent(served, archive):
