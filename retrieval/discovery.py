@@ -11,8 +11,11 @@ from __future__ import annotations
 import json
 import os
 import socket
+import urllib.parse
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from indexer.errors import MIError
 
 SERVER_FILE = "server.json"
 SERVER_ENV = "MI_SERVER"              # http://HOST:PORT of a server to use, whatever its index
@@ -28,6 +31,23 @@ class ServerInfo:
     pid: int | None = None
     host: str | None = None           # the machine that wrote the file (socket.gethostname())
     index: str | None = None          # the index folder it serves, resolved
+
+
+class ServerRunningError(MIError):
+    """Another server already serves the index (its process alive, its port answering)."""
+
+
+def claim_server_file(index_dir: str | os.PathLike, info: ServerInfo) -> Path:
+    """Announce `info` in the index folder, unless another live server on this machine announced itself
+    there and still listens (ServerRunningError naming it); a stale file (a killed server's) is taken over.
+    OSError when the folder cannot be written."""
+    running = read_server_file(index_dir)
+    # A file naming another index (a copied index folder) is not a server of this one.
+    serves_this = running is not None and running.index in (None, info.index, str(index_dir))
+    if running is not None and serves_this and running.pid != info.pid and _listening(running.url):
+        raise ServerRunningError(f"mi-serve (pid {running.pid}) already serves {index_dir} on {running.url}/: "
+                                 f"use it, or stop it first")
+    return write_server_file(index_dir, info)
 
 
 def write_server_file(index_dir: str | os.PathLike, info: ServerInfo) -> Path:
@@ -78,6 +98,16 @@ def _read(path: Path) -> ServerInfo | None:
                           host=data.get("host"), index=data.get("index"))
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def _listening(url: str) -> bool:
+    """Whether something accepts connections at `url` (a server listening but still loading counts)."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 80), timeout=2):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def _alive(pid: int | None) -> bool:

@@ -7,6 +7,7 @@ nothing heavy: mi-search through a warm server builds one too.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -94,6 +95,10 @@ class SearchRequest:
             raise QueryError(f"k must be at least 1, not {self.k}")
         if self.group not in (None, *GROUP_CHOICES) or self.exclude_same not in (None, *GROUP_CHOICES):
             raise QueryError(f"group and exclude_same take one of {', '.join(GROUP_CHOICES)}")
+        if self.min_score is not None and not math.isfinite(self.min_score):
+            raise QueryError(f"min_score must be a finite number, not {self.min_score}")
+        if any(not math.isfinite(term.weight) for term in self.terms):
+            raise QueryError("a query term's weight must be a finite number (not inf or nan)")
         if len(self.terms) > MAX_TERMS:
             raise QueryError(f"a query has at most {MAX_TERMS} terms, not {len(self.terms)}")
         if self.labels is not None and len(self.labels) < 2 and not self.multilabel:

@@ -320,7 +320,8 @@ class Searcher:
         """Zero-shot probabilities of `labels` for one image (a file path, an indexed image's id,
         or a PIL image / array): softmax over the labels with the model's logit scale, or one
         sigmoid per label with `multilabel` (see retrieval.labels)."""
-        label_list = zero_shot.parse_labels(labels)
+        # The request's limits (MAX_LABELS, MAX_TEXT_CHARS), as every search's labels.
+        label_list = list(SearchRequest.make(labels=labels, multilabel=True).labels or ())
         if isinstance(image, int):
             vector = self.vector_of(image)[None, :]
         else:

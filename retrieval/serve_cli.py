@@ -39,10 +39,12 @@ def main(index_dir: Path | None, model: str | None, device: str | None, host: st
     """
     import uvicorn
 
+    from indexer.errors import one_line
     from indexer.location import default_index_dir
 
-    from .discovery import ServerInfo, remove_server_file, write_server_file
+    from .discovery import ServerInfo, ServerRunningError, claim_server_file, remove_server_file
     from .server import create_app, is_loopback
+    from .server.app import check_model_source
 
     made_token = not is_loopback(host) and not token
     if made_token:
@@ -51,16 +53,26 @@ def main(index_dir: Path | None, model: str | None, device: str | None, host: st
     index_dir = (index_dir or default_index_dir()).expanduser().resolve()
     listener = _listen(host, port)  # before anything slow: a port in use is one line at once
     port = listener.getsockname()[1]
-    app = create_app(index_dir, model=model, device=device, token=token)
     url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
     announced = False
     if index_dir.is_dir():  # a missing index is served (the page says so) but not announced in it
         try:
-            write_server_file(index_dir, ServerInfo(url=url, token=token, pid=os.getpid(),
+            claim_server_file(index_dir, ServerInfo(url=url, token=token, pid=os.getpid(),
                                                     host=socket.gethostname(), index=str(index_dir)))
             announced = True
+        except ServerRunningError as error:  # two servers of one index: mi-search would find only one
+            listener.close()
+            raise click.ClickException(one_line(error)) from None
         except OSError:  # a read-only index: mi-search finds the server through MI_SERVER only
             pass
+    try:  # a wrong --model is one line now, not a 500 at the first search
+        check_model_source(index_dir, model)
+    except Exception as error:  # noqa: BLE001 - the model's errors are not all MIErrors
+        listener.close()
+        if announced:
+            remove_server_file(index_dir, os.getpid())
+        raise click.ClickException(one_line(error)) from None
+    app = create_app(index_dir, model=model, device=device, token=token, hosts=[host])
     # A token of the user's (--token, MI_SERVER_TOKEN) is never echoed: stderr ends up in logs.
     if token and not made_token:
         click.echo("every request needs the token given by --token or MI_SERVER_TOKEN", err=True)

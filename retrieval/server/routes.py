@@ -18,8 +18,7 @@ from ..request import SearchRequest
 from .models import PageSearch, QueryIn, options_of
 from .page import page_html
 from .security import authorised
-from .thumbnails import thumbnail_png
-from .uploads import query_terms, save_upload
+from .uploads import query_terms, save_upload, sent_names
 
 router = APIRouter()
 api = APIRouter(prefix="/api", dependencies=[Depends(authorised)])
@@ -67,8 +66,9 @@ async def search_upload(request: Request, params: Annotated[PageSearch, Form()],
                         image: UploadFile = File(...)) -> list[dict[str, Any]]:
     """An image query: a PNG, JPEG, TIFF, BMP or DICOM file uploaded (at most 64 MB)."""
     current = request.app.state.searcher()
+    request.state.under_given = params.under
     with tempfile.TemporaryDirectory(prefix="mi-serve-") as folder:
-        path = await save_upload(image, Path(folder))
+        path = await save_upload(image, Path(folder), sent_names(request))
         return [hit.to_dict() for hit in current.search(image=str(path), **options_of(params))]
 
 
@@ -82,7 +82,8 @@ def query(request: Request, body: QueryIn, x_mi_index: str | None = Header(None)
         raise HTTPException(421, f"this server serves {index_dir}, not the index asked for")
     current = request.app.state.searcher()
     with tempfile.TemporaryDirectory(prefix="mi-serve-") as folder:
-        asked = SearchRequest.make(query_terms(body.terms, Path(folder)), **options_of(body))
+        request.state.under_given = body.under
+        asked = SearchRequest.make(query_terms(body.terms, Path(folder), sent_names(request)), **options_of(body))
         hits = current.answer(asked)
     rows = [{**hit.to_dict(), "score": float(hit.score)} for hit in hits]
     # ASCII JSON: a file name that is not UTF-8 travels as its surrogate escapes, losslessly.
@@ -103,10 +104,10 @@ def image_labels(request: Request, image_id: int, labels: str, multilabel: bool 
 
 
 @api.get("/images/{image_id}/thumbnail", responses={200: {"content": {"image/png": {}}}})
-def thumbnail(request: Request, image_id: int) -> Response:
+async def thumbnail(request: Request, image_id: int) -> Response:
     """A PNG of the image (DICOM rendered with the indexing windowing), at most 256 pixels a
-    side, cached beside the index. Never the original bytes."""
-    png = thumbnail_png(request.app.state.searcher(), request.app.state.index_dir, image_id)
+    side, cached beside the index. Never the original bytes. 503 (Retry-After) when too many are asked at once."""
+    png = await request.app.state.thumbnails.png(request.app.state.searcher, image_id)
     return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
 
