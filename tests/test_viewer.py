@@ -77,7 +77,7 @@ def _id_of(client, name: str) -> int:
 
 
 def _png(response) -> np.ndarray:
-    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png", response.text
     return np.asarray(Image.open(io.BytesIO(response.content)))
 
 

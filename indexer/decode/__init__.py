@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..options import FRAMES_CHOICES  # one list of the frame choices
 from .base import DecodedFile, DecodeError, TransientDecodeError
-from .dicom import decode_dicom, dicom_metadata
+from .dicom import colour_to_8bit, decode_dicom, dicom_metadata, transfer_syntax
 from .images import DICOM_SUFFIXES, IMAGE_SUFFIXES, decode_image, sniff_kind
 from .j2k import reduction_level
 
@@ -51,4 +51,5 @@ def decode_file(path: Path | str, **kwargs) -> DecodedFile:
 
 
 __all__ = ["DICOM_SUFFIXES", "IMAGE_SUFFIXES", "DecodeError", "DecodedFile", "TransientDecodeError", "content_hash",
-           "decode_bytes", "decode_file", "dicom_metadata", "reduction_level", "sniff_kind"]
+           "colour_to_8bit", "decode_bytes", "decode_file", "dicom_metadata", "reduction_level", "sniff_kind",
+           "transfer_syntax"]

@@ -87,7 +87,7 @@ def _grey_to_8bit(arr: np.ndarray, ds) -> Image.Image:
     return image
 
 
-def _colour_to_8bit(arr: np.ndarray, ds) -> Image.Image:
+def colour_to_8bit(arr: np.ndarray, ds) -> Image.Image:
     from pydicom.pixels import apply_color_lut
 
     if ds.get("PhotometricInterpretation") == "PALETTE COLOR":
@@ -98,7 +98,7 @@ def _colour_to_8bit(arr: np.ndarray, ds) -> Image.Image:
     return to_8bit_image(arr, 0.0, float(2 ** bits - 1))
 
 
-def _transfer_syntax(ds):
+def transfer_syntax(ds):
     """The dataset's transfer syntax; for files without one (no or broken file meta), the
     encoding pydicom found while reading, so their uncompressed pixels still decode."""
     from pydicom.dataset import FileMetaDataset
@@ -135,7 +135,7 @@ def _decode_dicom(data: bytes, frames: str, max_megapixels: float, patient_key: 
             raise DecodeError("DICOM without pixel data")
         if "Rows" not in ds or "Columns" not in ds:
             raise DecodeError("corrupt DICOM: no Rows/Columns")
-        syntax = _transfer_syntax(ds)
+        syntax = transfer_syntax(ds)
         if syntax.is_compressed:
             try:
                 available = get_decoder(syntax).is_available
@@ -156,7 +156,7 @@ def _decode_dicom(data: bytes, frames: str, max_megapixels: float, patient_key: 
             if arr.ndim == 3 and arr.shape[-1] != 3 and n_frames == 1:
                 arr = arr[0]
             if arr.ndim == 3 or ds.get("PhotometricInterpretation") == "PALETTE COLOR":
-                images.append((index, _colour_to_8bit(arr, ds)))
+                images.append((index, colour_to_8bit(arr, ds)))
             else:
                 images.append((index, _grey_to_8bit(arr, ds)))
     except DecodeError:

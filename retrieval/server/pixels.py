@@ -163,10 +163,10 @@ def _file_bytes(path: str) -> tuple[bytes, str | None]:
     from indexer.pacs_keys import is_dicomweb_url, is_dimse_url
 
     if is_dicomweb_url(path):
-        from indexer.dicomweb import read_instance
+        from indexer.sources.dicomweb import read_instance
         return read_instance(path), "dicom"
     if is_dimse_url(path):
-        from indexer.dimse import read_instance
+        from indexer.sources.dimse import read_instance
         return read_instance(path), "dicom"
     return Path(path).read_bytes(), None
 
@@ -175,8 +175,8 @@ def _dicom_pixels(data: bytes, frame: int) -> Pixels:
     import pydicom
     from pydicom.pixels import apply_modality_lut, get_decoder, pixel_array
 
-    from indexer.bounds import RefusedInput, check_frames, inflate_deflated_dicom
-    from indexer.decode import DecodeError, _transfer_syntax
+    from indexer.decode.bounds import RefusedInput, check_frames, inflate_deflated_dicom
+    from indexer.decode import DecodeError, transfer_syntax
 
     try:
         with warnings.catch_warnings():
@@ -184,7 +184,7 @@ def _dicom_pixels(data: bytes, frame: int) -> Pixels:
             ds = pydicom.dcmread(io.BytesIO(inflate_deflated_dicom(data, MAX_MEGAPIXELS)), force=True)
             if "PixelData" not in ds or "Rows" not in ds or "Columns" not in ds:
                 raise DecodeError("DICOM without pixel data")
-            syntax = _transfer_syntax(ds)
+            syntax = transfer_syntax(ds)
             if syntax.is_compressed and not get_decoder(syntax).is_available:
                 raise DecodeError(f"unsupported transfer syntax: {syntax.name}")
             n_frames = int(ds.get("NumberOfFrames") or 1)
@@ -197,8 +197,8 @@ def _dicom_pixels(data: bytes, frame: int) -> Pixels:
                 arr = arr[0]
             photometric = ds.get("PhotometricInterpretation")
             if arr.ndim == 3 or photometric == "PALETTE COLOR":
-                from indexer.decode import _colour_to_8bit
-                return Pixels(np.asarray(_colour_to_8bit(arr, ds).convert("RGB")))
+                from indexer.decode import colour_to_8bit
+                return Pixels(np.asarray(colour_to_8bit(arr, ds).convert("RGB")))
             values = apply_modality_lut(arr, ds).astype(np.float32)
     except RefusedInput as error:
         raise DecodeError(str(error)) from None
