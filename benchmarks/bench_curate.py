@@ -114,7 +114,7 @@ def scan_options(folder: Path, queries: int) -> None:
             del search_index
 
 
-def map_options(folder: Path, methods: list[str]) -> None:
+def map_options(folder: Path, methods: list[str], threads: int) -> None:
     """The map's fit time per method on the PCA-50 coordinates: openTSNE (what mi map uses),
     umap-learn (for comparison: its transform needs the pickled model), PCA alone; and the
     incremental placement of 1% more images (openTSNE's transform against the fitted map)."""
@@ -131,21 +131,21 @@ def map_options(folder: Path, methods: list[str]) -> None:
             start = time.perf_counter()
             if method == "umap":
                 import umap
-                model = umap.UMAP(n_components=2, random_state=0).fit(coords)
+                model = umap.UMAP(n_components=2, n_jobs=threads).fit(coords)
                 fit_s = time.perf_counter() - start
                 start = time.perf_counter()
                 model.transform(coords[:len(ids) // 100])
             elif method == "tsne":
                 from openTSNE import TSNE
-                TSNE(perplexity=imagemap.PERPLEXITY, n_jobs=os.cpu_count(), random_state=0).fit(coords)
+                TSNE(perplexity=imagemap.PERPLEXITY, n_jobs=threads, random_state=0).fit(coords)
                 fit_s = time.perf_counter() - start
                 start = time.perf_counter()
                 stored = {"reference_coords": coords, "reference_xy": coords[:, :2], "reference": ids}
                 imagemap._place(reader, ids[:len(ids) // 100], {**stored, "mean": mean, "components": components},
-                                "tsne", 0, None)
+                                "tsne", 0, threads)
             else:
                 fit_s = 0.0
-            print(json.dumps({"map": method, "images": len(ids), "pca_s": round(pca_s, 1), "fit_s": round(fit_s, 1),
+            print(json.dumps({"map": method, "threads": threads, "images": len(ids), "pca_s": round(pca_s, 1), "fit_s": round(fit_s, 1),
                               "place_1pct_s": round(time.perf_counter() - start, 1),
                               "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)}),
                   flush=True)
@@ -192,6 +192,7 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, help="Build the index here (or reuse the one there) and keep it.")
     parser.add_argument("--scan-options", action="store_true", help="Compare the kNN scan's options instead.")
     parser.add_argument("--map", nargs="+", choices=["tsne", "umap", "pca"], help="Time the map's methods instead.")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="--map: threads for the fit.")
     parser.add_argument("--queries", type=int, default=10_000, help="--scan-options: queries timed per option.")
     parser.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)
     parser.add_argument("--index", type=Path, help=argparse.SUPPRESS)
@@ -208,7 +209,7 @@ def main() -> None:
                 build(folder, n)
                 print(f"n={n}: built the index in {time.perf_counter() - start:.0f} s", flush=True)
             if args.map:
-                map_options(folder, args.map)
+                map_options(folder, args.map, args.threads)
                 continue
             if args.scan_options:
                 scan_options(folder, min(args.queries, n))

@@ -30,6 +30,7 @@ from indexer.errors import MIError
 PCA_DIMS = 50
 REFIT_SHARE = 0.25
 PERPLEXITY = 30
+THREADS_FROM = 10_000   # fewer points: one thread (OpenMP's spinning on a busy 2-core machine cost more than it gave)
 METHODS = ("tsne", "pca")
 FILE_PATTERN = re.compile(r"^map\.g(\d+)\.npz$")
 
@@ -129,7 +130,7 @@ def _fit(reader, ids: np.ndarray, method: str, seed: int, n_jobs: int | None) ->
     else:
         from openTSNE import TSNE
 
-        xy = np.asarray(TSNE(perplexity=_perplexity(len(ids)), n_jobs=n_jobs or os.cpu_count() or 1,
+        xy = np.asarray(TSNE(perplexity=_perplexity(len(ids)), n_jobs=n_jobs or _threads(len(ids)),
                              random_state=seed, verbose=False).fit(coords.astype(np.float64)))
     return {"mean": mean, "components": components, "reference": ids, "reference_xy": xy.astype(np.float32),
             "fitted_on": np.asarray(len(ids)), "ids": ids, "xy": xy.astype(np.float32),
@@ -147,9 +148,13 @@ def _place(reader, added: np.ndarray, stored: dict[str, Any], method: str, seed:
 
     reference = stored["reference_coords"].astype(np.float64)
     affinities = PerplexityBasedNN(reference, perplexity=_perplexity(len(reference)),
-                                   n_jobs=n_jobs or os.cpu_count() or 1, random_state=seed)
+                                   n_jobs=n_jobs or _threads(len(reference)), random_state=seed)
     embedding = TSNEEmbedding(stored["reference_xy"].astype(np.float64), affinities, random_state=seed)
     return np.asarray(embedding.transform(coords.astype(np.float64)), np.float32)
+
+
+def _threads(n: int) -> int:
+    return 1 if n < THREADS_FROM else os.cpu_count() or 1
 
 
 def _perplexity(n: int) -> float:
