@@ -1,5 +1,6 @@
-"""Dataset checks at scale: mi duplicates and mi leakage over synthetic clustered vectors with
-planted near duplicates, patients and splits, written through the real store.
+"""Dataset checks at scale: mi duplicates, leakage and outliers over synthetic clustered vectors
+with planted near duplicates, patients and splits, written through the real store; the kNN
+scan's options (--scan-options) and the map's methods (--map) timed on the same index.
 
     python benchmarks/bench_curate.py                    # 10k and 100k
     python benchmarks/bench_curate.py --sizes 10000
@@ -7,8 +8,9 @@ planted near duplicates, patients and splits, written through the real store.
     python benchmarks/bench_curate.py --sizes 100000 --keep /tmp/bench100k   # build once, reuse
     python benchmarks/bench_curate.py --sizes 100000 --keep /tmp/bench100k --scan-options
                                                         # duplicates' kNN scan: IVF nprobe vs exact
+    python benchmarks/bench_curate.py --sizes 10000 --keep /tmp/bench --map tsne umap --threads 1
 
-Each check (duplicates, leakage, outliers) runs in a fresh process (its peak RSS is its own); prints time, peak memory and the
+Each check runs in a fresh process (its peak RSS is its own); prints time, peak memory and the
 recall of the planted near-duplicate pairs (cosine 0.99, threshold 0.98). Targets on 2 cores:
 100k in <= 5 min each, peak <= 4 GB, recall >= 0.99. Asserts nothing.
 """
@@ -145,7 +147,8 @@ def map_options(folder: Path, methods: list[str], threads: int) -> None:
                                 "tsne", 0, threads)
             else:
                 fit_s = 0.0
-            print(json.dumps({"map": method, "threads": threads, "images": len(ids), "pca_s": round(pca_s, 1), "fit_s": round(fit_s, 1),
+            print(json.dumps({"map": method, "threads": threads, "images": len(ids), "pca_s": round(pca_s, 1),
+                              "fit_s": round(fit_s, 1),
                               "place_1pct_s": round(time.perf_counter() - start, 1),
                               "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)}),
                   flush=True)

@@ -94,11 +94,8 @@ def test_many_added_images_refit_the_map(tmp_path):
 
 
 def _has_opentsne() -> bool:
-    try:
-        import openTSNE  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    import importlib.util
+    return importlib.util.find_spec("openTSNE") is not None
 
 
 def test_png_and_no_identifier_in_outputs(tmp_path_factory, tmp_path):

@@ -356,23 +356,21 @@ def evaluate(index_dir: Path | None, labels_file: Path, k: int, zero_shot: bool,
             raise click.BadParameter(f"the prompt needs {{label}} where the label goes, not {template!r}",
                                      param_hint="--prompt")
         labels = read_labels(reader, labels_file)
-        encode = None
+        searcher = None
         if zero_shot or prompt:
             from ..search import Searcher
 
             searcher = Searcher(index=reader.folder, model=model)
-
-            def encode(texts: list[str]):
-                tower = searcher.encoder("text")
-                return tower.encode_texts(texts), float(tower.logit_scale)
+        encode = _text_encoder(searcher) if searcher is not None else None
         try:
             report = run_evaluation(reader, labels, k=k, max_queries=max_queries, zero_shot=encode, prompt=template)
         finally:
-            if encode is not None:
+            if searcher is not None:
                 searcher.close()
     if as_json:
         echo_json(report)
         return
+
     def number(value: float | None) -> str:
         return "   -  " if value is None else f"{value:6.3f}"
 
@@ -385,7 +383,8 @@ def evaluate(index_dir: Path | None, labels_file: Path, k: int, zero_shot: bool,
         click.echo(f"Note: {report['without_patient']} images have no patient pseudonym and "
                    f"{report['without_study']} no study UID: for them that exclusion cannot apply.")
     zero = report["zero_shot"] is not None
-    click.echo(f"{'label':<24} {'images':>7} {'P@k':>6} {'AP':>6} {'kNN AUC':>7}" + (f" {'0-shot AUC':>10}" if zero else ""))
+    click.echo(f"{'label':<24} {'images':>7} {'P@k':>6} {'AP':>6} {'kNN AUC':>7}"
+               + (f" {'0-shot AUC':>10}" if zero else ""))
     for e in report["per_label"]:
         click.echo(f"{shown(e['label'])[:24]:<24} {e['images']:>7} {number(e['precision_at_k'])} "
                    f"{number(e['average_precision'])} {number(e['knn_auc']):>7}"
@@ -399,6 +398,15 @@ def evaluate(index_dir: Path | None, labels_file: Path, k: int, zero_shot: bool,
         z = report["zero_shot"]
         click.echo(f"zero-shot ({shown(z['prompt'])}): accuracy {number(z['accuracy']).strip()}, "
                    f"macro AUC {number(z['macro_auc']).strip()}")
+
+
+def _text_encoder(searcher) -> Callable[[list[str]], tuple[Any, float]]:
+    """texts -> (unit vectors, logit scale) through the searcher's text tower (loaded on first use
+    and checked against the index's model)."""
+    def encode(texts: list[str]) -> tuple[Any, float]:
+        tower = searcher.encoder("text")
+        return tower.encode_texts(texts), float(tower.logit_scale)
+    return encode
 
 
 # ---------------------------------------------------------------- mi map

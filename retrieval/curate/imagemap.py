@@ -30,7 +30,9 @@ from indexer.errors import MIError
 PCA_DIMS = 50
 REFIT_SHARE = 0.25
 PERPLEXITY = 30
-THREADS_FROM = 10_000   # fewer points: one thread (OpenMP's spinning on a busy 2-core machine cost more than it gave)
+# Threads for openTSNE: one for fewer points or on 2 cores (10k points, 2 shared cores: fit 64 s
+# on one thread, 86 s on two; OpenMP's spinning costs more than the second core gives).
+THREADS_FROM = 10_000
 METHODS = ("tsne", "pca")
 FILE_PATTERN = re.compile(r"^map\.g(\d+)\.npz$")
 
@@ -40,11 +42,9 @@ class MapError(MIError):
 
 
 def default_method() -> str:
-    try:
-        import openTSNE  # noqa: F401
-    except ImportError:
-        return "pca"
-    return "tsne"
+    import importlib.util
+
+    return "tsne" if importlib.util.find_spec("openTSNE") is not None else "pca"
 
 
 def map_files(folder: Path) -> list[tuple[int, Path]]:
@@ -58,7 +58,10 @@ def map_files(folder: Path) -> list[tuple[int, Path]]:
 
 
 def load_map(index_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """(ids int64 (N,), xy float32 (N, 2)) of the newest stored map. Raises MapError."""
+    """(ids int64 (N,), xy float32 (N, 2)) of the newest stored map, ids ascending. Its generation
+    (the N of map.g<N>.npz) may be older than the index's when images were added or removed since
+    `mi map` last ran: a server compares it with the index's and drops ids it no longer holds.
+    Raises MapError when there is none."""
     stored = _read(Path(index_dir).expanduser())
     return stored["ids"], stored["xy"]
 
@@ -154,7 +157,8 @@ def _place(reader, added: np.ndarray, stored: dict[str, Any], method: str, seed:
 
 
 def _threads(n: int) -> int:
-    return 1 if n < THREADS_FROM else os.cpu_count() or 1
+    cores = os.cpu_count() or 1
+    return 1 if n < THREADS_FROM or cores <= 2 else cores
 
 
 def _perplexity(n: int) -> float:
