@@ -145,6 +145,11 @@ def map_options(folder: Path, methods: list[str], threads: int) -> None:
                 stored = {"reference_coords": coords, "reference_xy": coords[:, :2], "reference": ids}
                 imagemap._place(reader, ids[:len(ids) // 100], {**stored, "mean": mean, "components": components},
                                 "tsne", 0, threads)
+            elif method == "place":  # placement alone, against a PCA layout (its cost does not depend on it)
+                fit_s = 0.0
+                stored = {"reference_coords": coords.astype(np.float32), "reference_xy": coords[:, :2],
+                          "reference": ids, "mean": mean, "components": components}
+                imagemap._place(reader, ids[:len(ids) // 100], stored, "tsne", 0, threads)
             else:
                 fit_s = 0.0
             print(json.dumps({"map": method, "threads": threads, "images": len(ids), "pca_s": round(pca_s, 1),
@@ -194,7 +199,7 @@ def main() -> None:
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     parser.add_argument("--keep", type=Path, help="Build the index here (or reuse the one there) and keep it.")
     parser.add_argument("--scan-options", action="store_true", help="Compare the kNN scan's options instead.")
-    parser.add_argument("--map", nargs="+", choices=["tsne", "umap", "pca"], help="Time the map's methods instead.")
+    parser.add_argument("--map", nargs="+", choices=["tsne", "umap", "pca", "place"], help="Time the map's methods instead.")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="--map: threads for the fit.")
     parser.add_argument("--queries", type=int, default=10_000, help="--scan-options: queries timed per option.")
     parser.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)

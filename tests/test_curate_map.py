@@ -132,3 +132,25 @@ def test_errors_are_one_line(tmp_path):
     assert missing.exit_code == 1 and "Traceback" not in missing.output
     with pytest.raises(Exception, match="no map in"):
         load_map(tmp_path)
+
+
+def test_placement_equals_opentsnes_own_transform_with_exact_neighbours():
+    """mi map places new points through openTSNE's transform with a FAISS kNN and without the
+    fitted points' own graph: the same positions as openTSNE's own exact affinities."""
+    pytest.importorskip("openTSNE")
+    from openTSNE import TSNE, TSNEEmbedding
+    from openTSNE.affinity import PerplexityBasedNN
+
+    from retrieval.curate.imagemap import _new_point_affinities
+
+    rng = np.random.default_rng(0)
+    fitted = rng.standard_normal((300, 10)).astype(np.float32)
+    fitted[:150] += 3
+    new = rng.standard_normal((12, 10)).astype(np.float32)
+    new[:6] += 3
+    layout = np.asarray(TSNE(perplexity=30, n_jobs=1, random_state=0).fit(fitted.astype(np.float64)))
+    theirs = PerplexityBasedNN(fitted.astype(np.float64), perplexity=30, method="exact", n_jobs=1, random_state=0)
+    expected = np.asarray(TSNEEmbedding(layout, theirs, random_state=0).transform(new.astype(np.float64)))
+    ours = _new_point_affinities(PerplexityBasedNN, fitted, 30.0, 1)
+    placed = np.asarray(TSNEEmbedding(layout, ours, random_state=0).transform(new.astype(np.float64)))
+    assert np.abs(placed - expected).max() < 1e-3 * np.abs(expected).max()

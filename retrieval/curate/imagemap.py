@@ -149,11 +149,43 @@ def _place(reader, added: np.ndarray, stored: dict[str, Any], method: str, seed:
     from openTSNE import TSNEEmbedding
     from openTSNE.affinity import PerplexityBasedNN
 
-    reference = stored["reference_coords"].astype(np.float64)
-    affinities = PerplexityBasedNN(reference, perplexity=_perplexity(len(reference)),
-                                   n_jobs=n_jobs or _threads(len(reference)), random_state=seed)
+    reference = stored["reference_coords"].astype(np.float32)
+    affinities = _new_point_affinities(PerplexityBasedNN, reference, _perplexity(len(reference)),
+                                       n_jobs or _threads(len(reference)))
     embedding = TSNEEmbedding(stored["reference_xy"].astype(np.float64), affinities, random_state=seed)
     return np.asarray(embedding.transform(coords.astype(np.float64)), np.float32)
+
+
+def _new_point_affinities(base, reference: np.ndarray, perplexity: float, n_jobs: int):
+    """openTSNE's perplexity-based affinities of new points to the fitted ones (`base` is
+    openTSNE.affinity.PerplexityBasedNN: its `to_new` is used unchanged), over an exact FAISS
+    kNN of the fitted points' PCA coordinates, without their own kNN graph: the transform never
+    reads it, and building it took 179 of the 180 s of placing 1% more images at 100k."""
+    import faiss
+    from openTSNE.nearest_neighbors import KNNIndex
+    from scipy.sparse import csr_matrix
+
+    class ExactFaiss(KNNIndex):
+        VALID_METRICS = ["euclidean"]
+
+        def build(self):  # the fitted points' own graph: not needed to place new points
+            raise NotImplementedError
+
+        def query(self, query, k):
+            squared, found = self.index.search(np.ascontiguousarray(query, np.float32), k)
+            return found, np.sqrt(np.maximum(squared, 0.0)).astype(np.float64)   # euclidean, like openTSNE's
+
+    knn = ExactFaiss(reference, k=min(len(reference), int(3 * perplexity)), metric="euclidean", n_jobs=n_jobs)
+    knn.index = faiss.IndexFlatL2(reference.shape[1])
+    knn.index.add(np.ascontiguousarray(reference))
+
+    class NewPointAffinities(base):
+        def __init__(self) -> None:   # base's __init__ would build the fitted points' graph
+            self.P = csr_matrix((len(reference), len(reference)))   # empty: only its shape is checked
+            self.verbose, self.knn_index = False, knn
+            self.perplexity, self.n_jobs, self.symmetrize = perplexity, n_jobs, False
+
+    return NewPointAffinities()
 
 
 def _threads(n: int) -> int:
