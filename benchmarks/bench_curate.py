@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 DIM = 1024
-STAGES = ("duplicates", "leakage", "outliers")
+STAGES = ("duplicates", "leakage", "outliers", "evaluate")
 DUPLICATE_FRACTION = 0.01   # planted near-duplicate pairs per image
 PATIENTS_PER_IMAGE = 0.25   # 4 images per patient on average
 
@@ -176,6 +176,14 @@ def stage(name: str, folder: Path) -> None:
             got = {tuple(p) for p in found.pairs.tolist()}
             result.update(recall=len(planted & got) / max(len(planted), 1), pairs=len(got),
                           clusters=report["summary"]["clusters"], faiss=found.kind)
+        elif name == "evaluate":   # labels by id (meaningless values: this times the work, 2000 queries)
+            from retrieval.curate.evaluate import evaluate
+            from retrieval.curate.labelled import Labels
+            ids = reader.ids()
+            matrix = np.zeros((len(ids), 5), bool)
+            matrix[np.arange(len(ids)), ids % 5] = True
+            report = evaluate(reader, Labels(ids, [f"l{i}" for i in range(5)], matrix), k=10, max_queries=2000)
+            result.update(queries=report["queries"], map=report["retrieval"]["map"])
         elif name == "outliers":
             from retrieval.curate.outliers import find_outliers
             report = find_outliers(reader, top=20)

@@ -14,7 +14,11 @@ Methods: "tsne" (openTSNE, the `curate` extra) and "pca" (the first two principa
 numpy only: the fallback when openTSNE is not installed, and a quick look). `load_map(folder)`
 gives (ids int64, xy float32) for a server to send as compact arrays. The file holds arrays only
 (np.load without pickle): ids, xy, the PCA (mean, components) and the fitted points' PCA
-coordinates, which the transform needs."""
+coordinates, which the transform needs.
+
+Measured (bench_curate.py --map, 2 shared cores, one thread): openTSNE fit 64 s at 10k, 312 s
+at 100k (PCA 4 s / 23 s); placing 1% more images at 100k 13.5 s. umap-learn fit 84-145 s at 10k
+and 520 s at 100k (numba compiling included), and its transform needs the pickled model."""
 from __future__ import annotations
 
 import os
@@ -152,15 +156,20 @@ def _place(reader, added: np.ndarray, stored: dict[str, Any], method: str, seed:
     reference = stored["reference_coords"].astype(np.float32)
     affinities = _new_point_affinities(PerplexityBasedNN, reference, _perplexity(len(reference)),
                                        n_jobs or _threads(len(reference)))
-    embedding = TSNEEmbedding(stored["reference_xy"].astype(np.float64), affinities, random_state=seed)
+    # openTSNE picks the gradient method by the number of *new* points (Barnes-Hut below 10k), but
+    # the cost grows with the fitted points: BH rebuilds their quadtree at each of 250 steps (1% more
+    # at 40k: 34 s) where FFT interpolates on a grid (1.4 s). Its own threshold, on the fitted points.
+    method = "fft" if len(reference) >= THREADS_FROM else "bh"
+    embedding = TSNEEmbedding(stored["reference_xy"].astype(np.float64), affinities, random_state=seed,
+                              negative_gradient_method=method)
     return np.asarray(embedding.transform(coords.astype(np.float64)), np.float32)
 
 
 def _new_point_affinities(base, reference: np.ndarray, perplexity: float, n_jobs: int):
     """openTSNE's perplexity-based affinities of new points to the fitted ones (`base` is
     openTSNE.affinity.PerplexityBasedNN: its `to_new` is used unchanged), over an exact FAISS
-    kNN of the fitted points' PCA coordinates, without their own kNN graph: the transform never
-    reads it, and building it took 179 of the 180 s of placing 1% more images at 100k."""
+    kNN of the fitted points' PCA coordinates, without their own kNN graph (openTSNE's __init__
+    would build it: the transform never reads it)."""
     import faiss
     from openTSNE.nearest_neighbors import KNNIndex
     from scipy.sparse import csr_matrix
