@@ -30,6 +30,8 @@ mi.add_command(curate_cli.duplicates, "duplicates")
 mi.add_command(curate_cli.leakage, "leakage")
 mi.add_command(curate_cli.export, "export")
 mi.add_command(curate_cli.outliers, "outliers")
+mi.add_command(curate_cli.evaluate, "evaluate")
+mi.add_command(curate_cli.map_command, "map")
 
 
 @mi.command("doctor")

@@ -320,3 +320,117 @@ def outliers(index_dir: Path | None, by: str | None, k: int, top: int, as_json: 
         click.echo(f"{rank:>3}  {o['score']:>6.2f}  {shown(o['path'])}" + (f" (frame {o['frame']})" if o["frame"] else ""))
         click.echo(f"          {shown(o['reason'])}; nearest: " +
                    ", ".join(shown(os.path.basename(n["path"])) for n in o["neighbours"]))
+
+
+# ---------------------------------------------------------------- mi evaluate
+@click.command(context_settings=CONTEXT)
+@INDEX_OPTION
+@click.option("--labels", "labels_file", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="CSV: a `path` or `sop_instance_uid` column and a `label` or `labels` column "
+                   "(several labels separated by ';', or one row per label).")
+@click.option("-k", "k", type=click.IntRange(1, 1000), default=10, show_default=True,
+              help="Neighbours: precision@k and the kNN vote.")
+@click.option("--zero-shot", is_flag=True, help="Also zero-shot AUC from a prompt per label (loads the text tower).")
+@click.option("--prompt", metavar="TEMPLATE", help="Zero-shot prompt with {label}, e.g. \"a chest x-ray showing "
+                                                  "{label}\" (implies --zero-shot). [default: {label}]")
+@click.option("--model", envvar="MI_MODEL", metavar="SRC", help="Zero-shot: model folder or Hugging Face id. "
+                                                                "[default: the index's model]")
+@click.option("--max-queries", type=click.IntRange(min=1), help="Query with a seeded sample of this many images.")
+@JSON_OPTION
+def evaluate(index_dir: Path | None, labels_file: Path, k: int, zero_shot: bool, prompt: str | None,
+             model: str | None, max_queries: int | None, as_json: bool) -> None:
+    """How well the embeddings separate labelled images: image-to-image retrieval (precision@k,
+    mAP per label), kNN classification (accuracy, macro AUC) with each query's own patient and
+    study left out of its neighbours, and with --zero-shot / --prompt the zero-shot AUC per label."""
+    from .evaluate import evaluate as run_evaluation
+    from .labelled import read_labels
+
+    template = prompt or "{label}"
+    with one_line_errors(), reader_of(index_dir) as reader:
+        if "{label}" not in template:
+            raise click.BadParameter(f"the prompt needs {{label}} where the label goes, not {template!r}",
+                                     param_hint="--prompt")
+        labels = read_labels(reader, labels_file)
+        searcher = None
+        if zero_shot or prompt:
+            from ..search import Searcher
+
+            searcher = Searcher(index=reader.folder, model=model)
+        encode = _text_encoder(searcher) if searcher is not None else None
+        try:
+            report = run_evaluation(reader, labels, k=k, max_queries=max_queries, zero_shot=encode, prompt=template)
+        finally:
+            if searcher is not None:
+                searcher.close()
+    if as_json:
+        echo_json(report)
+        return
+
+    def number(value: float | None) -> str:
+        return "   -  " if value is None else f"{value:6.3f}"
+
+    click.echo(f"{report['labelled_images']} labelled images, {len(report['labels'])} labels, "
+               f"{report['queries']} queries{' (sampled)' if report['sampled_queries'] else ''}, k={report['k']}; "
+               f"neighbours exclude the query's own file, patient and study.")
+    for note in report["notes"]:
+        click.echo(f"Note: {shown(note)}.")
+    if report["without_patient"] or report["without_study"]:
+        click.echo(f"Note: {report['without_patient']} images have no patient pseudonym and "
+                   f"{report['without_study']} no study UID: for them that exclusion cannot apply.")
+    zero = report["zero_shot"] is not None
+    click.echo(f"{'label':<24} {'images':>7} {'P@k':>6} {'AP':>6} {'kNN AUC':>7}"
+               + (f" {'0-shot AUC':>10}" if zero else ""))
+    for e in report["per_label"]:
+        click.echo(f"{shown(e['label'])[:24]:<24} {e['images']:>7} {number(e['precision_at_k'])} "
+                   f"{number(e['average_precision'])} {number(e['knn_auc']):>7}"
+                   + (f" {number(e.get('zero_shot_auc')):>10}" if zero else ""))
+    r, knn = report["retrieval"], report["knn"]
+    click.echo(f"retrieval: precision@{report['k']} {number(r['precision_at_k']).strip()}, "
+               f"mAP {number(r['map']).strip()}")
+    click.echo(f"kNN classification: accuracy {number(knn['accuracy']).strip()}, "
+               f"macro AUC {number(knn['macro_auc']).strip()}")
+    if zero:
+        z = report["zero_shot"]
+        click.echo(f"zero-shot ({shown(z['prompt'])}): accuracy {number(z['accuracy']).strip()}, "
+                   f"macro AUC {number(z['macro_auc']).strip()}")
+
+
+def _text_encoder(searcher) -> Callable[[list[str]], tuple[Any, float]]:
+    """texts -> (unit vectors, logit scale) through the searcher's text tower (loaded on first use
+    and checked against the index's model)."""
+    def encode(texts: list[str]) -> tuple[Any, float]:
+        tower = searcher.encoder("text")
+        return tower.encode_texts(texts), float(tower.logit_scale)
+    return encode
+
+
+# ---------------------------------------------------------------- mi map
+@click.command("map", context_settings=CONTEXT)
+@INDEX_OPTION
+@click.option("--method", type=click.Choice(["tsne", "pca"]),
+              help="tsne (openTSNE, the `curate` extra) or pca. [default: tsne when openTSNE is installed]")
+@click.option("--refit", is_flag=True, help="Lay every image out again (else new images are placed into the map).")
+@click.option("--png", "png_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also draw the map to this PNG file, coloured by modality.")
+@JSON_OPTION
+def map_command(index_dir: Path | None, method: str | None, refit: bool, png_file: Path | None,
+                as_json: bool) -> None:
+    """A 2D map of every image (PCA to 50 dimensions, then t-SNE), stored in the index folder
+    as map.g<generation>.npz. Images added since are placed into the existing map (the points
+    already there stay put), removed ones dropped; a refit happens with --refit, when the method
+    changes, or when the images added since the last fit exceed a quarter of those it was fitted on."""
+    from .imagemap import build_map, draw_png
+
+    with one_line_errors(), reader_of(index_dir) as reader:
+        summary = build_map(reader, method=method, refit=refit)
+        if png_file:
+            summary["modalities"] = draw_png(reader, png_file)
+            summary["png"] = str(png_file)
+    if as_json:
+        echo_json(summary)
+        return
+    how = f"refitted ({summary['refit_reason']})" if summary["refit"] else \
+        f"{summary['placed']} placed, {summary['removed']} removed"
+    click.echo(f"map of {summary['points']} images ({summary['method']}, generation {summary['generation']}): "
+               f"{how}, {summary['seconds']:.1f} s; {summary['file']}" +
+               (f"; drawn to {shown(png_file)}" if png_file else ""))
