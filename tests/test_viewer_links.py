@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -14,10 +15,15 @@ import pytest
 
 from indexer.viewer_links import ViewerTemplateError, checked_template, viewer_url
 from orthanc_server import Orthanc, dicom_files, stocked
-from servers import FIXTURE, command_env
+from servers import FIXTURE, PYDICOM_FILES, REPO, command_env
 
 KEY = "dicomweb+http://pacs:8042/dicom-web/studies/1.2.3/series/1.2.3.4/instances/1.2.3.4.5"
 OHIF = "http://ohif.example/viewer?StudyInstanceUIDs={study}"
+CT_SMALL = PYDICOM_FILES / "CT_small.dcm"  # a CT slice OHIF draws (uncompressed)
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-quic", "--no-first-run", "--disable-sync", "--disable-background-networking",
+                 "--disable-component-update", "--use-angle=swiftshader", "--enable-unsafe-swiftshader"]  # WebGL on the CPU
+ARTIFACTS = Path(os.environ.get("MI_TEST_ARTIFACTS", REPO / "test-artifacts"))
 
 
 def test_placeholders_are_filled_and_quoted():
@@ -74,7 +80,7 @@ def pacs_index(tmp_path_factory, model):
     folder = tmp_path_factory.mktemp("viewer")
     orthanc = Orthanc(folder / "orthanc").start()
     try:
-        stocked(orthanc, dicom_files(4))
+        stocked(orthanc, [CT_SMALL] + [path for path in dicom_files(4) if path.name != CT_SMALL.name][:3])
         indexer.index_dicomweb(orthanc.url, folder / "index", model=model, workers=0)
         yield {"index": folder / "index", "orthanc": orthanc, "folder": folder}
     finally:
@@ -145,3 +151,57 @@ def test_a_mistyped_template_is_one_line_and_changes_nothing(pacs_index):
     assert done.returncode != 0
     assert "{studyuid}" in done.stderr and "Traceback" not in done.stderr
     assert meta(index) == before
+
+
+def test_a_hit_opens_in_a_real_ohif_viewer(pacs_index, model):
+    """A hit's viewer_url, opened in Chromium, makes OHIF (its npm build, served here, reading the
+    test Orthanc over DICOMweb) draw the hit's study: a canvas with an image on it, not blank."""
+    import numpy as np
+    import pydicom
+    from PIL import Image
+
+    from indexer.store import IndexStore
+    from ohif_viewer import Unavailable, ViewerServer, ohif_dist
+    from retrieval import Searcher
+
+    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed")
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no Chromium at {CHROMIUM}")
+    try:
+        dist = ohif_dist()
+    except Unavailable as reason:
+        pytest.skip(str(reason))
+    with ViewerServer(dist, pacs_index["orthanc"].root) as viewer:
+        with IndexStore.open(pacs_index["index"]) as store:
+            store.set_viewer_template(viewer.url + "/viewer?StudyInstanceUIDs={study}")
+        hits = Searcher(pacs_index["index"], model=model).search("chest", k=10)
+        ct = pydicom.dcmread(CT_SMALL, stop_before_pixels=True)
+        hit = next(h for h in hits if h.metadata["sop_instance_uid"] == ct.SOPInstanceUID)
+        assert hit.viewer_url == f"{viewer.url}/viewer?StudyInstanceUIDs={ct.StudyInstanceUID}"
+
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        shot = ARTIFACTS / "ohif-viewer.png"
+        with sync_api.sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1280, "height": 800})
+                page.goto(hit.viewer_url)
+                canvas = page.locator("canvas.cornerstone-canvas").first
+                canvas.wait_for(timeout=90_000)
+                drawn = None
+                for _ in range(120):  # until the slice is drawn (bounded: about a minute)
+                    pixels = np.asarray(Image.open(io.BytesIO(canvas.screenshot())).convert("L"))
+                    if pixels.std() > 20 and len(np.unique(pixels)) > 50:
+                        drawn = pixels
+                        break
+                    page.wait_for_timeout(500)
+                skip_tour = page.get_by_text("Skip all")
+                if skip_tour.count():
+                    skip_tour.first.click()
+                    page.wait_for_timeout(300)
+                page.screenshot(path=str(shot))
+                shown_date = page.get_by_text("19-Jan-2004").count()  # CT_small's study date, in OHIF's overlay
+            finally:
+                browser.close()
+        assert drawn is not None, f"OHIF drew no image for {hit.viewer_url} (see {shot})"
+        assert shown_date, f"OHIF shows another study than {ct.StudyInstanceUID} (see {shot})"
