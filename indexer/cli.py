@@ -21,6 +21,9 @@ Examples:
   mi-index --remove ./xrays/old      take a folder out of the index
   mi-index ./xrays ./more/case1.dcm  several folders and files, one index
   mi-index ./xrays --json            the summary as one JSON object
+  mi-index ./incoming --watch        keep indexing what arrives, until Ctrl-C
+  mi-index --viewer-url 'http://ohif/viewer?StudyInstanceUIDs={study}'
+                                     PACS hits link to a viewer
   mi-index /archive --index /data/idx --device cuda --batch-size 128
   mi-index --folders-of OLD --index NEW --model SRC
                                      rebuild OLD's folders with another model
