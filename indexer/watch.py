@@ -11,6 +11,7 @@ loses at most the batch in flight. `stop` (a threading.Event) ends the watch bet
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
@@ -25,6 +26,7 @@ from .errors import MIError, NoImagesError
 log = logging.getLogger(__name__)
 
 DEBOUNCE_MS = 1000        # events are grouped for up to this long before a pass
+STARTED_MS = 200          # the watcher's first (empty) answer comes this soon: then it runs
 STEP_MS = 100             # a burst ends once this long passes without an event
 SETTLE_POLL_SECONDS = 0.5  # between the two polls that show a file written whole
 SETTLE_MAX_SECONDS = 300   # a file written for longer is indexed as it is (and again when it changes)
@@ -119,11 +121,17 @@ def watch_paths(paths: Sequence[str | os.PathLike], index_dir: str | os.PathLike
             done.error = one_line(error)
         on_pass(done)
 
+    # The watcher starts before the first pass (its first answer, a timeout, says it runs): a file
+    # that arrives while the first pass walks is then seen by one of them, never by neither.
+    bursts = watchfiles.watch(*roots, watch_filter=watched_change(folder), debounce=debounce_ms, step=STEP_MS,
+                              stop_event=stop, raise_interrupt=False, yield_on_timeout=True, rust_timeout=STARTED_MS)
+    early = next(bursts, set())
     one_pass([])
-    for changes in watchfiles.watch(*roots, watch_filter=watched_change(folder), debounce=debounce_ms,
-                                    step=STEP_MS, stop_event=stop, raise_interrupt=False, yield_on_timeout=False):
+    for changes in itertools.chain([early], bursts):
         if stop.is_set():
             break
+        if not changes:
+            continue  # a timeout: nothing happened
         changed = sorted({path for _, path in changes})
         log.debug("changes: %s", changed)
         written_whole(changed, stop, poll=settle_poll)
