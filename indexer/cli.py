@@ -23,6 +23,9 @@ Examples:
   mi-index --remove ./xrays/old      take a folder out of the index
   mi-index ./xrays ./more/case1.dcm  several folders and files, one index
   mi-index ./xrays --json            the summary as one JSON object
+  mi-index ./incoming --watch        keep indexing what arrives, until Ctrl-C
+  mi-index --viewer-url 'http://ohif/viewer?StudyInstanceUIDs={study}'
+                                     PACS hits link to a viewer
   mi-index /archive --index /data/idx --device cuda --batch-size 128
   mi-index --folders-of OLD --index NEW --model SRC
                                      rebuild OLD's folders with another model
@@ -150,6 +153,11 @@ pacs_options = collected(
 @click.option("--remove", "remove", metavar="PATH", multiple=True,  # str: a PACS URL must keep its '//'
               help="Take a folder (or file, or a PACS URL) out of the index; the files stay where they are.")
 @click.option("--status", is_flag=True, help="Show what the index holds and exit.")
+@click.option("--watch", is_flag=True, help="After indexing, keep watching the folders: new, changed, moved and "
+                                            "deleted files are indexed as they appear (pip install '.[watch]').")
+@click.option("--viewer-url", "viewer_url", metavar="TEMPLATE",
+              help="Open PACS hits in a viewer: a URL with {study}, {series}, {instance} or {wado}, kept in the "
+                   "index (alone or with a run; '' removes it). See README, Opening hits in a viewer.")
 @index_option(f"Index folder. [default: MI_INDEX, else {_user_index_dir()}]")
 @model_option("Model folder or Hugging Face id. [default: MI_MODEL, else the index's model, "
               "else lion-ai/MedImageInsights]")
@@ -158,8 +166,8 @@ pacs_options = collected(
 @json_option("Print the summary as one JSON object.")
 @click.version_option(package_name="medimageinsight-search", prog_name="mi-index")
 def main(paths: tuple[str, ...], sample: bool, update: bool, folders_of: Path | None, remove: tuple[str, ...],
-         status: bool, index_dir: Path | None, model: str | None, options: IndexOptions, pacs: PacsOptions,
-         as_json: bool) -> None:
+         status: bool, watch: bool, viewer_url: str | None, index_dir: Path | None, model: str | None,
+         options: IndexOptions, pacs: PacsOptions, as_json: bool) -> None:
     """Index PATHS (folders, walked recursively, or files; or a PACS: dicomweb+http(s)://HOST/PREFIX)
     for mi-search."""
     from . import index_dicomweb, index_dimse, index_paths
@@ -169,6 +177,9 @@ def main(paths: tuple[str, ...], sample: bool, update: bool, folders_of: Path | 
     index_dir = index_dir or default_index_dir()
     with ExitStack() as undone_on_failure:  # a failed --sample run leaves no copy of the sample behind
         with one_line_errors():
+            if viewer_url is not None:
+                from .viewer_links import checked_template
+                viewer_url = checked_template(viewer_url)  # a mistyped template stops before any run
             if status or remove:
                 return _manage(index_dir, status, remove, as_json)
             sample_dir = None
@@ -177,7 +188,17 @@ def main(paths: tuple[str, ...], sample: bool, update: bool, folders_of: Path | 
                 sample_dir = undone_on_failure.enter_context(sample_copy())
             files, urls = _sources(paths, index_dir, sample_dir, update, folders_of)
         if not files and not urls:
+            if viewer_url is not None:
+                return _set_viewer_url(index_dir, viewer_url, as_json)
             raise click.UsageError("give PATHS to index (or --sample, --update, --status; see --help)")
+        if watch:
+            if urls:
+                raise click.UsageError("--watch watches folders, not a PACS: index the PACS with mi-index URL")
+            if viewer_url is not None:
+                _set_viewer_url(index_dir, viewer_url, as_json)
+            from .watch_cli import watch as watch_folders
+            with one_line_errors():
+                return watch_folders(files, index_dir, model, options, as_json)
         if pacs.filtered and not urls:
             raise click.UsageError("--modality, --study-date and --body-part filter a PACS: give its "
                                    "dicomweb+http(s):// or dimse:// URL")
@@ -191,6 +212,17 @@ def main(paths: tuple[str, ...], sample: bool, update: bool, folders_of: Path | 
                  for url in urls]
         for run in runs:  # folders, then each PACS: one summary each
             _run_and_report(run, as_json)
+    if viewer_url is not None:
+        _set_viewer_url(index_dir, viewer_url, as_json)
+
+
+def _set_viewer_url(index_dir: Path, template: str, as_json: bool) -> None:
+    from .store import IndexStore
+
+    with one_line_errors(), IndexStore.open(index_dir) as store:
+        store.lock()
+        store.set_viewer_template(template)
+    click.echo(f"viewer links: {visible(template, markup=False)}" if template else "viewer links removed", err=as_json)
 
 
 def _sources(paths: tuple[str, ...], index_dir: Path, sample_dir: Path | None, update: bool,

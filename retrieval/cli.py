@@ -256,6 +256,8 @@ def _print_table(hits: list, console: Any = None) -> None:
             if any(alarm for _, alarm in notes):
                 where.stylize("bold red", len(where) - len(notes[-1][0]) - 1, len(where) - 1)
         console.print(where, overflow="fold")
+        if hit.viewer_url:  # a PACS hit: the link that opens it (mi-index --viewer-url); wrapped, never cut
+            console.print(Text(indent + "viewer " + hit.viewer_url, style="dim"), overflow="fold")
 
 
 def _packed(items: list[str], room: int) -> list[str]:

@@ -24,7 +24,7 @@ from .request import SearchRequest
 
 TIMEOUT_S = 600.0  # a cold server loads a tower on its first query: seconds to a minute
 INDEX_HEADER = "X-MI-Index"  # the index the client means; a server of another one answers 421
-_HIT_FIELDS = {"rank", "score", "id", "copies", "in_group", "missing", "labels"}
+_HIT_FIELDS = {"rank", "score", "id", "copies", "in_group", "missing", "labels", "viewer_url"}
 
 
 class ServerUnavailable(Exception):
@@ -74,7 +74,7 @@ def hit_from_row(row: dict[str, Any]) -> Hit:
     metadata = {key: value for key, value in row.items() if key not in _HIT_FIELDS}
     return Hit(rank=row["rank"], score=row["score"], id=row["id"], path=row["path"], metadata=metadata,
                labels=row.get("labels"), copies=row.get("copies", 1), in_group=row.get("in_group", 1),
-               missing=bool(row.get("missing")))
+               missing=bool(row.get("missing")), viewer_url=row.get("viewer_url"))
 
 
 def _term(term: QueryTerm) -> dict[str, Any]:

@@ -22,17 +22,21 @@ class Hit:
     copies: int = 1            # exact duplicates shown as this one hit (itself included)
     in_group: int = 1          # matching images of its study or patient, with group=
     missing: bool = False      # the file is gone from disk since it was indexed
+    viewer_url: str | None = None  # a PACS instance: the link that opens it in the index's viewer
 
     def to_dict(self) -> dict[str, Any]:
         """A flat, JSON-ready dict: rank, score, id, path, copies, in_group, missing, the
         metadata fields (Study/Series/SOP Instance UIDs among them), labels if any, and for an
-        instance indexed from a PACS its `wado_rs_url`."""
+        instance indexed from a PACS its `wado_rs_url` and, where the index has a viewer URL
+        template (mi-index --viewer-url), its `viewer_url`."""
         from indexer.pacs_keys import wado_url
         row = {"rank": self.rank, "score": round(self.score, 6), "id": self.id, "path": self.path,
                "copies": self.copies, "in_group": self.in_group, "missing": self.missing}
         row.update({key: _jsonable(value) for key, value in self.metadata.items() if key not in row})
         if wado_url(self.path):  # an instance indexed from a PACS: where to retrieve it
             row["wado_rs_url"] = wado_url(self.path)
+        if self.viewer_url:
+            row["viewer_url"] = self.viewer_url
         if self.labels is not None:
             row["labels"] = {label: round(p, 6) for label, p in self.labels.items()}
         return row

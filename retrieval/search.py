@@ -210,9 +210,19 @@ class Searcher:
             if plain or len(collapsed) >= k or fetch >= available or len(found) < fetch:
                 break
             fetch = min(available, fetch * 4)
+        link = self._viewer_links()
         return [Hit(rank, c.best.score, c.best.id, str(c.best.row.get("path")), dict(c.best.row),
-                    copies=c.copies, in_group=c.in_group, missing=_is_missing(c.best.row.get("path")))
+                    copies=c.copies, in_group=c.in_group, missing=_is_missing(c.best.row.get("path")),
+                    viewer_url=link(str(c.best.row.get("path"))))
                 for rank, c in enumerate(collapsed[:k], start=1)]
+
+    def _viewer_links(self):
+        """key -> its viewer link (or None), by the template the index holds now (mi-index
+        --viewer-url may set it while a server runs)."""
+        from indexer.viewer_links import viewer_url
+
+        template = self._store.viewer_template
+        return lambda key: viewer_url(template, key)
 
     def _own(self, terms: list[QueryTerm], what: str) -> dict[str, set[str]]:
         """The query images' own studies or patients (exclude_same): from the index when the

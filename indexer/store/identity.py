@@ -85,6 +85,23 @@ class Identity:
         return int(conn.execute(text("SELECT value FROM meta WHERE key='generation'")).scalar())
 
     @property
+    def viewer_template(self) -> str | None:
+        """The viewer URL template of `indexer.viewer_links` (mi-index --viewer-url), None if not set."""
+        from ..viewer_links import META_KEY
+        with self.engine.connect() as conn:
+            return read_meta(conn).get(META_KEY) or None
+
+    def set_viewer_template(self, template: str) -> None:
+        """Set (or, with '', clear) the viewer URL template, checked first."""
+        from ..viewer_links import META_KEY, checked_template
+        template = checked_template(template)
+        with self.engine.begin() as conn:
+            if template:
+                set_meta(conn, {META_KEY: template})
+            else:
+                conn.execute(text("DELETE FROM meta WHERE key = :key"), {"key": META_KEY})
+
+    @property
     def index_id(self) -> str:
         with self.engine.connect() as conn:
             return read_meta(conn)["index_id"]
