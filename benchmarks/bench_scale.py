@@ -79,13 +79,43 @@ def timed(searcher, queries, filters, k=10):
     return np.array(times), found
 
 
+def bench_walk(n: int) -> None:
+    """The planning of an unchanged re-run over n files on disk (walk, lookup, compare)."""
+    from indexer.run.pipeline import Summary
+    from indexer.run.plan import plan
+    from indexer.sources import FolderSource
+    from indexer.store import IndexStore
+
+    with tempfile.TemporaryDirectory(prefix="bench_walk_") as tmp:
+        data = Path(tmp, "data")
+        for i in range(n):
+            sub = data / f"s{i % 100:02d}" / f"t{i % 1000 // 100}"
+            if i < 1000:
+                sub.mkdir(parents=True, exist_ok=True)
+            (sub / f"img{i:07d}.dcm").write_bytes(b"")
+        store = IndexStore.open(Path(tmp, "index"), create=True)
+        source = FolderSource([data])
+        listed = list(source.items())
+        store.commit(skipped=[{"path": item.key, "size": item.size, "mtime_ns": item.mtime_ns,
+                               "content_hash": None, "error": "not an image"} for item in listed])
+        start = time.perf_counter()
+        todo, removed = plan(FolderSource([data]), store, Summary(index=tmp))
+        print(f"unchanged re-run over {n:,} files: planning {time.perf_counter() - start:.2f} s "
+              f"({len(todo)} to do, {len(removed)} removed)  {load()}", flush=True)
+        store.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=100_000)
     parser.add_argument("--queries", type=int, default=50)
     parser.add_argument("--keep", help="index folder to build into (or reuse, when it holds --images)")
     parser.add_argument("--gc-torch", action="store_true", help="import torch first, as the server does")
+    parser.add_argument("--walk-files", type=int, help="only time the planning of an unchanged re-run over so many files")
     args = parser.parse_args()
+    if args.walk_files:
+        bench_walk(args.walk_files)
+        return
     if args.gc_torch:
         import torch  # noqa: F401
 

@@ -76,10 +76,12 @@ class Reads:
         """{path: (size, mtime_ns, error, retry)} of the known files under the given folders or files."""
         found: dict[str, FileRecord] = {}
         with self.engine.connect() as conn:
+            raw = conn.connection.driver_connection  # SQLAlchemy rows cost more than the lookup (100k files)
             for root in roots:
                 where, params = at_or_under(root)
-                rows = conn.execute(text(f"SELECT path, size, mtime_ns, error, retry FROM files WHERE {where}"), params)
-                found.update({py_path(row[0]): tuple(row[1:4]) + (bool(row[4]),) for row in rows})
+                rows = raw.execute(f"SELECT path, size, mtime_ns, error, retry FROM files WHERE {where}", params)
+                found.update({(path if isinstance(path, str) else py_path(path)): (size, mtime, error, bool(retry))
+                              for path, size, mtime, error, retry in rows})
         return found
 
     def files_at(self, paths: Sequence[str]) -> dict[str, FileRecord]:
