@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -26,6 +27,7 @@ from . import labels as zero_shot
 from .errors import EmptyIndexError, QueryError
 from .grouping import GROUP_FIELDS, Candidate, collapse
 from .hits import Hit
+from .live_index import LiveIndex
 from .query import QueryTerm, combine, parse_query
 from .request import SOFTMAX_NEEDS_TWO, SearchRequest
 
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 TEXT_CACHE_SIZE = 1024  # text query embeddings a Searcher keeps (see Searcher._text_vectors)
+FILTER_CACHE_SIZE = 16  # id sets of recent filters a Searcher keeps, per generation (see Searcher._allowed)
 
 class Searcher:
     """Search one index. `index`: the index folder (default: MI_INDEX, else the per-user folder
@@ -51,12 +54,14 @@ class Searcher:
         self.index_dir = Path(index or default_index_dir()).expanduser()
         self.device = device
         self._store = IndexStore.open(self.index_dir, readonly=True)
-        self._faiss = None
-        self._faiss_generation = -1
+        self._faiss: LiveIndex | None = None
         self._faiss_lock = threading.Lock()
         self._tower_lock = threading.Lock()
         self._text_cache: dict[str, np.ndarray] = {}
         self._text_cache_lock = threading.Lock()
+        self._filter_cache: OrderedDict[tuple[int, Any], np.ndarray] = OrderedDict()
+        self._count_cache: tuple[int, int] = (-1, 0)
+        self._cache_lock = threading.Lock()
         self._towers: dict[str, Any] = {}
         self._loaded_model = model if hasattr(model, "encode_texts") else None
         self._model_source = None if self._loaded_model else model
@@ -82,7 +87,34 @@ class Searcher:
         return dict(self._model_info)
 
     def __len__(self) -> int:
-        return self._store.count()
+        """Images in the index now: counted once per generation (a count(*) of a million rows
+        took half of an unfiltered query)."""
+        generation = self._store.generation()
+        with self._cache_lock:
+            if self._count_cache[0] == generation:
+                return self._count_cache[1]
+        count = self._store.count()  # may be a newer generation's: only ever a bound for fetching
+        with self._cache_lock:
+            self._count_cache = (generation, count)
+        return count
+
+    def _allowed(self, filters: SearchFilters | None) -> np.ndarray | None:
+        """The ids a filter allows, fetched once per (generation, filter): the web page asks the same
+        filter at every page and refinement. The FILTER_CACHE_SIZE most recent are kept (8 bytes an id)."""
+        if not filters:
+            return None
+        key = (self._store.generation(), filters)
+        with self._cache_lock:
+            if key in self._filter_cache:
+                self._filter_cache.move_to_end(key)
+                return self._filter_cache[key]
+        ids = self._store.filter_ids(filters)
+        ids.setflags(write=False)
+        with self._cache_lock:
+            self._filter_cache[key] = ids
+            while len(self._filter_cache) > FILTER_CACHE_SIZE:
+                self._filter_cache.popitem(last=False)
+        return ids
 
     def stats(self) -> dict[str, Any]:
         """The index's counts (images, files, skipped by reason, modalities), folders, model,
@@ -180,7 +212,7 @@ class Searcher:
         elif terms:
             raise QueryError("give either a query vector or a query, not both")
         exclude = self._own(terms, request.exclude_same) if request.exclude_same else None
-        allowed = self._store.filter_ids(request.filters)
+        allowed = self._allowed(request.filters)
         if allowed is not None and len(allowed) == 0:
             raise QueryError(self._no_match(request.filters))
         vector = np.asarray(vector, np.float32)
@@ -296,8 +328,9 @@ class Searcher:
             if coarse or np.all(np.abs(exact - scores[0][:len(found)]) <= 0.02) or attempt == 1:
                 break
             log.warning("the FAISS cache of %s disagrees with SQLite: rebuilding it from SQLite", self.index_dir)
-            self._faiss = self._store.rebuild_faiss()
-            self._faiss_gpu = self._faiss
+            rebuilt = self._store.rebuild_faiss()
+            with self._faiss_lock:
+                self._faiss = LiveIndex.of(rebuilt, rebuilt, self._store.generation(), None)
         order = np.argsort(-exact, kind="stable")[:k]
         return [(float(np.clip(exact[j], -1.0, 1.0)), found[j]) for j in order]
 
@@ -309,17 +342,21 @@ class Searcher:
 
         with self._faiss_lock:  # one reload at a time, however many threads search
             # Live index: every search answers from the newest committed generation (one cheap
-            # read of meta), so an open Searcher sees what mi-index added and removed since.
-            if self._faiss is None or self._store.generation() != self._faiss_generation:
-                self._faiss, self._faiss_generation = self._store.load_faiss_with_generation()
-                self._faiss_gpu = self._faiss if self.device == "cpu" else vectors.to_gpu(self._faiss)
-            loaded, gpu = self._faiss, self._faiss_gpu  # one generation's pair
-        if queries.shape[1] != loaded.d:
-            raise QueryError(f"query vectors have {queries.shape[1]} dimensions, the index {loaded.d}")
-        coarse = vectors.index_kind(loaded) == "ivfpq"
-        return (*vectors.search(loaded, queries, k * vectors.RERANK_FACTOR if coarse else k, allowed,
-                                gpu=gpu if gpu is not loaded else None),
-                coarse)
+            # read of meta), so an open Searcher sees what mi-index added and removed since: as a
+            # delta over the FAISS index it holds while the writer keeps the file (small changes),
+            # by reloading the file when the writer rewrote it.
+            live = self._faiss
+            if live is None or self._store.generation() != live.generation:
+                live = live.updated(self._store) if live is not None else None
+                if live is None:
+                    index, generation = self._store.load_faiss_with_generation()
+                    gpu = index if self.device == "cpu" else vectors.to_gpu(index)
+                    live = LiveIndex.of(index, gpu, generation, self._store.faiss_file_name())
+                self._faiss = live
+        if queries.shape[1] != live.base.d:
+            raise QueryError(f"query vectors have {queries.shape[1]} dimensions, the index {live.base.d}")
+        coarse = vectors.index_kind(live.base) == "ivfpq"
+        return (*live.search(queries, k, allowed, vectors.RERANK_FACTOR if coarse else 1), coarse)
 
     def _stored_vectors(self, ids: list[int]) -> np.ndarray:
         return self._store.vectors(ids)

@@ -2,10 +2,12 @@
 changed, unchanged, not ours), and the known keys that are gone."""
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 from ..sources import Item, Source
 from ..sources.guards import check_sweep
+from ..store.writes import under_or_at
 
 if TYPE_CHECKING:
     from ..store import IndexStore
@@ -15,7 +17,11 @@ if TYPE_CHECKING:
 def plan(source: Source, store: IndexStore, summary: Summary) -> tuple[list[Item], list[str]]:
     """The new and changed items to process, and the known keys that are gone; counts what it
     finds (new, updated, unchanged, still skipped, refused) in `summary`."""
-    listed = list(source.items())
+    # Folders --remove took out from under an indexed folder stay out, unless named again now.
+    named = [os.path.realpath(root) for root in getattr(source, "roots", ())]
+    excluded = tuple(folder.rstrip("/") + "/" for folder in store.excluded()
+                     if not any(under_or_at(root, folder) for root in named))
+    listed = [item for item in source.items() if not (excluded and item.key.startswith(excluded))]
     for key, reason in source.refused:  # reported, not recorded: the index holds what it can read
         summary.skipped += 1
         summary.skipped_files.append({"path": key, "reason": reason})

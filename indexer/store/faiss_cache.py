@@ -20,6 +20,10 @@ from .identity import read_meta
 from .sql import set_meta
 
 
+DELTA_FROM_ROWS = 50_000   # from this many rows a small change leaves the FAISS file as it is (a delta)
+DELTA_MAX_ROWS = 50_000    # ... when at most this many rows (and a tenth of the file) were added or removed
+
+
 class FaissCache:
     """The FAISS half of IndexStore (`engine`, `folder`, `vectors` and `all_vectors` are the store's)."""
 
@@ -78,18 +82,75 @@ class FaissCache:
         with self.engine.connect() as conn:
             conn.exec_driver_sql("BEGIN")
             meta = read_meta(conn)
+            kept = self._kept_for_delta(conn, meta)
+            if kept is not None:
+                return kept
             target = self._faiss_path(int(meta["generation"]), meta["index_id"])
             intact = self._read_verified(target, meta, conn) is not None
+            covers = _covers_record(target, conn, meta)
             if not intact:
                 index = self._current_index(conn, use_cache=not target.exists())  # damaged: from SQLite alone
                 self._write_atomically(index, target)
-        if not intact or not meta.get("faiss_digest", "").startswith(target.name + ":"):
+        if not intact or not meta.get("faiss_digest", "").startswith(target.name + ":") \
+                or meta.get("faiss_covers") != covers:
             with self.engine.begin() as conn:
-                set_meta(conn, {"faiss_digest": _digest_record(target)})
+                set_meta(conn, {"faiss_digest": _digest_record(target), "faiss_covers": covers})
         for old in self.folder.glob("vectors.*"):  # older generations, other databases', tmp files of killed runs
             if old != target:
                 old.unlink(missing_ok=True)
         return target
+
+    def _kept_for_delta(self, conn: Connection, meta: dict[str, str]) -> Path | None:
+        """The cache file to keep as it is, when only a few rows changed since it was written: a
+        running Searcher searches the rows added since exactly and leaves out the removed ones
+        (retrieval.live_index), a fresh one adds them on load (_current_index); the file is
+        rewritten when the change passes DELTA_MAX_ROWS. Known from meta.faiss_covers (the file's
+        row count, largest id and kind) and two indexed counts: the file itself is not read."""
+        from . import vectors as vector_index
+
+        try:
+            name, count, largest, kind = meta.get("faiss_covers", "").rsplit(":", 3)
+            count, largest = int(count), int(largest)
+        except ValueError:
+            return None
+        path = self.folder / name
+        if count < DELTA_FROM_ROWS or not meta.get("faiss_digest", "").startswith(name + ":") \
+                or not name.startswith(f"vectors.{meta['index_id']}.g") or not path.exists():
+            return None
+        new, held = conn.exec_driver_sql("SELECT count(*) FILTER (WHERE id > ?), count(*) FILTER (WHERE id <= ?) "
+                                         "FROM images", (largest, largest)).one()
+        changed = new + (count - held)
+        if changed > min(DELTA_MAX_ROWS, count // 10) or kind != vector_index.choose_kind(
+                new + held, int(meta.get("model_dim") or 1), _memory_budget(meta)):
+            return None
+        for old in self.folder.glob("vectors.*"):
+            if old != path:
+                old.unlink(missing_ok=True)
+        return path
+
+    def faiss_file_name(self) -> str | None:
+        """The name of the cache file written last (it may be of an older generation: a delta)."""
+        with self.engine.connect() as conn:
+            recorded = read_meta(conn).get("faiss_covers", "")
+        return recorded.rsplit(":", 3)[0] or None
+
+    def faiss_delta(self, largest: int, count: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray | None]:
+        """What changed since a FAISS index holding `count` rows, the largest id `largest`, in one
+        snapshot: (generation, ids added since, their vectors, the ids up to `largest` held now, or
+        None when all `count` still are). Ids only grow, so added rows are those above `largest`."""
+        from .reads import raw_ids
+
+        with self.engine.connect() as conn:
+            conn.exec_driver_sql("BEGIN")
+            meta = read_meta(conn)
+            rows = conn.exec_driver_sql("SELECT id, embedding FROM images WHERE id > ? ORDER BY id",
+                                        (largest,)).all()
+            dim = int(meta.get("model_dim") or (len(rows[0][1]) // 4 if rows else 1))
+            new_ids = np.fromiter((r[0] for r in rows), np.int64, count=len(rows))
+            new_vectors = np.frombuffer(b"".join(r[1] for r in rows), np.float32).reshape(len(rows), dim)
+            held = conn.exec_driver_sql("SELECT count(*) FROM images WHERE id <= ?", (largest,)).scalar()
+            kept = None if held == count else raw_ids(conn, "SELECT id FROM images WHERE id <= ?", (largest,))
+            return int(meta["generation"]), new_ids, new_vectors, kept
 
     def _write_atomically(self, index, target: Path) -> None:
         import faiss
@@ -149,6 +210,16 @@ class FaissCache:
             conn.execute(text("DELETE FROM meta WHERE key = 'faiss_digest'"))
         for cached in self.folder.glob("vectors.*"):  # built for the old budget
             cached.unlink(missing_ok=True)
+
+
+def _covers_record(path: Path, conn: Connection, meta: dict[str, str]) -> str:
+    """What meta.faiss_covers holds for the cache file at `path` of what `conn` sees: its name,
+    row count, largest id and kind (so that a small change can keep it: _kept_for_delta)."""
+    from . import vectors as vector_index
+
+    count, largest = conn.execute(text("SELECT count(*), coalesce(max(id), -1) FROM images")).one()
+    kind = vector_index.choose_kind(count, int(meta.get("model_dim") or 1), _memory_budget(meta))
+    return f"{path.name}:{count}:{largest}:{kind}"
 
 
 def _memory_budget(meta: dict[str, str]) -> int | None:

@@ -97,5 +97,15 @@ def _m004_roots(conn: Connection) -> None:
     # Indexes made before: the folders can only be guessed, so none is; --status says so.
 
 
-MIGRATIONS = [_m001_initial, _m002_index_id, _m003_keyed_patient_pseudonyms, _m004_roots]
+def _m005_excluded(conn: Connection) -> None:
+    # Folders taken out with `mi-index --remove` that lie under a folder still indexed: the next
+    # --update walks that folder again and must not put them back.
+    conn.execute(text("""
+        CREATE TABLE excluded (
+            path TEXT PRIMARY KEY,      -- absolute, symlinks resolved, as given to --remove
+            root TEXT NOT NULL          -- the indexed folder it lies under
+        )"""))
+
+
+MIGRATIONS = [_m001_initial, _m002_index_id, _m003_keyed_patient_pseudonyms, _m004_roots, _m005_excluded]
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -29,15 +29,28 @@ def py_path(value: str | bytes) -> str:
 
 
 def _db_prefix(folder: str | os.PathLike) -> bytes:
-    """`folder/` as bytes, compared with CAST(path AS BLOB): matches text and BLOB paths alike."""
+    """`folder/` as bytes: the bytes every path under it starts with, text or BLOB alike."""
     return os.fsencode(os.fspath(folder).rstrip(os.sep) + os.sep)
 
 
 def at_or_under(root: str | os.PathLike) -> tuple[str, dict[str, Any]]:
     """A WHERE clause and its parameters: `path` is `root` (a file, a folder, a PACS service) or
-    lies under it."""
-    return ("(path = :root OR substr(CAST(path AS BLOB), 1, length(:prefix)) = :prefix)",
-            {"root": db_path(root), "prefix": _db_prefix(root)})
+    lies under it. "Under" is a range, `prefix <= path < prefix with its last byte + 1`, which the
+    index on path answers (a substr() of every path scanned the whole index): SQLite compares
+    text by its UTF-8 bytes and BLOBs by their bytes, and sorts every TEXT before every BLOB, so
+    one range over text and one over BLOBs (names that are not UTF-8) find exactly the paths that
+    start with the prefix's bytes; '%' and '_' mean nothing in a comparison, and `data2/` is not
+    under `data/` because the prefix ends in the separator."""
+    prefix = _db_prefix(root)
+    upper = prefix[:-1] + bytes([prefix[-1] + 1])  # the separator is '/' (0x2f): never 0xff
+    params: dict[str, Any] = {"root": db_path(root), "blob_low": prefix, "blob_high": upper}
+    clause = "path = :root OR (path >= :blob_low AND path < :blob_high)"
+    try:
+        params.update(text_low=prefix.decode("utf-8"), text_high=upper.decode("utf-8"))
+        clause += " OR (path >= :text_low AND path < :text_high)"
+    except UnicodeDecodeError:  # a folder whose name is not UTF-8: everything under it is a BLOB
+        pass
+    return f"({clause})", params
 
 
 def set_meta(conn: Connection, values: Mapping[str, str]) -> None:

@@ -146,14 +146,16 @@ def index_kind(index: faiss.Index) -> str:
 
 
 def search(index: faiss.Index, queries: np.ndarray, k: int, allowed_ids: np.ndarray | None = None,
-           *, nprobe: int | None = None, gpu: faiss.Index | None = None) -> tuple[np.ndarray, np.ndarray]:
+           *, nprobe: int | None = None, gpu: faiss.Index | None = None,
+           excluded_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Top-k (scores, ids), each (Q, min(k, rows that can answer)), best first; ids -1 where an
     approximate index finds fewer.
 
     `allowed_ids` restricts the search before the cut, so k filtered hits come back when k exist;
     an empty `allowed_ids` gives no hits. `nprobe` overrides DEFAULT_NPROBE for IVF indexes.
     `gpu`: a GPU copy of `index` (`to_gpu`), used for unfiltered searches only: the classic FAISS
-    GPU kernels ignore an IDSelector (faiss issue #3924) and would return rows outside the filter."""
+    GPU kernels ignore an IDSelector (faiss issue #3924) and would return rows outside the filter.
+    `excluded_ids`: rows never returned (removed from SQLite since the index was loaded)."""
     if gpu is not None and allowed_ids is None:
         index = gpu
     queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
@@ -164,6 +166,10 @@ def search(index: faiss.Index, queries: np.ndarray, k: int, allowed_ids: np.ndar
         return (np.full((len(queries), max(k, 0)), -np.inf, dtype=np.float32),
                 np.full((len(queries), max(k, 0)), -1, dtype=np.int64))
     sel = _selector(allowed_ids) if allowed_ids is not None else None
+    if excluded_ids is not None and len(excluded_ids) and sel is None:  # an allowed set holds no removed row
+        inner = _selector(excluded_ids)
+        sel = faiss.IDSelectorNot(inner)
+        sel.referenced_selector = inner  # a raw pointer inside: keep it alive
     ivf = _as_ivf(index)
     if ivf is not None:
         nprobe = nprobe or DEFAULT_NPROBE

@@ -21,6 +21,11 @@ _UPSERT_FILE = text("INSERT OR REPLACE INTO files (path, size, mtime_ns, content
                     "VALUES (:path, :size, :mtime_ns, :content_hash, :error, :now, :retry)")
 
 
+def under_or_at(path: str, folder: str) -> bool:
+    """Whether `path` is `folder` or lies under it."""
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -67,19 +72,31 @@ class Writes:
         with self.engine.begin() as conn:
             for root in roots:
                 conn.execute(text("INSERT OR REPLACE INTO roots VALUES (:p, :now)"), {"p": db_path(root), "now": now})
+            lifted = [path for path in map(py_path, conn.execute(text("SELECT path FROM excluded")).scalars())
+                      if any(under_or_at(os.fspath(root), path) for root in roots)]
+            conn.execute(text("DELETE FROM excluded WHERE path = :p"), [{"p": db_path(p)} for p in lifted] or [{"p": None}])
             set_meta(conn, {"last_run_at": now, "last_run_seconds": f"{seconds:.1f}"})
 
     def remove_root(self, root: str | os.PathLike) -> int:
         """Take a folder (or file, or PACS) out of the index: its files, their images, and the
-        root itself. Returns the number of files removed; the FAISS cache follows on write_faiss()."""
+        root itself, in one transaction (a kill leaves all of it or none). A folder under a
+        folder still indexed is recorded as excluded from it, so that `--update` leaves it out.
+        Returns the number of files removed; the FAISS cache follows on write_faiss()."""
         from ..pacs_keys import is_pacs_url
 
         root = os.fspath(root)
         root = root.rstrip("/") if is_pacs_url(root) else os.path.realpath(root)
         where, params = at_or_under(root)
-        with self.engine.connect() as conn:
-            paths = [py_path(p) for p in conn.execute(text(f"SELECT path FROM files WHERE {where}"), params).scalars()]
-        self.commit(removed=paths)
         with self.engine.begin() as conn:
+            removed = int(conn.execute(text(f"SELECT count(*) FROM files WHERE {where}"), params).scalar())
+            conn.execute(text(f"DELETE FROM images WHERE {where}"), params)  # a range on the path index
+            conn.execute(text(f"DELETE FROM files WHERE {where}"), params)
             conn.execute(text(f"DELETE FROM roots WHERE {where}"), params)
-        return len(paths)
+            conn.execute(text(f"DELETE FROM excluded WHERE {where}"), params)
+            above = [p for p in map(py_path, conn.execute(text("SELECT path FROM roots")).scalars())
+                     if p != root and under_or_at(root, p)]
+            if above:
+                conn.execute(text("INSERT OR REPLACE INTO excluded VALUES (:p, :root)"),
+                             {"p": db_path(root), "root": db_path(max(above, key=len))})
+            conn.execute(text("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'"))
+        return removed

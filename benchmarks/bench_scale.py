@@ -1,0 +1,187 @@
+"""A hospital's archive on one machine (issue 20): an index of N synthetic images built through the
+store (1024-d clustered vectors, 10 modalities, 100 folders, ten years of study dates), then the
+latency of unfiltered and filtered searches through a Searcher, their recall@10 against brute force,
+the time to add 1% and one image (and until a running Searcher sees it), to `--remove` 10%, and
+the peak RSS.
+
+    python benchmarks/bench_scale.py                     # N = 100k
+    python benchmarks/bench_scale.py --images 1000000 --keep /tmp/idx1m
+
+Numbers on a shared machine: the load average is printed next to them."""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_search import DIM, clustered_unit, load, near_queries  # noqa: E402
+
+MODALITIES = ("CR", "DX", "CT", "MR", "US", "MG", "NM", "PT", "XA", "RF")
+FOLDERS = 100
+BATCH = 5000
+
+
+def rows(start: int, vectors: np.ndarray, root: str) -> list[dict]:
+    """Store items for images start.. (one file per image)."""
+    day0 = dt.date(2015, 1, 1)
+    items = []
+    for offset, vector in enumerate(vectors):
+        i = start + offset
+        path = f"{root}/f{i % FOLDERS:03d}/img{i:08d}.dcm"
+        items.append({"path": path, "size": 1, "mtime_ns": 1, "content_hash": f"h{i}",
+                      "images": [{"frame": 0, "embedding": vector, "modality": MODALITIES[i % 10],
+                                  "study_date": (day0 + dt.timedelta(days=(i * 7919) % 3650)).isoformat()}]})
+    return items
+
+
+def build(store, data: np.ndarray, root: str) -> float:
+    start = time.perf_counter()
+    for first in range(0, len(data), BATCH):
+        store.commit(indexed=rows(first, data[first:first + BATCH], root))
+    store.record_run([root], 0.0)
+    store.write_faiss()
+    return time.perf_counter() - start
+
+
+def brute(data: np.ndarray, mask: np.ndarray | None, queries: np.ndarray, k: int) -> list[set[int]]:
+    """The exact top-k ids (SQLite ids are 1-based positions here) allowed by `mask`."""
+    chosen = np.arange(len(data)) if mask is None else np.flatnonzero(mask)
+    out = []
+    for q in queries:
+        scores = data[chosen] @ q
+        top = chosen[np.argpartition(-scores, k)[:k]]
+        out.append({int(i) + 1 for i in top})
+    return out
+
+
+def timed(searcher, queries, filters, k=10):
+    from retrieval.request import SearchRequest
+
+    request = SearchRequest.make((), filters=filters, k=k, duplicates=True)
+    searcher.answer(request, queries[0])  # warm-up (the FAISS file loaded once)
+    times, found = [], []
+    for q in queries:
+        start = time.perf_counter()
+        hits = searcher.answer(request, q)
+        times.append((time.perf_counter() - start) * 1000)
+        found.append({h.id for h in hits})
+    return np.array(times), found
+
+
+def bench_walk(n: int) -> None:
+    """The planning of an unchanged re-run over n files on disk (walk, lookup, compare)."""
+    from indexer.run.pipeline import Summary
+    from indexer.run.plan import plan
+    from indexer.sources import FolderSource
+    from indexer.store import IndexStore
+
+    with tempfile.TemporaryDirectory(prefix="bench_walk_") as tmp:
+        data = Path(tmp, "data")
+        for i in range(n):
+            sub = data / f"s{i % 100:02d}" / f"t{i % 1000 // 100}"
+            if i < 1000:
+                sub.mkdir(parents=True, exist_ok=True)
+            (sub / f"img{i:07d}.dcm").write_bytes(b"")
+        store = IndexStore.open(Path(tmp, "index"), create=True)
+        source = FolderSource([data])
+        listed = list(source.items())
+        store.commit(skipped=[{"path": item.key, "size": item.size, "mtime_ns": item.mtime_ns,
+                               "content_hash": None, "error": "not an image"} for item in listed])
+        start = time.perf_counter()
+        todo, removed = plan(FolderSource([data]), store, Summary(index=tmp))
+        print(f"unchanged re-run over {n:,} files: planning {time.perf_counter() - start:.2f} s "
+              f"({len(todo)} to do, {len(removed)} removed)  {load()}", flush=True)
+        store.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=100_000)
+    parser.add_argument("--queries", type=int, default=50)
+    parser.add_argument("--keep", help="index folder to build into (or reuse, when it holds --images)")
+    parser.add_argument("--gc-torch", action="store_true", help="import torch first, as the server does")
+    parser.add_argument("--walk-files", type=int, help="only time the planning of an unchanged re-run over so many files")
+    args = parser.parse_args()
+    if args.walk_files:
+        bench_walk(args.walk_files)
+        return
+    if args.gc_torch:
+        import torch  # noqa: F401
+
+    from indexer.filters import SearchFilters
+    from indexer.store import IndexStore
+    from retrieval.search import Searcher
+
+    n = args.images
+    print(f"N={n:,}  {load()}  cpus={os.cpu_count()}", flush=True)
+    data, _ = clustered_unit(n, DIM, seed=0, clusters=max(100, n // 100))
+    queries = near_queries(data, args.queries, 0.8, seed=3)
+    folder = Path(args.keep or tempfile.mkdtemp(prefix="bench_scale_"))
+    root = "/archive/data"
+    store = IndexStore.open(folder, create=True)
+    if store.count() != n:
+        store.close()
+        for f in folder.iterdir():
+            f.unlink()
+        store = IndexStore.open(folder, create=True)
+        print(f"build through the store: {build(store, data, root):.1f} s", flush=True)
+    store.close()
+
+    modality = np.array([i % 10 == 0 for i in range(n)])  # MODALITIES[0]: 10%
+    in_folder = np.array([i % FOLDERS == 7 for i in range(n)])  # f007: 1%
+    day0 = dt.date(2015, 1, 1)
+    days = (np.arange(n, dtype=np.int64) * 7919) % 3650
+    since, until = dt.date(2019, 1, 1), dt.date(2019, 12, 31)
+    in_dates = (days >= (since - day0).days) & (days <= (until - day0).days)
+    cases = [("unfiltered", None, None),
+             ("10% modality", SearchFilters.make(modality=MODALITIES[0]), modality),
+             ("1% folder", SearchFilters(under=f"{root}/f007"), in_folder),
+             (f"{in_dates.mean():.0%} date range", SearchFilters.make(since=since, until=until), in_dates)]
+    with Searcher(folder, model=None) as searcher:
+        for label, filters, mask in cases:
+            times, found = timed(searcher, queries, filters)
+            truth = brute(data, mask, queries, 10)
+            recall = np.mean([len(f & t) / 10 for f, t in zip(found, truth)])
+            print(f"{label:>16}: p50 {np.percentile(times, 50):6.1f} ms  p95 {np.percentile(times, 95):6.1f} ms"
+                  f"  recall@10 {recall:.3f}", flush=True)
+
+        store = IndexStore.open(folder)
+        store.lock()
+        extra = clustered_unit(max(1, n // 100) + 1, DIM, seed=9, clusters=100)[0]
+        start = time.perf_counter()
+        build_items = rows(n, extra[:-1], "/archive/new")
+        store.commit(indexed=build_items)
+        store.write_faiss()
+        print(f"add 1% ({len(extra) - 1:,}): {time.perf_counter() - start:.2f} s (commit + write_faiss)", flush=True)
+        start = time.perf_counter()
+        store.commit(indexed=rows(n + len(extra) - 1, extra[-1:], "/archive/one"))
+        store.write_faiss()
+        added = time.perf_counter() - start
+        hits = searcher.search(vector=extra[-1], k=1, duplicates=True)
+        seen = time.perf_counter() - start
+        print(f"add one image: {added:.2f} s; seen by the running Searcher after {seen:.2f} s "
+              f"(top hit is it: {hits[0].path.startswith('/archive/one')})", flush=True)
+        times, _ = timed(searcher, queries[:10], None)
+        print(f"unfiltered after the adds: p50 {np.percentile(times, 50):.1f} ms", flush=True)
+        start = time.perf_counter()
+        removed = sum(store.remove_root(f"{root}/f{j:03d}") for j in range(10))
+        store.write_faiss()
+        print(f"--remove 10% ({removed:,} files): {time.perf_counter() - start:.2f} s", flush=True)
+        store.close()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak RSS {peak:,.0f} MB  {load()}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
