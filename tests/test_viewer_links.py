@@ -190,14 +190,18 @@ def test_a_hit_opens_in_a_real_ohif_viewer(pacs_index, model):
                 page.goto(hit.viewer_url)
                 canvas = page.locator("canvas.cornerstone-canvas").first
                 canvas.wait_for(timeout=90_000)
-                drawn = None
-                for _ in range(120):  # until the slice is drawn (bounded: about a minute)
-                    pixels = np.asarray(Image.open(io.BytesIO(canvas.screenshot())).convert("L"))
-                    if pixels.std() > 20 and len(np.unique(pixels)) > 50:
-                        drawn = pixels
-                        break
-                    page.wait_for_timeout(500)
                 skip_tour = page.get_by_text("Skip all")
+                drawn = None
+                for _ in range(180):  # until the slice is drawn (bounded: about 90 s on a loaded machine)
+                    if skip_tour.count():  # OHIF's first-visit tour covers the viewport
+                        skip_tour.first.click()
+                    box = canvas.bounding_box()
+                    if box and box["width"] > 10 and box["height"] > 10:  # what the page shows there
+                        pixels = np.asarray(Image.open(io.BytesIO(page.screenshot(clip=box))).convert("L"))
+                        if pixels.std() > 20 and len(np.unique(pixels)) > 50:
+                            drawn = pixels
+                            break
+                    page.wait_for_timeout(500)
                 if skip_tour.count():
                     skip_tour.first.click()
                     page.wait_for_timeout(300)
