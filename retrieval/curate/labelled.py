@@ -7,7 +7,6 @@ read the same). Relative paths are relative to the CSV file's folder. A path nam
 of its file."""
 from __future__ import annotations
 
-import csv
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from indexer.errors import MIError
+
+from .keyed_csv import read_keyed_csv
 
 SEPARATOR = ";"
 
@@ -35,15 +36,7 @@ class Labels:
 
 
 def read_labels(reader, path: Path) -> Labels:
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.DictReader(f))
-    except OSError as e:
-        raise LabelsError(f"cannot read {path}: {e.strerror or e}") from None
-    except (UnicodeDecodeError, csv.Error) as e:
-        raise LabelsError(f"{path} is not a readable CSV file: {e}") from None
-    header = {k.strip().lower(): k for k in (rows[0].keys() if rows else []) if k}
-    key = next((header[c] for c in ("sop_instance_uid", "sopinstanceuid", "path") if c in header), None)
+    rows, header, key = read_keyed_csv(path, LabelsError)
     label_column = header.get("labels") or header.get("label")
     if key is None or label_column is None:
         raise LabelsError(f"{path} needs a header row with a `path` or `sop_instance_uid` column and a `label` or "

@@ -3,7 +3,6 @@
 (nested folders, a CSV naming it twice): that is leakage of its own."""
 from __future__ import annotations
 
-import csv
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +11,7 @@ import numpy as np
 
 from indexer.errors import MIError
 
+from .keyed_csv import read_keyed_csv
 from .reader import FIELDS
 
 
@@ -54,15 +54,7 @@ def from_folders(reader, splits: list[tuple[str, Path]]) -> Splits:
 
 def from_csv(reader, path: Path) -> Splits:
     """A CSV with a `split` column and a `path` or `sop_instance_uid` column (header row)."""
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.DictReader(f))
-    except OSError as e:
-        raise SplitError(f"cannot read {path}: {e.strerror or e}") from None
-    except (UnicodeDecodeError, csv.Error) as e:
-        raise SplitError(f"{path} is not a readable CSV file: {e}") from None
-    header = {k.strip().lower(): k for k in (rows[0].keys() if rows else []) if k}
-    key = next((header[c] for c in ("sop_instance_uid", "sopinstanceuid", "path") if c in header), None)
+    rows, header, key = read_keyed_csv(path, SplitError)
     if "split" not in header or key is None:
         raise SplitError(f"{path} needs a header row with a `split` column and a `path` or `sop_instance_uid` "
                          f"column; it has {sorted(header) or 'none'}")
