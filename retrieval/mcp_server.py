@@ -79,9 +79,11 @@ def create_server(index_dir: str | Path | None = None, *, model: Any = None, dev
         """Search the index by a text (a finding, an anatomy, a device...). Returns the best hits,
         best first: rank, score (cosine similarity), id, path and the stored DICOM fields."""
         def run() -> dict[str, Any]:
+            from .query import typed_tokens
+
             current = searcher()
             # Every term is a text: a term that names a file must never be read as an image.
-            terms = query.split() if any(token in ("+", "-") for token in query.split()) else query
+            terms = typed_tokens(query)
             return _hits(current.search(terms, force="text", k=k, min_score=min_score, group=group,
                                         filters=_filters(modality, body_part, view, since, until)))
         return _answer(run)

@@ -43,6 +43,13 @@ class QueryTerm:
         return f"{weight}{self.value}" if self.kind == "text" else f"{weight}<{self.value}>"
 
 
+def typed_tokens(text: str) -> str | list[str]:
+    """A query typed as one string (a search box, an agent's text): split into tokens where it holds
+    a standalone + or - operator, else kept whole, as a shell would hand mi-search the same words."""
+    words = text.split()
+    return words if any(word in _OPERATORS for word in words) else text
+
+
 def parse_query(tokens: str | Sequence[str], *, force: str | None = None) -> list[QueryTerm]:
     """CLI-style tokens -> terms. `tokens` is one query string or a sequence such as
     ["2:pleural effusion", "+", "case12.dcm", "-", "pacemaker"]. Raises QueryError."""

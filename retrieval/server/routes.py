@@ -14,6 +14,7 @@ from fastapi.responses import HTMLResponse, Response
 from indexer.errors import MIError, one_line
 
 from ..hits import _jsonable
+from ..query import typed_tokens
 from ..request import SearchRequest
 from .models import PageSearch, QueryIn, options_of
 from .page import page_html
@@ -57,7 +58,7 @@ def search_get(request: Request, params: Annotated[PageSearch, Query()], q: str 
     if not (q and q.strip()):
         raise HTTPException(400, "give q (a text), an image upload, or like (an image id)")
     # Every term is text: a term naming a file on the server must never be read as an image.
-    terms = q.split() if any(t in ("+", "-") for t in q.split()) else q
+    terms = typed_tokens(q)
     return [hit.to_dict() for hit in current.search(terms, force="text", **options_of(params))]
 
 

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Reques
 from fastapi.responses import Response
 from pydantic import BaseModel, Field, create_model
 
-from ..query import QueryTerm, combine, parse_query
+from ..query import QueryTerm, combine, parse_query, typed_tokens
 from ..request import MAX_K, MAX_TERMS, SearchRequest
 from . import aggregates
 from .models import PageSearch, options_of
@@ -95,7 +95,7 @@ def _text_terms(q: str | None) -> list[QueryTerm]:
     if not (q and q.strip()):
         return []
     # Every term is text: a term naming a file on the server must never be read as an image.
-    return parse_query(q.split() if any(t in ("+", "-") for t in q.split()) else q, force="text")
+    return parse_query(typed_tokens(q), force="text")
 
 
 def _ids(value: str | None, name: str) -> list[int]:
