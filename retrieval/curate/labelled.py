@@ -7,7 +7,6 @@ read the same). Relative paths are relative to the CSV file's folder. A path nam
 of its file."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import numpy as np
 
 from indexer.errors import MIError
 
-from .keyed_csv import read_keyed_csv
+from .keyed_csv import matched, read_keyed_csv
 
 SEPARATOR = ";"
 
@@ -44,19 +43,9 @@ def read_labels(reader, path: Path) -> Labels:
     pairs = [((row.get(key) or "").strip(), [v.strip() for v in (row.get(label_column) or "").split(SEPARATOR)])
              for row in rows]
     pairs = [(item, [v for v in values if v]) for item, values in pairs if item]
-    if header.get("path") == key:
-        pairs = [(item if os.path.isabs(os.path.expanduser(item)) else str(path.parent / item), values)
-                 for item, values in pairs]
-        found = reader.ids_of_paths([item for item, _ in pairs])
-    else:
-        found = reader.ids_of_uids([item for item, _ in pairs])
+    hits, unmatched = matched(reader, path, header, key, pairs)
     by_id: dict[int, set[str]] = {}
-    unmatched = 0
-    for item, values in pairs:
-        ids = found.get(item)
-        if not ids:
-            unmatched += 1
-            continue
+    for ids, values in hits:
         for i in ids:
             by_id.setdefault(int(i), set()).update(values)
     by_id = {i: v for i, v in by_id.items() if v}

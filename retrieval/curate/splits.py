@@ -3,7 +3,6 @@
 (nested folders, a CSV naming it twice): that is leakage of its own."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import numpy as np
 
 from indexer.errors import MIError
 
-from .keyed_csv import read_keyed_csv
+from .keyed_csv import matched, read_keyed_csv
 from .reader import FIELDS
 
 
@@ -58,21 +57,10 @@ def from_csv(reader, path: Path) -> Splits:
     if "split" not in header or key is None:
         raise SplitError(f"{path} needs a header row with a `split` column and a `path` or `sop_instance_uid` "
                          f"column; it has {sorted(header) or 'none'}")
-    by_uid = header.get("path") != key
     pairs = [(row[key].strip(), row[header["split"]].strip()) for row in rows if row.get(key) and row.get(header["split"])]
-    if by_uid:
-        found = reader.ids_of_uids([k for k, _ in pairs])
-    else:
-        base = path.parent
-        pairs = [(k if os.path.isabs(os.path.expanduser(k)) else str(base / k), s) for k, s in pairs]
-        found = reader.ids_of_paths([k for k, _ in pairs])
+    hits, unmatched = matched(reader, path, header, key, pairs)
     members: dict[str, set[int]] = {}
-    unmatched = 0
-    for item, split in pairs:
-        ids = found.get(item)
-        if not ids:
-            unmatched += 1
-            continue
+    for ids, split in hits:
         members.setdefault(split, set()).update(ids)
     result = Splits({name: np.asarray(sorted(ids), np.int64) for name, ids in members.items()}, unmatched)
     if unmatched:
