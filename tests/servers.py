@@ -51,6 +51,7 @@ class Served:
     process: subprocess.Popen
     url: str            # http://127.0.0.1:PORT
     token: str | None
+    announced: str = ""  # what mi-serve printed on stderr up to the line naming its URL
 
 
 def start_server(index: Path, *options: str, env: dict[str, str] | None = None) -> Served:
@@ -70,7 +71,7 @@ def start_server(index: Path, *options: str, env: dict[str, str] | None = None) 
         match = re.search(r"serving .* on (http://\S+?)/(?:\?token=(\S+))?$", line.strip())
         if match:
             _wait_until_answering(match.group(1), process)
-            return Served(process, match.group(1), match.group(2))
+            return Served(process, match.group(1), match.group(2), "".join(lines))
     stop_server(process)
     raise AssertionError(f"mi-serve did not start: {''.join(lines)}")
 

@@ -4,13 +4,9 @@ server that never echoes a token it was given."""
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import sqlite3
 import stat
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -136,27 +132,13 @@ def test_the_index_folder_and_the_thumbnails_are_the_owners_only(tmp_path, model
 
 
 def test_mi_serve_never_echoes_a_token_it_was_given(tmp_path):
-    from servers import command_env, stop_server
+    from servers import command_env, start_server, stop_server
 
     index = tmp_path / "index"
     index.mkdir()
     token = "given-token-Q7x9Zk2"
-    process = subprocess.Popen([sys.executable, "-c", "from retrieval.serve_cli import main; main()", "--index",
-                                str(index), "--model", str(FIXTURE), "--port", "0"],
-                               env=command_env(MI_SERVER_TOKEN=token), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
-    lines = []
-    try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            line = process.stderr.readline()
-            if not line:
-                break
-            lines.append(line)
-            if re.search(r"serving .* on http://", line):
-                break
-    finally:
-        stop_server(process)
-    output = "".join(lines)
-    assert any("serving" in line for line in lines), output
+    served = start_server(index, env=command_env(MI_SERVER_TOKEN=token))
+    stop_server(served.process)
+    output = served.announced
+    assert "serving" in output, output
     assert token not in output and "token" in output      # it says a token is needed, not which
