@@ -15,6 +15,7 @@ import torch
 
 from .checkpoint import ModelError, SafetensorsFile, checkpoint_path, resolve_model_source, tokenizer_folder
 from .config import ConfigError, ModelConfig, load_config
+from .defaults import default_batch_size, device_name
 from .model import TOWERS, MedImageInsightNet, build_from_checkpoint, store_matmul_weights_in
 from .preprocess import ImagePreprocessor
 from .tokenizer import ClipTokenizer
@@ -26,14 +27,16 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
+    """Default: CUDA when available, else the CPU. A name must be one `defaults.device_name` accepts."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ModelError(f"unknown device {str(device)!r}: use cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ModelError(f"device {str(device)!r} is not supported: use cpu, cuda or cuda:N")
+        if isinstance(device, torch.device):
+            device_name(device.type)  # cpu or cuda, with any index
+        else:
+            device = torch.device(device_name(str(device)))
+    except ValueError as error:
+        raise ModelError(str(error)) from None
     if device.type == "cuda" and torch.cuda.is_available() and (device.index or 0) >= torch.cuda.device_count():
         raise ModelError(f"device {device} was asked for, but there are {torch.cuda.device_count()} CUDA GPUs "
                          f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
@@ -207,7 +210,7 @@ class MedImageInsight:
         -> np.float32 (N, dim)."""
         self._need("image")
         images = list(images)
-        batch_size = batch_size or (32 if self.device.type == "cuda" else 2)  # CPU: faster in small batches
+        batch_size = batch_size or default_batch_size(self.device.type)
         parts = [np.zeros((0, self.dim), dtype=np.float32)]
         for start in range(0, len(images), batch_size):
             parts.append(self.encode_resized([self.preprocess.resize(im) for im in images[start:start + batch_size]]))

@@ -1,18 +1,20 @@
 """How a run of mi-index works: `IndexOptions`, as asked (from the command line or the API's
 keywords), and `RunSettings`, the same settled against the device once (`settle`): every
-default of a run is decided here."""
+default of a run is decided here (the batch per device is the encoder's, `encoders.defaults`)."""
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+
+from encoders.defaults import default_batch_size
 
 FRAMES_CHOICES = ("middle", "all")
 
 
 @dataclass(frozen=True)
 class IndexOptions:
-    """batch_size: images per model call (None: CUDA_BATCH_SIZE on CUDA, CPU_BATCH_SIZE on CPU;
-    capped at MAX_BATCH_SIZE); workers: decoding processes (None: cores - 1, at most 8; 0: in
+    """batch_size: images per model call (None: the encoder's default for the device,
+    `encoders.defaults.default_batch_size`; capped at MAX_BATCH_SIZE); workers: decoding processes (None: cores - 1, at most 8; 0: in
     this process); device and dtype: as encoders.load_model (None: its defaults); max_megapixels:
     larger images are skipped (decompression bombs); frames: "middle" or "all" frames of
     multi-frame files; ray: None for this machine, else a Ray cluster's address or "local"
@@ -75,10 +77,6 @@ def compile_wanted(choice: str, device_type: str, images: int) -> bool:
 # --batch-size of 100000 once took 5.7 GB for 400 tiny images), and every batch is its own
 # transaction, so commits stay frequent whatever is asked.
 MAX_BATCH_SIZE = 256  # about 0.7 GB of pixels
-CUDA_BATCH_SIZE = 64
-# On the CPU small batches are faster: full-size weights, float32, idle 2-core Xeon, 0.42
-# images/s at batch 1-2 against 0.37 at 4 and 0.36 at 8 (`bench_encode.py --wait-idle`).
-CPU_BATCH_SIZE = 2
 
 
 @dataclass(frozen=True)
@@ -92,7 +90,6 @@ class RunSettings:
 
 def settle(options: IndexOptions, device_type: str, images: int) -> RunSettings:
     """The settings of a run of `images` images encoded on a `device_type` ("cuda" or "cpu") device."""
-    default_batch = CUDA_BATCH_SIZE if device_type == "cuda" else CPU_BATCH_SIZE
-    return RunSettings(batch_size=min(options.batch_size or default_batch, MAX_BATCH_SIZE),
+    return RunSettings(batch_size=min(options.batch_size or default_batch_size(device_type), MAX_BATCH_SIZE),
                        workers=decoding_workers(options.workers),
                        compile=compile_wanted(options.compile, device_type, images))

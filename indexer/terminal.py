@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import os
-import re
 import sys
 import time
 import unicodedata
@@ -21,22 +20,25 @@ from pathlib import Path
 
 import click
 
-from .errors import one_line
+from encoders.defaults import DEVICE_CHOICES, MODEL_ENV, device_name
 
-DEVICE_OPTION_HELP = "cpu, cuda or cuda:N. [default: cuda if available, else cpu]"
+from .errors import one_line
+from .location import INDEX_ENV
+
+DEVICE_OPTION_HELP = f"{DEVICE_CHOICES}. [default: cuda if available, else cpu]"
 INDEX_HELP = "Index folder. [default: MI_INDEX, else the per-user folder mi-index uses]"
 MODEL_HELP = "Model folder or Hugging Face id. [default: MI_MODEL, else the index's model]"
 
 
 def index_option(help: str = INDEX_HELP) -> Callable:
     """--index (MI_INDEX), the index folder, as `index_dir`."""
-    return click.option("--index", "index_dir", envvar="MI_INDEX", type=click.Path(file_okay=False, path_type=Path),
+    return click.option("--index", "index_dir", envvar=INDEX_ENV, type=click.Path(file_okay=False, path_type=Path),
                         help=help)
 
 
 def model_option(help: str = MODEL_HELP) -> Callable:
     """--model (MI_MODEL): a model folder or Hugging Face id."""
-    return click.option("--model", envvar="MI_MODEL", metavar="SRC", help=help)
+    return click.option("--model", envvar=MODEL_ENV, metavar="SRC", help=help)
 
 
 def device_option(command: Callable) -> Callable:
@@ -81,10 +83,14 @@ def one_line_errors(*kinds: type, message: Callable[[BaseException], str] = one_
 
 
 def check_device(_context: click.Context, _param: click.Parameter, value: str | None) -> str | None:
-    """A click callback: --device is checked before anything is loaded (PyTorch included)."""
-    if value is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", value.strip().lower()):
-        raise click.BadParameter(f"{value!r} is not a device: use cpu, cuda or cuda:N")
-    return value.strip().lower() if value else value
+    """A click callback: --device is checked (`encoders.defaults.device_name`) before anything is
+    loaded, PyTorch included."""
+    if value is None:
+        return None
+    try:
+        return device_name(value)
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
 
 
 def visible(value: object, markup: bool = True) -> str:
@@ -121,8 +127,8 @@ def write_lines(lines: list[str], separator: bytes = b"\n") -> None:
 def is_user_error(error: BaseException, *kinds: type) -> bool:
     """The typed errors of our libraries (and `kinds`), which a CLI prints as one line. Looked up
     in sys.modules, so that catching them imports nothing: an unchanged re-run of mi-index never
-    imports encoders (PyTorch, 2 s), and a module never imported cannot have raised."""
-    for module, name in (("indexer.errors", "MIError"), ("encoders", "ModelError")):
+    loads the encoder (PyTorch, 2 s), and a module never imported cannot have raised."""
+    for module, name in (("indexer.errors", "MIError"), ("encoders.checkpoint", "ModelError")):
         loaded = sys.modules.get(module)
         if loaded is not None:
             kinds += (getattr(loaded, name),)

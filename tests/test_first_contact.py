@@ -40,7 +40,7 @@ def test_the_library_refuses_a_bad_device_in_one_line():
     from encoders import ModelError
     from encoders.inference import resolve_device
 
-    with pytest.raises(ModelError, match="unknown device 'gpu'"):
+    with pytest.raises(ModelError, match="'gpu' is not a device: use cpu, cuda or cuda:N"):
         resolve_device("gpu")
 
 
