@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-DEFAULT_MODEL = "lion-ai/MedImageInsights"
-MODEL_ENV = "MI_MODEL"
+from .defaults import DEFAULT_MODEL, MODEL_ENV, named_model
+
 CHECKPOINT_NAMES = ("medimageinsigt-v1.0.0.pt", "medimageinsight-v1.0.0.pt")
 TOKENIZER_DIR = "clip_tokenizer_4.16.2"
 HUB_PREFIX = "hf-hub:"
@@ -68,8 +68,8 @@ def resolve_model_source(source: str | os.PathLike | None = None, *, download: b
     Default: the MI_MODEL environment variable, else lion-ai/MedImageInsights. `hf-hub:OWNER/NAME`
     always means the hub; a plain `OWNER/NAME` is a local folder when one exists there, else the
     hub (and a failure says that both were tried). `download=False`: the local cache only."""
-    named = source not in (None, "") or bool(os.environ.get(MODEL_ENV))
-    source = str(source) if source not in (None, "") else os.environ.get(MODEL_ENV) or DEFAULT_MODEL
+    named = named_model(source)
+    source = named or DEFAULT_MODEL
     if source.startswith(HUB_PREFIX):
         return find_model_folder(_download(source[len(HUB_PREFIX):], tried_folder=None, download=download))
     path = Path(source).expanduser()

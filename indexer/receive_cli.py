@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from .terminal import DEVICE_OPTION_HELP, check_device, is_user_error
+from .terminal import device_option, index_option, is_user_error, model_option
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog="""\b
@@ -28,11 +28,9 @@ Examples:
 @click.option("--store", "store_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder to keep the received instances in: STORE/<Study UID>/<Series UID>/<SOP UID>.dcm. "
                    "They hold PHI, as any PACS's files do.")
-@click.option("--index", "index_dir", envvar="MI_INDEX", type=click.Path(file_okay=False, path_type=Path),
-              help="Index folder. [default: MI_INDEX, else the per-user folder mi-index uses]")
-@click.option("--model", envvar="MI_MODEL", metavar="SRC", help="Model folder or Hugging Face id. "
-                                                               "[default: MI_MODEL, else the index's model]")
-@click.option("--device", metavar="DEVICE", callback=check_device, help=DEVICE_OPTION_HELP)
+@index_option()
+@model_option()
+@device_option
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on. Anything but loopback requires --allow or --allow-file.")
 @click.option("--port", type=click.IntRange(0, 65535), default=11112, show_default=True,

@@ -9,7 +9,7 @@ import click
 
 from indexer.cli import main as index_command
 from indexer.receive_cli import main as receive_command
-from indexer.terminal import DEVICE_OPTION_HELP, check_device, console_script
+from indexer.terminal import console_script, device_option, index_option, model_option
 
 from .cli import main as search_command
 from .serve_cli import main as serve_command
@@ -37,8 +37,7 @@ mi.add_command(curate_cli.map_command, "map")
 @mi.command("doctor")
 @click.option("--index", "index_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Index folder to check. [default: MI_INDEX, else the per-user folder mi-index uses]")
-@click.option("--model", metavar="SRC", help="Model folder or Hugging Face id (never downloaded here). "
-                                            "[default: MI_MODEL, else the index's model]")
+@model_option("Model folder or Hugging Face id (never downloaded here). [default: MI_MODEL, else the index's model]")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of {check, status, detail}.")
 def doctor_command(index_dir: Path | None, model: str | None, as_json: bool) -> None:
     """Check this install as a whole: PyTorch and the device, the DICOM decoders, FAISS, the
@@ -60,11 +59,9 @@ def doctor_command(index_dir: Path | None, model: str | None, as_json: bool) -> 
 
 
 @mi.command("mcp")
-@click.option("--index", "index_dir", envvar="MI_INDEX", type=click.Path(file_okay=False, path_type=Path),
-              help="Index folder. [default: MI_INDEX, else the per-user folder mi-index uses]")
-@click.option("--model", envvar="MI_MODEL", metavar="SRC", help="Model folder or Hugging Face id. "
-                                                               "[default: MI_MODEL, else the index's model]")
-@click.option("--device", metavar="DEVICE", callback=check_device, help=DEVICE_OPTION_HELP)
+@index_option()
+@model_option()
+@device_option
 def mcp_command(index_dir: Path | None, model: str | None, device: str | None) -> None:
     """Serve an index to agents over the Model Context Protocol, on stdin and stdout: tools to
     search it by text, by an image's bytes or by an indexed image, and to read an image's fields,

@@ -15,10 +15,9 @@ from typing import Any
 import click
 
 from indexer.errors import one_line
+from indexer.terminal import index_option, model_option
 
-INDEX_OPTION = click.option("--index", "index_dir", envvar="MI_INDEX",
-                            type=click.Path(file_okay=False, path_type=Path),
-                            help="Index folder. [default: MI_INDEX, else the per-user folder mi-index uses]")
+INDEX_OPTION = index_option()
 JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 CSV_OPTION = click.option("--csv", "csv_file", type=click.Path(dir_okay=False, path_type=Path),
                           help="Also write the items to this CSV file.")
@@ -241,7 +240,7 @@ def _leakage_rows(reader, report: dict[str, Any]) -> list[list[Any]]:
 @click.option("-k", "--top", "k", type=click.IntRange(min=1), default=100, show_default=True,
               help="Search hits exported for a QUERY.")
 @click.option("--modality", help="QUERY: only this DICOM Modality.")
-@click.option("--model", envvar="MI_MODEL", metavar="SRC", help="QUERY: model folder or Hugging Face id.")
+@model_option("QUERY: model folder or Hugging Face id.")
 @click.option("--format", "fmt", type=click.Choice(["csv", "json", "ohif", "wado"]), default="csv", show_default=True,
               help="csv / json rows; ohif: a DICOM JSON manifest for OHIF's dicomjson data source; wado: WADO-RS URLs.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write here, not to stdout.")
@@ -333,8 +332,7 @@ def outliers(index_dir: Path | None, by: str | None, k: int, top: int, as_json: 
 @click.option("--zero-shot", is_flag=True, help="Also zero-shot AUC from a prompt per label (loads the text tower).")
 @click.option("--prompt", metavar="TEMPLATE", help="Zero-shot prompt with {label}, e.g. \"a chest x-ray showing "
                                                   "{label}\" (implies --zero-shot). [default: {label}]")
-@click.option("--model", envvar="MI_MODEL", metavar="SRC", help="Zero-shot: model folder or Hugging Face id. "
-                                                                "[default: the index's model]")
+@model_option("Zero-shot: model folder or Hugging Face id. [default: the index's model]")
 @click.option("--max-queries", type=click.IntRange(min=1), help="Query with a seeded sample of this many images.")
 @JSON_OPTION
 def evaluate(index_dir: Path | None, labels_file: Path, k: int, zero_shot: bool, prompt: str | None,
