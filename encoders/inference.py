@@ -267,5 +267,5 @@ def load_model(source: str | os.PathLike | None = None, *, device: str | torch.d
     tokenizer = ClipTokenizer(tokenizer_folder(folder), cfg.text.context_length) if "text" in towers else None
     preprocess = ImagePreprocessor(cfg.image.image_size, cfg.image.mean, cfg.image.std)
     return MedImageInsight(net, preprocess=preprocess, tokenizer=tokenizer, dim=cfg.embed_dim, device=device,
-                           dtype=dtype, fingerprint=model_fingerprint(checkpoint, cfg), source=str(Path(folder).resolve()),
-                           towers=towers)
+                           dtype=dtype, fingerprint=model_fingerprint(checkpoint, cfg),
+                           source=str(Path(folder).resolve()), towers=towers)

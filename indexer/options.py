@@ -14,9 +14,10 @@ FRAMES_CHOICES = ("middle", "all")
 @dataclass(frozen=True)
 class IndexOptions:
     """batch_size: images per model call (None: the encoder's default for the device,
-    `encoders.defaults.default_batch_size`; capped at MAX_BATCH_SIZE); workers: decoding processes (None: cores - 1, at most 8; 0: in
-    this process); device and dtype: as encoders.load_model (None: its defaults); max_megapixels:
-    larger images are skipped (decompression bombs); frames: "middle" or "all" frames of
+    `encoders.defaults.default_batch_size`; capped at MAX_BATCH_SIZE); workers: decoding
+    processes (None: cores - 1, at most 8; 0: in this process); device and dtype: as
+    encoders.load_model (None: its defaults); max_megapixels: larger images are skipped
+    (decompression bombs); frames: "middle" or "all" frames of
     multi-frame files; ray: None for this machine, else a Ray cluster's address or "local"
     (RAY_ADDRESS, else a new local cluster) to decode and encode on (indexer.run.ray); ray_actors:
     encoding actors there (None: one per GPU, or one CPU actor without GPUs); faiss_memory: the
