@@ -117,7 +117,8 @@ def test_the_mi_group_runs_both_commands(tmp_path):
     data.mkdir()
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(data / "a.png")
     index = ["--index", str(tmp_path / "i")]
-    assert CliRunner().invoke(mi, ["index", str(data), *index, "--model", str(FIXTURE), "--workers", "0"]).exit_code == 0
+    indexed = CliRunner().invoke(mi, ["index", str(data), *index, "--model", str(FIXTURE), "--workers", "0"])
+    assert indexed.exit_code == 0, indexed.output
     found = CliRunner().invoke(mi, ["search", "x", *index, "--json"])
     assert found.exit_code == 0, found.output
     assert [Path(hit["path"]) for hit in json.loads(found.stdout)] == [(data / "a.png").resolve()]
