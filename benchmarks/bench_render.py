@@ -20,8 +20,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -53,7 +51,8 @@ def in_process(path: Path, repeats: int) -> None:
     decoded = rendering.decode_pixels({"id": 1, "path": str(path)})
     print(f"decode (read, pixel data, modality LUT): {(time.perf_counter() - start) * 1000:.0f} ms, "
           f"{decoded.values.dtype} values, {decoded.nbytes / 2**20:.0f} MiB kept in the LRU")
-    print(f"window (values -> uint8): {percentiles(timings(lambda c, w: rendering.window(decoded.values, c, w), repeats))}")
+    windowed = timings(lambda c, w: rendering.window(decoded.values, c, w), repeats)
+    print(f"window (values -> uint8): {percentiles(windowed)}")
     shown = rendering.window(decoded.values, 40, 400)
     encode = getattr(rendering, "encode_png", None)
     if encode is None:  # the renderer before its own encoder: Pillow's, at compress_level 1
