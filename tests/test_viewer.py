@@ -1,7 +1,8 @@
 """The viewer: renderings of an image's original pixels through the modality LUT at any window/level (checked
 against the window computed here from the stored values), the file's own windows, its series and study, and in
 a real browser: full resolution, presets, drag to window, zoom, the series strip, readable fields, previous and
-next by the arrow keys, Escape."""
+next by the arrow keys, Escape. Without a server: the PNG encoder gives back every byte, whole values are kept as
+small integers and window the same, and the pixel cache decodes once and stays within its bytes."""
 from __future__ import annotations
 
 import io
@@ -203,3 +204,60 @@ def test_the_viewer_in_a_browser(served_study, study):
     finally:
         browser.close()
         playwright.stop()
+
+
+# ---------------------------------------------------------------- the renderer's parts, without a server
+
+@pytest.mark.parametrize("shape", [(600, 513), (600, 513, 3), (1, 1), (1, 1, 3), (2000, 3), (257, 1)])
+def test_the_png_encoder_gives_back_every_byte(shape):
+    from retrieval.server.png import encode_png
+
+    image = np.random.default_rng(sum(shape)).integers(0, 256, shape, dtype=np.uint8)
+    image[: shape[0] // 2] //= 64  # runs, so that the run-length matching has something to find
+    decoded = Image.open(io.BytesIO(encode_png(image)))
+    assert decoded.mode == ("RGB" if len(shape) == 3 else "L")
+    assert np.array_equal(np.asarray(decoded), image)
+
+
+def test_whole_values_are_kept_as_small_integers_and_window_the_same():
+    from retrieval.server.pixels import compact, window
+
+    hounsfield = np.random.default_rng(2).integers(0, 3000, (300, 200)).astype(np.float64) - 1024
+    kept = compact(hounsfield)
+    assert kept.dtype == np.int16 and np.array_equal(kept, hounsfield)
+    assert compact(hounsfield + 40000).dtype == np.uint16
+    assert compact(hounsfield + 0.5).dtype == np.float32  # not whole: floats, nothing rounded
+    for center, width in ((40, 400), (-600, 1500), (0, 1)):
+        assert np.array_equal(window(kept, center, width), window(hounsfield.astype(np.float32), center, width))
+    expected = np.clip((hounsfield - (40 - 0.5 - 399 / 2)) / 399 * 255, 0, 255)
+    assert np.abs(window(kept, 40, 400).astype(np.float64) - expected).max() <= 1
+
+
+def test_the_pixel_cache_decodes_once_keeps_smaller_copies_and_stays_within_its_bytes(monkeypatch):
+    import threading
+
+    from retrieval.server import pixels as rendering
+
+    decoded = []
+
+    def decode(fields):
+        decoded.append(fields["id"])
+        threading.Event().wait(0.05)  # slow enough that the threads below overlap
+        return rendering.Pixels(np.zeros((1000, 800), np.int16))
+
+    monkeypatch.setattr(rendering, "decode_pixels", decode)
+    cache = rendering.PixelCache(limit_bytes=3 * 1000 * 800 * 2)
+    threads = [threading.Thread(target=cache.get, args=({"id": 1, "content_hash": "a"},)) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert decoded == [1]  # four renders at once, one decode
+    small = cache.get({"id": 1, "content_hash": "a"}, 100)
+    assert max(small.values.shape) == 100 and cache.get({"id": 1, "content_hash": "a"}, 100) is small
+    assert cache.get({"id": 1, "content_hash": "a"}, 5000).values.shape == (1000, 800)  # no larger copy
+    for image_id in range(2, 6):
+        cache.get({"id": image_id, "content_hash": "a"})
+    assert cache._bytes <= cache.limit and sum(p.nbytes for p in cache._items.values()) == cache._bytes
+    cache.get({"id": 1, "content_hash": "a"})
+    assert decoded == [1, 2, 3, 4, 5, 1]  # the oldest went first

@@ -62,6 +62,24 @@ def raw_ids(conn: Connection, query: str, params: dict[str, Any] | tuple = ()) -
             gc.enable()
 
 
+def filter_clause(filters: SearchFilters | None) -> tuple[str, dict[str, Any]]:
+    """The WHERE clause over `images` (and its parameters) that lets through the images matching every filter
+    that is set ("1" when none is): the one SQL of the filters, for searches and the page's facets alike."""
+    clauses, params = [], {}
+    for field, value in filters.set() if filters else ():  # each FILTER_FIELDS entry names its column and comparison
+        if field.compare == "equal":
+            clauses.append(f"{field.column} = :{field.name} COLLATE NOCASE")
+            params[field.name] = value
+        elif field.compare in ("from", "to"):
+            clauses.append(f"{field.column} {'>=' if field.compare == 'from' else '<='} :{field.name}")
+            params[field.name] = value.isoformat()
+        else:  # under: the folder itself or any path below it, compared as bytes
+            under, under_params = at_or_under(value)  # field.column is path
+            clauses.append(under)
+            params.update(under_params)
+    return " AND ".join(clauses) or "1", params
+
+
 class Reads:
     """The reading half of IndexStore (`engine` and `folder` are the store's)."""
 
@@ -129,20 +147,9 @@ class Reads:
         """Ids of the images matching every filter that is set; None when none is."""
         if not filters:
             return None
-        clauses, params = [], {}
-        for field, value in filters.set():  # each FILTER_FIELDS entry names its column and comparison
-            if field.compare == "equal":
-                clauses.append(f"{field.column} = :{field.name} COLLATE NOCASE")
-                params[field.name] = value
-            elif field.compare in ("from", "to"):
-                clauses.append(f"{field.column} {'>=' if field.compare == 'from' else '<='} :{field.name}")
-                params[field.name] = value.isoformat()
-            else:  # under: the folder itself or any path below it, compared as bytes
-                under, under_params = at_or_under(value)  # field.column is path
-                clauses.append(under)
-                params.update(under_params)
+        where, params = filter_clause(filters)
         with self.engine.connect() as conn:
-            return raw_ids(conn, f"SELECT id FROM images WHERE {' AND '.join(clauses)}", params)
+            return raw_ids(conn, f"SELECT id FROM images WHERE {where}", params)
 
     def values(self, column: str) -> dict[str, int]:
         """{value: images} of one column that a filter compares equal (for "no match" messages)."""

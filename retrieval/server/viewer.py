@@ -2,6 +2,7 @@
 and PNG renderings of its original pixels at any window/level and size. Never the original bytes."""
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -13,15 +14,17 @@ from .pixels import MAX_RENDER_SIZE, PixelCache, render_png
 from .security import authorised
 
 router = APIRouter(prefix="/api", dependencies=[Depends(authorised)])
+_cache_lock = threading.Lock()  # one PixelCache per app, even when the first renders come at once
 
 
-def _pixels(request: Request, image_id: int) -> tuple[dict[str, Any], Any]:
+def _pixels(request: Request, image_id: int, size: int | None = None) -> tuple[dict[str, Any], Any]:
     state = request.app.state
     fields = state.searcher().image(image_id)
-    cache = getattr(state, "pixel_cache", None)
-    if cache is None:
-        cache = state.pixel_cache = PixelCache()
-    return fields, cache.get(fields)
+    with _cache_lock:
+        cache = getattr(state, "pixel_cache", None)
+        if cache is None:
+            cache = state.pixel_cache = PixelCache()
+    return fields, cache.get(fields, size)
 
 
 @router.get("/images/{image_id}/view")
@@ -44,9 +47,9 @@ def render(request: Request, image_id: int,
            ) -> Response:
     """A PNG of the image from its original pixels (the modality LUT applied) at window `wc`/`ww` (both, or
     neither for the file's own default), at most `size` pixels a side."""
-    _fields, pixels = _pixels(request, image_id)
     if (wc is None) != (ww is None):
         from ..errors import QueryError
         raise QueryError("give both wc and ww (a window center and width), or neither")
+    _fields, pixels = _pixels(request, image_id, size)  # a drag's smaller copy is kept too: only the window is new
     png = render_png(pixels, wc, ww, size)
     return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=600"})

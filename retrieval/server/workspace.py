@@ -12,6 +12,8 @@ from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Reques
 from fastapi.responses import Response
 from pydantic import BaseModel, Field, create_model
 
+from indexer.filters import FILTER_FIELDS
+
 from ..query import QueryTerm, combine, parse_query, typed_tokens
 from ..request import MAX_K, MAX_TERMS, SearchRequest
 from . import aggregates
@@ -30,11 +32,19 @@ PageResults = create_model(
     offset=(int, Field(0, ge=0, le=MAX_K, description="Hits to skip (paging: the page asks offset+k hits)")))
 
 
+# GET /api/facets's parameters: the search's filters, by FILTER_FIELDS (names, help), read as a search reads them.
+FacetFilters = create_model("FacetFilters", **{field.name: (str | None, Field(None, description=field.help))
+                                               for field in FILTER_FIELDS})
+
+
 @router.get("/facets")
-def facets(request: Request) -> dict[str, Any]:
-    """The values each filter can take in the index, with their image counts; the folders (a tree, each with
-    the images under it), the study years and the first and last study date."""
-    return aggregates.facets(request.app.state)
+def facets(request: Request, params: Annotated[FacetFilters, Query()]) -> dict[str, Any]:
+    """The values each filter can take, with their image counts, each counted under the OTHER filters given
+    (the search's: modality, body_part, view, since, until, under), so that a facet shows what choosing one of
+    its values would give; the folders (a tree, each with the images under it), the study years and the first
+    and last study date; `images` in the index and `matching` all the filters."""
+    filters = SearchRequest.make(**params.model_dump()).filters  # the search's checks and its one-line errors
+    return aggregates.facets(request.app.state, filters)
 
 
 @router.get("/results")
