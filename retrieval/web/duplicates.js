@@ -37,29 +37,35 @@ async function loadDuplicates() {
   showDuplicates();
 }
 
-function memberBadges(member, first) {
-  if (member === first) return '<div class="badges"><span class="badge">first</span></div>';
-  const same = (field) => member[field] != null && member[field] === first[field];
-  const badges = [];
-  if (same("content_group")) badges.push(["same", "same file content"]);
-  else if (same("sop_group")) badges.push(["same", "same SOP Instance UID"]);
-  if (same("series_instance_uid")) badges.push(["same", "same series"]);
-  else if (same("study_instance_uid")) badges.push(["same", "same study"]);
-  if (same("patient")) badges.push(["same", "same patient"]);
-  if (member.transfer_syntax && first.transfer_syntax && member.transfer_syntax !== first.transfer_syntax) badges.push(["other", "other syntax"]);
-  if (member.width && first.width && (member.width !== first.width || member.height !== first.height)) badges.push(["other", "other size"]);
-  if (member.source_format && first.source_format && member.source_format !== first.source_format) badges.push(["other", "other format"]);
+function memberBadges(member, index, members) {
+  // Which earlier member this one is a copy of (same file bytes, or same SOP Instance UID and frame), then how it
+  // relates to the cluster's first: same series, study, patient pseudonym; another transfer syntax, size, format.
+  const first = members[0], badges = [];
+  const copyOf = (group) => member[group] != null && members.slice(0, index).find((m) => m[group] === member[group]);
+  const sameFile = copyOf("content_group"), sameSop = !sameFile && copyOf("sop_group");
+  if (sameFile) badges.push(["same", `same file as #${sameFile.id}`]);
+  else if (sameSop) badges.push(["same", `same SOP as #${sameSop.id}`]);
+  if (index === 0) badges.push(["", "first"]);
+  else {
+    const same = (field) => member[field] != null && member[field] === first[field];
+    if (same("series_instance_uid")) badges.push(["same", "same series"]);
+    else if (same("study_instance_uid")) badges.push(["same", "same study"]);
+    if (same("patient")) badges.push(["same", "same patient"]);
+    const differs = (field) => member[field] && first[field] && member[field] !== first[field];
+    if (differs("transfer_syntax")) badges.push(["other", "other syntax"]);
+    if (differs("width") || differs("height")) badges.push(["other", "other size"]);
+    if (differs("source_format")) badges.push(["other", "other format"]);
+  }
   return `<div class="badges">${badges.map(([kind, text]) => `<span class="badge ${kind}">${text}</span>`).join("")}</div>`;
 }
 
 function clusterCard(cluster) {
-  const first = cluster.members[0];
-  const members = cluster.members.map((m) => thumbFigure(m.id, [
+  const members = cluster.members.map((m, index) => thumbFigure(m.id, [
     baseName(m.path) + (m.frame ? ` #${m.frame}` : ""),
     `similarity ${m.similarity.toFixed(4)}`,
     [m.width && `${m.width}×${m.height}`, m.transfer_syntax || m.source_format].filter(Boolean).join(" · "),
     m.patient ? `patient ${shortHash(m.patient)}` : "no patient recorded",
-  ], memberBadges(m, first))).join("");
+  ], memberBadges(m, index, cluster.members))).join("");
   const chosen = dup.chosen.has(cluster.cluster);
   return `<article class="card cluster" data-cluster="${cluster.cluster}" aria-selected="${chosen}" aria-label="cluster ${cluster.cluster}">
     <h3>Cluster ${cluster.cluster} <span class="kind">${escapeHtml(cluster.kind)} · ${cluster.size} images · min similarity ${cluster.min_similarity.toFixed(4)}</span>
@@ -102,7 +108,7 @@ $("dup-clusters").addEventListener("click", (event) => {
   else dup.chosen.set(number, dup.report.clusters.find((c) => c.cluster === number).members.map((m) => m.id));
   showDuplicateSelection();
 });
-$("dup-form").addEventListener("submit", (event) => { event.preventDefault(); replaceViewUrl(); loadDuplicates(); });
+$("dup-form").addEventListener("submit", (event) => { event.preventDefault(); pushViewUrl(); loadDuplicates(); });
 $("dup-export-csv").addEventListener("click", () => exportRows(chosenDuplicates(), "csv", "duplicates"));
 $("dup-export-json").addEventListener("click", () => exportRows(chosenDuplicates(), "json", "duplicates"));
 $("dup-clear").addEventListener("click", () => { dup.chosen.clear(); showDuplicateSelection(); });

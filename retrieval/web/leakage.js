@@ -112,6 +112,6 @@ $("leak-folders").addEventListener("click", (event) => {
 $("leak-form").addEventListener("submit", (event) => {
   event.preventDefault();
   if (!byField() && splitsGiven().length < 2) { $("leak-message").textContent = "give at least two splits, each a name and a folder"; return; }
-  replaceViewUrl();
+  pushViewUrl();
   loadLeakage();
 });

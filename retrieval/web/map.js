@@ -309,7 +309,7 @@ $("map-legend").addEventListener("click", (event) => {
   button.setAttribute("aria-pressed", String(!map.hidden.has(code)));
   drawMap();
 });
-$("map-by").addEventListener("change", () => { replaceViewUrl(); colourMap($("map-by").value); });
+$("map-by").addEventListener("change", () => { pushViewUrl(); colourMap($("map-by").value); });
 $("map-mode").addEventListener("click", () => setLasso(!map.lasso));
 $("map-fit").addEventListener("click", fitMap);
 $("map-clear").addEventListener("click", () => { map.chosen.fill(0); map.chosenCount = 0; showMapChoice(); });

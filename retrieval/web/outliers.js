@@ -39,5 +39,5 @@ async function loadOutliers() {
     </article>`).join("") || '<p class="empty-note">No images to rank.</p>';
 }
 
-$("out-form").addEventListener("submit", (event) => { event.preventDefault(); replaceViewUrl(); loadOutliers(); });
-$("out-by").addEventListener("change", () => { replaceViewUrl(); loadOutliers(); });
+$("out-form").addEventListener("submit", (event) => { event.preventDefault(); pushViewUrl(); loadOutliers(); });
+$("out-by").addEventListener("change", () => { pushViewUrl(); loadOutliers(); });

@@ -33,7 +33,7 @@ function goTab(name) {  // a new history entry: back returns to the view before
   if (location.pathname + location.search !== url) history.pushState(null, "", url);
   showTab(name);
 }
-function replaceViewUrl() {  // a view's own settings changed: the current entry says them
+function pushViewUrl() {  // a view's own settings changed: a new entry says them
   const url = tabUrl(currentTab);
   if (location.pathname + location.search !== url) history.pushState(null, "", url);
 }
