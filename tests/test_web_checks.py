@@ -213,6 +213,7 @@ def test_the_map_legend_hits_lasso_and_click(page, checks):
     page.mouse.click(*on_screen(page, *points[target]))
     expect(page.locator("#viewer")).to_have_attribute("data-id", str(target))
     page.keyboard.press("Escape")
+    expect(page.locator("#viewer")).to_be_hidden()
     before = on_screen(page, *points[target])
     page.mouse.move(before[0] - 200, before[1])
     page.mouse.down()
@@ -243,8 +244,9 @@ def test_views_in_the_url_back_keys_and_names(page, checks):
     assert "tab=outliers" in page.url
     for tab in ("duplicates", "leakage", "outliers", "map"):
         page.goto(checks["url"] + f"/?tab={tab}")
-        unnamed = page.evaluate("""() => [...document.querySelectorAll('.dataset-view button, .dataset-view input,
-            .dataset-view select, .dataset-view canvas, #tabs button')].filter(e => e.offsetParent !== null)
+        unnamed = page.evaluate("""() => [...document.querySelectorAll(
+                '.dataset-view button, .dataset-view input, .dataset-view select, .dataset-view canvas, #tabs button')]
+            .filter(e => e.offsetParent !== null)
             .filter(e => !(e.getAttribute('aria-label') || (e.labels && e.labels.length) || e.textContent.trim()
                            || e.getAttribute('aria-labelledby') || e.title))
             .map(e => e.outerHTML.slice(0, 80))""")

@@ -108,6 +108,7 @@ const toScreen = (x, y) => [x * map.scale + map.tx, -y * map.scale + map.ty];
 const toData = (sx, sy) => [(sx - map.tx) / map.scale, -(sy - map.ty) / map.scale];
 
 function drawMap() {
+  Object.assign(mapCanvas.dataset, {scale: map.scale, tx: map.tx, ty: map.ty});  // where the next frame draws
   if (map.dirty) return;
   map.dirty = true;
   requestAnimationFrame(paintMap);
@@ -163,7 +164,7 @@ function paintMap() {
   }
   context.restore();
   map.frames++;
-  Object.assign(mapCanvas.dataset, {scale: map.scale, tx: map.tx, ty: map.ty, frames: map.frames, highlighted: ringed,
+  Object.assign(mapCanvas.dataset, {frames: map.frames, highlighted: ringed,
                                     chosen: map.chosenCount, frameMs: (performance.now() - started).toFixed(2)});
   if (map.frames === 1) performance.mark("mi-map-drawn");
 }
