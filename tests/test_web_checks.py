@@ -253,6 +253,20 @@ def test_views_in_the_url_back_keys_and_names(page, checks):
         assert unnamed == [], tab
 
 
+def test_facets_are_asked_under_the_other_filters(page, checks):
+    page.goto(checks["url"] + "/")
+    expect(page.locator('.facet[data-filter=modality] button[data-value="CR"]')).to_be_visible()
+    with page.expect_response(lambda r: "/api/facets?" in r.url and "modality=CR" in r.url) as answer:
+        page.click('.facet[data-filter=modality] button[data-value="CR"]')
+    body_parts = answer.value.json()["filters"]["body_part"]["values"]
+    shown = page.locator(".facet[data-filter=body_part] .values button")
+    expect(shown).to_have_count(len(body_parts))  # what the server counted under modality=CR
+    assert shown.evaluate_all("bs => bs.map(b => b.dataset.value + ':' + b.querySelector('.n').textContent)") == \
+        [f"{v['value']}:{v['count']}" for v in body_parts]
+    expect(page.locator('.facet[data-filter=modality] button[data-value="CR"]')).to_have_attribute("aria-pressed",
+                                                                                                 "true")
+
+
 def test_without_a_map_the_page_says_how_to_make_one(page, checks):
     """Last in the module: it removes the index's map."""
     for path in checks["index"].glob("map.g*.npz"):

@@ -296,7 +296,7 @@ mapCanvas.addEventListener("keydown", (event) => {
   const step = 60, keys = {ArrowLeft: () => { map.tx += step; }, ArrowRight: () => { map.tx -= step; }, ArrowUp: () => { map.ty += step; },
     ArrowDown: () => { map.ty -= step; }, "+": () => zoomMap(1.25), "=": () => zoomMap(1.25), "-": () => zoomMap(0.8), "0": fitMap,
     l: () => setLasso(!map.lasso), Escape: () => { map.chosen?.fill(0); map.chosenCount = 0; showMapChoice(); }};
-  if (!keys[event.key] || event.ctrlKey || event.metaKey || event.altKey) return;
+  if (!keys[event.key] || event.ctrlKey || event.metaKey || event.altKey || $("viewer").classList.contains("open")) return;
   event.preventDefault();
   event.stopPropagation();
   keys[event.key]();
