@@ -106,6 +106,8 @@ def test_leakage_between_two_folders_shows_the_planted_patient_and_the_pairs(pag
     assert ids_in(shown.locator("img[data-open]")) == first["ids"]  # the offending pair, side by side
     assert PLANTED_ID not in page.content()  # pseudonyms only
     screenshot(page, "checks-leakage")
+    shown.scroll_into_view_if_needed()
+    screenshot(page, "checks-leakage-pairs")
     bookmarked = page.url
     assert "split=train" in bookmarked and "tab=leakage" in bookmarked
     page.goto(bookmarked)
