@@ -4,9 +4,11 @@
 // a field with a legend (counts; click to hide a value), the current search's hits ringed, a lasso that selects
 // (then shown as results or exported), a click that opens the viewer. Data coordinates: y up; the screen's:
 // sx = x * scale + tx, sy = -y * scale + ty (CSS pixels), kept on the canvas's data-* for tests.
-const PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#86bcb6",
-                 "#d37295", "#a0cbe8"];
-const MISSING_COLOUR = "#7f7f7f", OTHER_COLOUR = "#b8b8b8";
+// 20 colours told apart on the dark and the light background (Tableau's 10, then lighter and darker kin); the
+// rarer values share a grey, which the legend says.
+const PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac",
+                 "#a0cbe8", "#ffbe7d", "#8cd17d", "#b6992d", "#499894", "#86bcb6", "#d37295", "#fabfd2", "#d4a6c8", "#f1ce63"];
+const MISSING_COLOUR = "#7f7f7f", OTHER_COLOUR = "#5a5a5a";
 const map = {info: null, ids: null, xy: null, n: 0, codes: null, values: [], colours: [], hidden: new Set(), by: null,
              scale: 1, tx: 0, ty: 0, fitted: false, lasso: false, drag: null, path: null, chosen: null, chosenCount: 0,
              hits: [], frames: 0, dirty: false, loading: null, colourCache: new Map(), image: null};
