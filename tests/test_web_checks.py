@@ -41,6 +41,12 @@ def page(checks):
     assert checks["errors"] == []  # no script error on the way
 
 
+def thumbnails_drawn(page, within: str) -> None:
+    """Every thumbnail in `within` loaded and drawn (rendered on demand: the first view waits for them)."""
+    page.wait_for_function(f"[...document.querySelectorAll('{within} img[data-open]')]"
+                           ".every(i => i.complete && i.naturalWidth > 0)")
+
+
 def ids_in(locator) -> list[int]:
     return [int(i) for i in locator.evaluate_all("imgs => imgs.map(i => i.dataset.open)")]
 
@@ -61,6 +67,7 @@ def test_duplicate_clusters_as_the_cli_reports_them_selected_and_exported(page, 
     expect(card).to_contain_text("other syntax")
     earlier, later = sorted((m for m in rg1["members"] if "UNCR" in m["path"]), key=rg1["members"].index)
     expect(card.locator(f'img[data-open="{later["id"]}"] ~ .badges')).to_contain_text(f"same file as #{earlier['id']}")
+    thumbnails_drawn(page, "#dup-clusters")
     screenshot(page, "checks-duplicates")
     card.get_by_role("button", name="Select members").click()
     expect(page.locator("#dup-selected")).to_have_text("4 images of 1 cluster selected")
@@ -105,6 +112,7 @@ def test_leakage_between_two_folders_shows_the_planted_patient_and_the_pairs(pag
     shown = card.locator(f'.pair[data-ids="{first["ids"][0]},{first["ids"][1]}"]')
     assert ids_in(shown.locator("img[data-open]")) == first["ids"]  # the offending pair, side by side
     assert PLANTED_ID not in page.content()  # pseudonyms only
+    thumbnails_drawn(page, "#leak-pairs")
     screenshot(page, "checks-leakage")
     shown.scroll_into_view_if_needed()
     screenshot(page, "checks-leakage-pairs")
@@ -139,6 +147,7 @@ def test_outliers_ranked_as_the_cli_ranks_them(page, checks):
     assert shown_ids() == [o["id"] for o in by_folder["outliers"]]
     expect(tiles.first).to_contain_text(by_folder["outliers"][0]["reason"])
     assert "by=folder" in page.url
+    thumbnails_drawn(page, "#out-list")
     screenshot(page, "checks-outliers")
     neighbour = by_folder["outliers"][0]["neighbours"][0]["id"]
     tiles.first.locator(".neighbours img").first.click()
