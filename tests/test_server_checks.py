@@ -203,3 +203,23 @@ def test_no_planted_identifier_in_any_answer(archive):
     for body in archive["bodies"]:  # these, and every answer of the tests above
         for identifier in PLANTED:
             assert identifier.encode() not in body
+
+
+def test_an_image_removed_since_the_map_is_dropped_from_its_points_and_colours(archive):
+    """(Last: it changes the module's index.)"""
+    import indexer
+    from encoders import load_model
+
+    ids, _ = load_map(archive["index"])
+    gone = archive["root"] / "data" / "test" / "d.dcm"
+    id_of = {Path(o["path"]).name: o["id"] for o in get_json(archive, "/api/outliers", [("top", "7")])["outliers"]}
+    gone.unlink()
+    indexer.index_paths([archive["root"] / "data"], archive["index"], model=load_model(FIXTURE, device="cpu"),
+                        workers=0)
+    summary = get_json(archive, "/api/map")
+    assert summary["count"] == 6 and summary["index_generation"] > summary["generation"]
+    status, headers, body = get(archive, "/api/map/points")
+    served = np.frombuffer(body[:24], "<i4")
+    assert list(served) == [i for i in ids if i != id_of["d.dcm"]]
+    codes = np.frombuffer(base64.b64decode(get_json(archive, "/api/map/colours", [("by", "folder")])["codes"]), "<u2")
+    assert len(codes) == 6
