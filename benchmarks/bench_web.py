@@ -1,8 +1,13 @@
 """The web page's speed: first paint, a search round trip in the browser and through the API over a synthetic
-index of N images, and the viewer's window/level re-render of a 2500x2048 CT (16 bit).
+index of N images, the viewer's window/level re-render of a 2500x2048 CT (16 bit), and the map of M points
+(navigation to the first drawn frame, then a pan or zoom frame).
 
-    python benchmarks/bench_web.py                       # 10k images, the tiny test model
+    python benchmarks/bench_web.py                       # 10k images, the tiny test model; a map of 100k points
     python benchmarks/bench_web.py --images 2000 --repeats 10
+    python benchmarks/bench_web.py --only map --map-points 100000
+
+The map's index is written straight through the store (random vectors with the model's identity, six
+modalities, twenty folders), its map by `mi map`'s code (PCA).
 
 The index's vectors are random (bench_search's RandomEncoder: the model's identity, random embeddings), so
 building it costs the decoding of N tiny PNGs, not N encodings; queries use the real (test) model. Prints
@@ -52,7 +57,13 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=10_000)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--model", default=str(TINY))
+    parser.add_argument("--map-points", type=int, default=100_000)
+    parser.add_argument("--only", choices=["search", "map"], help="run one part")
     args = parser.parse_args()
+    if args.only != "search":
+        map_benchmark(args.map_points, args.model, args.repeats)
+    if args.only == "map":
+        return
 
     from PIL import Image
 
@@ -149,6 +160,100 @@ def browser(url: str, repeats: int) -> None:
             times.append((time.perf_counter() - start) * 1000)
         print(f"search round trip in the browser (Enter to 24 tiles drawn): {percentiles(times)}")
         chromium.close()
+
+
+def map_index(folder: Path, n: int, model_source: str) -> None:
+    """n images with random vectors (the model's identity), six modalities, twenty folders; then its map (PCA)."""
+    from encoders import load_model
+    from indexer.store import IndexStore
+    from retrieval.curate.imagemap import build_map
+    from retrieval.curate.reader import IndexReader
+
+    def unit(x: np.ndarray) -> np.ndarray:
+        return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+    model = load_model(model_source, device="cpu")
+    rng = np.random.default_rng(0)
+    centres = unit(rng.standard_normal((40, model.dim)).astype(np.float32))
+    modalities = ["CR", "DX", "CT", "MR", "US", None]
+    store = IndexStore.open(folder, create=True)
+    store.check_model(model.fingerprint, model.dim, model.source)
+    for start in range(0, n, 10_000):
+        batch = []
+        for i in range(start, min(start + 10_000, n)):
+            centre = rng.integers(len(centres))
+            vector = unit(centres[centre] + 0.5 * unit(rng.standard_normal(model.dim).astype(np.float32)))
+            batch.append({"path": f"/data/site{centre % 20}/{i}.dcm", "size": 1, "mtime_ns": 1, "content_hash": f"h{i}",
+                          "images": [{"frame": 0, "embedding": vector, "modality": modalities[centre % 6]}]})
+        store.commit(indexed=batch)
+    store.write_faiss()
+    store.close()
+    with IndexReader(folder) as reader:
+        build_map(reader, method="pca")
+
+
+def map_benchmark(n: int, model_source: str, repeats: int) -> None:
+    """The map page of n points: from navigation to the first frame drawn (points, colours, legend), then the
+    time of a frame while panning (a drag step) and zooming (a wheel step), in the browser."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        print("map part skipped: Playwright is not installed")
+        return
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        map_index(Path(tmp, "index"), n, model_source)
+        print(f"== the map of {n} points; {os.cpu_count()} CPUs; {load()} ==")
+        print(f"synthetic index and its map (PCA) built in {time.perf_counter() - start:.0f} s")
+        server = subprocess.Popen([sys.executable, "-m", "retrieval.serve_cli", "--index", str(Path(tmp, "index")),
+                                   "--model", model_source, "--port", "0"], cwd=ROOT, env=env, stderr=subprocess.PIPE,
+                                  text=True)
+        try:
+            url = server.stderr.readline().strip().split(" on ")[-1].rstrip("/")
+            _, body = timed(url + "/api/map/points")  # the server reads the map once
+            print(f"GET /api/map/points: {len(body) / 1e6:.1f} MB; then "
+                  f"{percentiles([timed(url + '/api/map/points')[0] for _ in range(5)])}")
+            with sync_playwright() as playwright:
+                chromium = playwright.chromium.launch(executable_path="/usr/bin/chromium",
+                                                      args=["--no-sandbox", "--disable-gpu", "--disable-quic"])
+                page = chromium.new_page(viewport={"width": 1280, "height": 800})
+                page.set_default_timeout(120_000)
+                drawn, paints = [], []
+                for _ in range(5):
+                    start = time.perf_counter()
+                    page.goto(url + "/?tab=map")
+                    page.wait_for_function("Number(document.getElementById('map-canvas').dataset.frames) > 0")
+                    drawn.append((time.perf_counter() - start) * 1000)
+                    paints.append(page.evaluate("performance.getEntriesByName('mi-map-drawn')[0].startTime"))
+                print(f"map interactive (navigation to the first frame, as Playwright waits): {percentiles(drawn)}")
+                print(f"map interactive (the page's own clock, navigation start to the first frame): {percentiles(paints)}")
+                box = page.locator("#map-canvas").bounding_box()
+                x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+                page.mouse.move(x, y)
+                page.mouse.down()
+                pan, pan_paint = frames(page, repeats, lambda i: page.mouse.move(x + 5 * (i + 1), y + 3 * (i + 1)))
+                page.mouse.up()
+                zoom, zoom_paint = frames(page, repeats, lambda i: page.mouse.wheel(0, -60 if i % 2 else 50))
+                print(f"pan frame (a drag step to the frame drawn): {percentiles(pan)}; painting it: {percentiles(pan_paint)}")
+                print(f"zoom frame (a wheel step to the frame drawn): {percentiles(zoom)}; painting it: {percentiles(zoom_paint)}")
+                chromium.close()
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+
+
+def frames(page, repeats: int, act) -> tuple[list[float], list[float]]:
+    """(ms from each action to its frame drawn, ms the page spent painting that frame)."""
+    whole, painting = [], []
+    for i in range(repeats):
+        before = int(page.locator("#map-canvas").get_attribute("data-frames"))
+        start = time.perf_counter()
+        act(i)
+        page.wait_for_function(f"Number(document.getElementById('map-canvas').dataset.frames) > {before}")
+        whole.append((time.perf_counter() - start) * 1000)
+        painting.append(float(page.locator("#map-canvas").get_attribute("data-frame-ms")))
+    return whole, painting
 
 
 if __name__ == "__main__":

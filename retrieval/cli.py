@@ -71,6 +71,13 @@ def request_options(command: Any) -> Any:
                                         help=f"Image queries: leave out the query's own {choice}"
                                              f"{NOTES.get(choice, '')}.")
                            for choice in option.choices]
+        elif option.name == "fold_near":  # --fold-near alone: the duplicate checks' default threshold
+            from .curate.duplicates import DEFAULT_THRESHOLD
+
+            decorators.append(click.option("--fold-near", "fold_near", type=click.FloatRange(0.0, 1.0), is_flag=False,
+                                           flag_value=DEFAULT_THRESHOLD, default=None, metavar="[THRESHOLD]",
+                                           help=f"{option.help} [THRESHOLD default: {DEFAULT_THRESHOLD}; it depends "
+                                                f"on the weights: see mi duplicates]"))
         elif option.kind is bool:
             decorators.append(click.option(*FLAGS.get(option.name, (_flag(option.name),)), option.name, is_flag=True,
                                            help=option.help))

@@ -49,6 +49,8 @@ OPTIONS = (
     Option("duplicates", bool, False,
            "Show exact duplicates (same SOP Instance UID or same content) as separate hits."),
     Option("exclude_same", str, None, "Image queries: leave out the query's own study or patient.", GROUP_CHOICES),
+    Option("fold_near", float, None, "Fold near duplicates of the same study: a hit at cosine >= this to a better "
+                                     "hit of its study counts among that hit's copies."),
 )
 OPTION_NAMES = tuple(option.name for option in OPTIONS)
 
@@ -67,6 +69,7 @@ class SearchRequest:
     group: str | None = None
     duplicates: bool = False
     exclude_same: str | None = None
+    fold_near: float | None = None
 
     @classmethod
     def make(cls, terms: Sequence[QueryTerm] = (), *, filters: SearchFilters | None = None,
@@ -97,6 +100,8 @@ class SearchRequest:
             raise QueryError(f"group and exclude_same take one of {', '.join(GROUP_CHOICES)}")
         if self.min_score is not None and not math.isfinite(self.min_score):
             raise QueryError(f"min_score must be a finite number, not {self.min_score}")
+        if self.fold_near is not None and not 0.0 <= self.fold_near <= 1.0:  # NaN fails too
+            raise QueryError(f"fold_near is a cosine similarity from 0 to 1, not {self.fold_near}", option="fold_near")
         if any(not math.isfinite(term.weight) for term in self.terms):
             raise QueryError("a query term's weight must be a finite number (not inf or nan)")
         if len(self.terms) > MAX_TERMS:

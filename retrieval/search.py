@@ -192,11 +192,12 @@ class Searcher:
         query: a text, an image path, CLI-style tokens with + / - and WEIGHT:QUERY (see `retrieval.query`),
         or a ready `retrieval.request.SearchRequest`; image: an image file; vector: a ready unit query
         vector (D,). options: those of `SearchRequest` (retrieval.request.OPTIONS): k=10, min_score,
-        labels (adds zero-shot probabilities), multilabel, group, duplicates, exclude_same; filters: an
+        labels (adds zero-shot probabilities), multilabel, group, duplicates, exclude_same, fold_near; filters: an
         `indexer.filters.SearchFilters`, or its fields as keywords (modality, body_part, view, since, until,
         under); they apply before the top-k cut. Exact duplicates (same SOP Instance UID or content) are one
         hit unless `duplicates`; group="study"/"patient" gives one hit per study or patient;
-        exclude_same="study"/"patient" drops the query image's own study or patient (see `retrieval.grouping`)."""
+        exclude_same="study"/"patient" drops the query image's own study or patient; fold_near=0.98 folds a hit at
+        cosine >= 0.98 to a better hit of its study into that hit's copies (see `retrieval.grouping`)."""
         if isinstance(query, SearchRequest):
             request = query
         else:
@@ -217,7 +218,7 @@ class Searcher:
             raise QueryError(self._no_match(request.filters))
         vector = np.asarray(vector, np.float32)
         hits = self._collapsed_hits(vector, request.k, allowed, request.min_score, request.duplicates,
-                                    request.group, exclude)
+                                    request.group, exclude, request.fold_near)
         if request.labels and hits:
             label_list = list(request.labels)
             probabilities = self._label_probabilities(self._stored_vectors([h.id for h in hits]),
@@ -227,18 +228,22 @@ class Searcher:
         return hits
 
     def _collapsed_hits(self, vector: np.ndarray, k: int, allowed: np.ndarray | None, min_score: float | None,
-                        duplicates: bool, group: str | None, exclude: dict | None) -> list[Hit]:
-        """The top k after collapsing duplicates and groups: candidates are fetched in growing
-        rounds until k hits stand or the index (or filter) has no more."""
-        plain = duplicates and group is None and exclude is None
+                        duplicates: bool, group: str | None, exclude: dict | None,
+                        fold_near: float | None = None) -> list[Hit]:
+        """The top k after collapsing duplicates and groups (and with `fold_near` near copies within a
+        study): candidates are fetched in growing rounds until k hits stand or the index (or filter) has
+        no more."""
+        plain = duplicates and group is None and exclude is None and fold_near is None
         available = len(allowed) if allowed is not None else len(self)
         fetch = k if plain else min(available, 4 * k + 16)
         while True:
             found = self._checked_search(vector, fetch, allowed)
             found = [(score, row_id) for score, row_id in found if min_score is None or score >= min_score]
             rows = self._store.rows([i for _, i in found])
-            candidates = [Candidate(score, row_id, rows[row_id]) for score, row_id in found if row_id in rows]
-            collapsed = collapse(candidates, duplicates=duplicates, group=group, exclude=exclude)
+            vectors = self._study_mates_vectors(rows) if fold_near is not None else {}
+            candidates = [Candidate(score, row_id, rows[row_id], vectors.get(row_id))
+                          for score, row_id in found if row_id in rows]
+            collapsed = collapse(candidates, duplicates=duplicates, group=group, exclude=exclude, fold_near=fold_near)
             if plain or len(collapsed) >= k or fetch >= available or len(found) < fetch:
                 break
             fetch = min(available, fetch * 4)
@@ -247,6 +252,16 @@ class Searcher:
                     copies=c.copies, in_group=c.in_group, missing=_is_missing(c.best.row.get("path")),
                     viewer_url=link(str(c.best.row.get("path"))))
                 for rank, c in enumerate(collapsed[:k], start=1)]
+
+    def _study_mates_vectors(self, rows: dict[int, dict[str, Any]]) -> dict[int, np.ndarray]:
+        """{id: stored vector} of the candidates that share their study with another candidate (only
+        those can fold into each other), read from SQLite in one batch."""
+        studies: dict[str, list[int]] = {}
+        for row_id, row in rows.items():
+            if row.get("study_instance_uid"):
+                studies.setdefault(row["study_instance_uid"], []).append(row_id)
+        wanted = [row_id for ids in studies.values() if len(ids) > 1 for row_id in ids]
+        return dict(zip(wanted, self._stored_vectors(wanted))) if wanted else {}
 
     def _viewer_links(self):
         """key -> its viewer link (or None), by the template the index holds now (mi-index

@@ -70,7 +70,7 @@ def find_outliers(reader, *, by: str | None = None, k: int = DEFAULT_K, top: int
     outliers = []
     for p in order:
         row_id = int(ids[p])
-        if z_group[p] > z_global[p]:
+        if group_of[p] in group_median and z_group[p] > z_global[p]:  # judged in its group (never None)
             reason = (f"unlike its {by} {group_of[p]!s}: similarity {group_similarity[p]:.3f} to the group's "
                       f"centroid, group median {group_median[group_of[p]]:.3f}")
         else:

@@ -81,11 +81,13 @@ class IndexReader:
             return np.zeros((0, self.dim), np.float32)
         return np.concatenate([self.store.vectors(ids[s:s + 5000]) for s in range(0, len(ids), 5000)])
 
-    def ids_under(self, folder: str | os.PathLike) -> np.ndarray:
-        """Ids of the images of files under a folder (or that file)."""
+    def ids_under(self, folder: str | os.PathLike, *, stored: bool = False) -> np.ndarray:
+        """Ids of the images of files under a folder (or that file), resolved as mi-index resolves paths;
+        `stored`: the folder as the index stores paths (absolute, resolved), the file system never asked."""
         from indexer.filters import SearchFilters
 
-        found = self.store.filter_ids(SearchFilters.make(under=folder))
+        filters = SearchFilters(under=os.fspath(folder)) if stored else SearchFilters.make(under=folder)
+        found = self.store.filter_ids(filters)
         return np.sort(found) if found is not None else self.ids()
 
     def ids_of_paths(self, paths: Sequence[str]) -> dict[str, list[int]]:

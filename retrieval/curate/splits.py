@@ -42,13 +42,23 @@ def parse_split_option(value: str) -> tuple[str, Path]:
 
 
 def from_folders(reader, splits: list[tuple[str, Path]]) -> Splits:
-    members: dict[str, list[np.ndarray]] = {}
     for name, folder in splits:
         if not folder.exists():
             raise SplitError(f"the folder of split {name!r} does not exist: {folder}")
-        members.setdefault(name, []).append(reader.ids_under(folder))
-    found = Splits({name: np.unique(np.concatenate(parts)) for name, parts in members.items()})
-    return _checked(found)
+    return _under(reader, splits, stored=False)
+
+
+def from_stored_folders(reader, splits: list[tuple[str, str]]) -> Splits:
+    """Splits as folders the index stores paths under (absolute, resolved: a server's request), matched
+    against the stored paths only; no file is opened or resolved."""
+    return _under(reader, splits, stored=True)
+
+
+def _under(reader, splits: list[tuple[str, Path]] | list[tuple[str, str]], stored: bool) -> Splits:
+    members: dict[str, list[np.ndarray]] = {}
+    for name, folder in splits:
+        members.setdefault(name, []).append(reader.ids_under(folder, stored=stored))
+    return _checked(Splits({name: np.unique(np.concatenate(parts)) for name, parts in members.items()}))
 
 
 def from_csv(reader, path: Path) -> Splits:

@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from indexer.errors import MIError, one_line
 
-from . import viewer, workspace
+from . import checks, viewer, workspace
 from .limits import RequestGate
 from .routes import router
 from .thumbnails import ThumbnailRenderer
@@ -74,6 +74,7 @@ def create_app(index_dir: str | os.PathLike, *, model: Any = None, device: str |
     app.add_middleware(RequestGate, token=token, hosts=hosts)
     app.include_router(router)
     app.include_router(workspace.router)
+    app.include_router(checks.router)
     app.include_router(viewer.router)
     app.add_api_route("/docs", _docs, include_in_schema=False, response_class=HTMLResponse)
     app.add_api_route("/docs/static/{name}", _docs_asset, include_in_schema=False)

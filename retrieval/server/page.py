@@ -1,5 +1,6 @@
-"""The web page's filter controls, made from indexer.filters' FILTER_FIELDS: one labelled section per filter, which
-the page fills with the values the index holds (GET /api/facets)."""
+"""The web page: retrieval/web/index.html with its filter controls, made from indexer.filters' FILTER_FIELDS (one
+labelled section per filter, which the page fills with the values the index holds, GET /api/facets), and the
+dataset views' scripts and styles inlined from a fixed list of files beside it (no path comes from a request)."""
 from __future__ import annotations
 
 import html
@@ -14,10 +15,25 @@ LABELS = {"modality": "Modality", "body_part": "Body part", "view": "View", "sin
           "under": "Folder"}
 
 
+# The dataset views, one file each (retrieval/web/), in the order they run: views.js (tabs, the URL) first.
+VIEW_SCRIPTS = ("views.js", "duplicates.js", "leakage.js", "outliers.js", "map.js")
+VIEW_STYLES = ("views.css",)
+
+
 def page_html() -> str:
-    """The page (retrieval/web/index.html) with its filter controls."""
-    text = resources.files("retrieval").joinpath("web/index.html").read_text(encoding="utf-8")
-    return text.replace("<!-- filters -->", filter_controls()).replace("<!-- group -->", group_select())
+    """The page (retrieval/web/index.html) with its filter controls and its views' scripts and styles."""
+    text = _web_file("index.html")
+    scripts = "\n".join(f"<script>\n{_web_file(name, closing='</script')}</script>" for name in VIEW_SCRIPTS)
+    styles = "\n".join(_web_file(name, closing="</style") for name in VIEW_STYLES)
+    return (text.replace("<!-- filters -->", filter_controls()).replace("<!-- group -->", group_select())
+            .replace("<!-- view styles -->", styles).replace("<!-- view scripts -->", scripts))
+
+
+def _web_file(name: str, closing: str | None = None) -> str:
+    text = resources.files("retrieval").joinpath("web", name).read_text(encoding="utf-8")
+    if closing and closing in text.lower():  # inlined: it would end its element early
+        raise ValueError(f"retrieval/web/{name} holds {closing!r}")
+    return text
 
 
 def filter_controls() -> str:
