@@ -129,20 +129,19 @@ class Reads:
         """Ids of the images matching every filter that is set; None when none is."""
         if not filters:
             return None
-        clauses, params = [], {}
-        for field, value in filters.set():  # each FILTER_FIELDS entry names its column and comparison
-            if field.compare == "equal":
-                clauses.append(f"{field.column} = :{field.name} COLLATE NOCASE")
-                params[field.name] = value
-            elif field.compare in ("from", "to"):
-                clauses.append(f"{field.column} {'>=' if field.compare == 'from' else '<='} :{field.name}")
-                params[field.name] = value.isoformat()
-            else:  # under: the folder itself or any path below it, compared as bytes
-                under, under_params = at_or_under(value)  # field.column is path
-                clauses.append(under)
-                params.update(under_params)
+        where, params = _filter_where(filters)
         with self.engine.connect() as conn:
-            return raw_ids(conn, f"SELECT id FROM images WHERE {' AND '.join(clauses)}", params)
+            return raw_ids(conn, f"SELECT id FROM images WHERE {where}", params)
+
+    def series(self, filters: SearchFilters | None = None) -> tuple[list[tuple], np.ndarray]:
+        """The CT/MR series ([(series UID, study UID, modality, slices, representative id)], their
+        unit vectors), all or those with a slice matching the filters (indexer.store.series)."""
+        from .series import series_candidates
+
+        where, params = _filter_where(filters) if filters else (None, None)
+        with self.engine.connect() as conn:
+            conn.exec_driver_sql("BEGIN")  # one snapshot
+            return series_candidates(conn, where, params)
 
     def values(self, column: str) -> dict[str, int]:
         """{value: images} of one column that a filter compares equal (for "no match" messages)."""
@@ -220,3 +219,20 @@ class Reads:
                 "size_bytes": size, "last_run_at": meta.get("last_run_at"),
                 "last_run_seconds": float(meta["last_run_seconds"]) if meta.get("last_run_seconds") else None,
                 "schema_version": int(meta.get("schema_version", 0))}
+
+
+def _filter_where(filters: SearchFilters) -> tuple[str, dict[str, Any]]:
+    """The WHERE clause over images (and its parameters) of every filter that is set."""
+    clauses, params = [], {}
+    for field, value in filters.set():  # each FILTER_FIELDS entry names its column and comparison
+        if field.compare == "equal":
+            clauses.append(f"{field.column} = :{field.name} COLLATE NOCASE")
+            params[field.name] = value
+        elif field.compare in ("from", "to"):
+            clauses.append(f"{field.column} {'>=' if field.compare == 'from' else '<='} :{field.name}")
+            params[field.name] = value.isoformat()
+        else:  # under: the folder itself or any path below it, compared as bytes
+            under, under_params = at_or_under(value)  # field.column is path
+            clauses.append(under)
+            params.update(under_params)
+    return " AND ".join(clauses), params

@@ -12,6 +12,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
 
 from .reads import METADATA_FIELDS
+from .series import refresh_series, series_at_paths, series_of_rows, series_where
 from .sql import at_or_under, db_path, py_path, set_meta
 
 _IMAGE_COLUMNS = ("path", "frame", "content_hash") + METADATA_FIELDS + ("embedding",)
@@ -46,6 +47,8 @@ class Writes:
             return
         now = _now()
         with self.engine.begin() as conn:
+            touched = series_at_paths(conn, [db_path(item["path"]) for item in (*indexed, *skipped)]
+                                      + [db_path(path) for path in removed])
             for path in removed:
                 conn.execute(text("DELETE FROM images WHERE path = :p"), {"p": db_path(path)})
                 conn.execute(text("DELETE FROM files WHERE path = :p"), {"p": db_path(path)})
@@ -65,6 +68,7 @@ class Writes:
             ]
             if image_rows:
                 conn.execute(_INSERT_IMAGE, image_rows)
+            refresh_series(conn, touched | series_of_rows(image_rows))
             conn.execute(text("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'"))
 
     def record_run(self, roots: Sequence[str | os.PathLike], seconds: float) -> None:
@@ -105,6 +109,7 @@ def _remove_one(conn: Connection, root: str | os.PathLike) -> int:
     root = os.fspath(root)
     root = root.rstrip("/") if is_pacs_url(root) else os.path.realpath(root)
     where, params = at_or_under(root)
+    touched = series_where(conn, where, params)
     removed = int(conn.execute(text(f"SELECT count(*) FROM files WHERE {where}"), params).scalar())
     conn.execute(text(f"DELETE FROM images WHERE {where}"), params)  # a range on the path index
     conn.execute(text(f"DELETE FROM files WHERE {where}"), params)
@@ -115,4 +120,5 @@ def _remove_one(conn: Connection, root: str | os.PathLike) -> int:
     if above:
         conn.execute(text("INSERT OR REPLACE INTO excluded VALUES (:p, :root)"),
                      {"p": db_path(root), "root": db_path(max(above, key=len))})
+    refresh_series(conn, touched)
     return removed
