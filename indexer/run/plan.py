@@ -35,7 +35,7 @@ def _plan(source: Source, store: IndexStore, summary: Summary) -> tuple[list[Ite
     named = [os.path.realpath(root) for root in getattr(source, "roots", ())]
     excluded = tuple(folder.rstrip("/") + "/" for folder in store.excluded()
                      if not any(under_or_at(root, folder) for root in named))
-    listed = [item for item in source.items() if not (excluded and item.key.startswith(excluded))]
+    listed = [item for item in source.items() if not item[0].startswith(excluded)] if excluded else list(source.items())
     for key, reason in source.refused:  # reported, not recorded: the index holds what it can read
         summary.skipped += 1
         summary.skipped_files.append({"path": key, "reason": reason})
@@ -61,6 +61,7 @@ def _plan(source: Source, store: IndexStore, summary: Summary) -> tuple[list[Ite
         keep.add(key)
     summary.unchanged += unchanged
     summary.still_skipped += still_skipped
-    removed = [key for key in known if key not in keep and source.sweepable(key)]
+    gone = known.keys() - keep  # a set difference in C; the loop below only when something is gone
+    removed = [key for key in known if key in gone and source.sweepable(key)] if gone else []
     check_sweep(source, len(listed), len(removed))  # an empty PACS listing is taken for a failed one
     return todo, removed

@@ -54,7 +54,7 @@ class FolderSource:
     def known(self, store: IndexStore, listed: Sequence[str]) -> dict[str, tuple]:
         known = store.files_under([Path(os.path.realpath(root)) for root in self.roots])
         # files reached through a symlinked folder live outside the roots: look them up one by one
-        known.update(store.files_at([key for key in listed if key not in known]))
+        known.update(store.files_at(sorted(set(listed) - known.keys())))
         return known
 
     def accepts(self, item: Item) -> bool:
