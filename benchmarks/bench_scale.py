@@ -2,7 +2,7 @@
 store (1024-d clustered vectors, 10 modalities, 100 folders, ten years of study dates), then the
 latency of unfiltered and filtered searches through a Searcher, their recall@10 against brute force,
 the time to add 1% and one image (and until a running Searcher sees it), to `--remove` 10%, and
-the peak RSS.
+the peak RSS; `--walk-files N` times an unchanged re-run's planning, `--series N` series vectors.
 
     python benchmarks/bench_scale.py                     # N = 100k
     python benchmarks/bench_scale.py --images 1000000 --keep /tmp/idx1m
@@ -105,6 +105,31 @@ def bench_walk(n: int) -> None:
         store.close()
 
 
+def bench_series(series: int, slices: int = 200, samples: tuple[int, ...] = (3, 10, 30)) -> None:
+    """How well a series vector finds its own series' slices, from all slices or a few sampled:
+    for each series, the share of its own slices among the `slices` nearest its vector. Synthetic
+    series (a direction per series, slices spread around it, neighbouring series close), so this
+    measures the mechanics and what sampling costs, not what a real encoder's series look like."""
+    from indexer.store.series import series_vector
+
+    rng = np.random.default_rng(5)
+    centres = clustered_unit(series, DIM, seed=1, clusters=max(2, series // 10))[0]
+    noise = rng.standard_normal((series, slices, DIM)).astype(np.float32) * 0.1
+    vectors = centres[:, None, :] + noise
+    vectors /= np.linalg.norm(vectors, axis=2, keepdims=True)
+    flat = vectors.reshape(-1, DIM)
+    owner = np.repeat(np.arange(series), slices)
+    for sample in (None, *samples):
+        start = time.perf_counter()
+        means = np.stack([series_vector(v if sample is None else v[rng.choice(slices, sample, replace=False)])
+                          for v in vectors])
+        took = time.perf_counter() - start
+        own = [np.mean(owner[np.argpartition(-(flat @ means[s]), slices)[:slices]] == s) for s in range(series)]
+        print(f"series vector from {'all ' + str(slices) if sample is None else sample:>7} slices: own slices "
+              f"among its {slices} nearest {np.mean(own):.3f} (min {np.min(own):.3f}); {took * 1e3 / series:.2f} ms "
+              f"per series", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=100_000)
@@ -112,7 +137,11 @@ def main() -> None:
     parser.add_argument("--keep", help="index folder to build into (or reuse, when it holds --images)")
     parser.add_argument("--gc-torch", action="store_true", help="import torch first, as the server does")
     parser.add_argument("--walk-files", type=int, help="only time the planning of an unchanged re-run over so many files")
+    parser.add_argument("--series", type=int, help="only measure series vectors over so many synthetic series")
     args = parser.parse_args()
+    if args.series:
+        bench_series(args.series)
+        return
     if args.walk_files:
         bench_walk(args.walk_files)
         return
@@ -175,10 +204,20 @@ def main() -> None:
         times, _ = timed(searcher, queries[:10], None)
         print(f"unfiltered after the adds: p50 {np.percentile(times, 50):.1f} ms", flush=True)
         start = time.perf_counter()
-        removed = sum(store.remove_root(f"{root}/f{j:03d}") for j in range(10))
+        removed = store.remove_roots([f"{root}/f{j:03d}" for j in range(10)])  # as `mi-index --remove` does
+        middle = time.perf_counter()
         store.write_faiss()
-        print(f"--remove 10% ({removed:,} files): {time.perf_counter() - start:.2f} s", flush=True)
+        print(f"--remove 10% ({removed:,} files): {time.perf_counter() - start:.2f} s (SQLite {middle - start:.2f} s"
+              f", FAISS {time.perf_counter() - middle:.2f} s)", flush=True)
         store.close()
+        hits = searcher.search(vector=data[0], k=10, duplicates=True)
+        print(f"running Searcher after it: {sum(h.path.startswith(f'{root}/f000/') for h in hits)} removed rows in "
+              f"the top 10 (0 expected)", flush=True)
+    start = time.perf_counter()
+    with Searcher(folder, model=None) as fresh:
+        fresh.search(vector=data[0], k=10, duplicates=True)
+        print(f"a fresh Searcher's first query after it (the FAISS file read, removals applied): "
+              f"{time.perf_counter() - start:.2f} s", flush=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS {peak:,.0f} MB  {load()}", flush=True)
 

@@ -322,7 +322,7 @@ def _manage(index_dir: Path, status: bool, remove: tuple[str, ...], as_json: boo
         if remove:
             store.lock()
             _check_held(store, remove)
-            removed = sum(store.remove_root(path) for path in remove)
+            removed = store.remove_roots(remove)
             store.write_faiss()
             click.echo(f"removed {removed} files from {index_dir}; {store.count()} images left", err=as_json)
         info = store.status()

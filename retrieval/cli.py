@@ -324,7 +324,7 @@ def _notes(hit: Any) -> list[tuple[str, bool]]:
     if hit.copies > 1:
         notes.append((f"{hit.copies} copies", False))
     if hit.in_group > 1:
-        notes.append((f"{hit.in_group} in group", False))
+        notes.append((f"{hit.in_group} {'slices' if 'series_slices' in hit.metadata else 'in group'}", False))
     if hit.missing:
         notes.append(("file missing", True))
     return notes

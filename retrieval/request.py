@@ -51,6 +51,7 @@ OPTIONS = (
     Option("exclude_same", str, None, "Image queries: leave out the query's own study or patient.", GROUP_CHOICES),
     Option("fold_near", float, None, "Fold near duplicates of the same study: a hit at cosine >= this to a better "
                                      "hit of its study counts among that hit's copies."),
+    Option("series", bool, False, "CT and MR: one hit per series (its mean vector; the slice nearest it shown)."),
 )
 OPTION_NAMES = tuple(option.name for option in OPTIONS)
 
@@ -70,6 +71,7 @@ class SearchRequest:
     duplicates: bool = False
     exclude_same: str | None = None
     fold_near: float | None = None
+    series: bool = False
 
     @classmethod
     def make(cls, terms: Sequence[QueryTerm] = (), *, filters: SearchFilters | None = None,
@@ -98,6 +100,8 @@ class SearchRequest:
             raise QueryError(f"k must be at least 1, not {self.k}")
         if self.group not in (None, *GROUP_CHOICES) or self.exclude_same not in (None, *GROUP_CHOICES):
             raise QueryError(f"group and exclude_same take one of {', '.join(GROUP_CHOICES)}")
+        if self.series and (self.group or self.exclude_same):
+            raise QueryError("series searches whole series: not with group or exclude_same", option="series")
         if self.min_score is not None and not math.isfinite(self.min_score):
             raise QueryError(f"min_score must be a finite number, not {self.min_score}")
         if self.fold_near is not None and not 0.0 <= self.fold_near <= 1.0:  # NaN fails too

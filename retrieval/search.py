@@ -217,8 +217,11 @@ class Searcher:
         if allowed is not None and len(allowed) == 0:
             raise QueryError(self._no_match(request.filters))
         vector = np.asarray(vector, np.float32)
-        hits = self._collapsed_hits(vector, request.k, allowed, request.min_score, request.duplicates,
-                                    request.group, exclude, request.fold_near)
+        if request.series:
+            hits = self._series_hits(vector, request)
+        else:
+            hits = self._collapsed_hits(vector, request.k, allowed, request.min_score, request.duplicates,
+                                        request.group, exclude, request.fold_near)
         if request.labels and hits:
             label_list = list(request.labels)
             probabilities = self._label_probabilities(self._stored_vectors([h.id for h in hits]),
@@ -262,6 +265,30 @@ class Searcher:
                 studies.setdefault(row["study_instance_uid"], []).append(row_id)
         wanted = [row_id for ids in studies.values() if len(ids) > 1 for row_id in ids]
         return dict(zip(wanted, self._stored_vectors(wanted))) if wanted else {}
+
+    def _series_hits(self, vector: np.ndarray, request: SearchRequest) -> list[Hit]:
+        """The k best CT/MR series (indexer.store.series), searched exactly over their mean vectors:
+        each hit is the series' representative slice, with `in_group` and `series_slices` its number
+        of slices; filters keep a series when one of its slices matches them."""
+        series, vectors = self._store.series(request.filters or None)
+        if not series:
+            raise QueryError("no CT or MR series in the index" + (f" matches {request.filters.describe()}"
+                                                                  if request.filters else ""), option="series")
+        scores = vectors @ vector
+        order = np.argsort(-scores, kind="stable")[:request.k]
+        chosen = [(float(scores[i]), series[i]) for i in order
+                  if request.min_score is None or scores[i] >= request.min_score]
+        rows = self._store.rows([row[4] for _, row in chosen])
+        link = self._viewer_links()
+        hits = []
+        for score, (uid, _study, _modality, slices, representative) in chosen:
+            row = rows.get(representative)
+            if row is None:  # removed by mi-index since the series was read
+                continue
+            hits.append(Hit(len(hits) + 1, score, representative, str(row.get("path")),
+                            {**row, "series_slices": slices}, in_group=slices,
+                            missing=_is_missing(row.get("path")), viewer_url=link(str(row.get("path")))))
+        return hits
 
     def _viewer_links(self):
         """key -> its viewer link (or None), by the template the index holds now (mi-index

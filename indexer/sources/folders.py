@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import stat
 from collections.abc import Iterator, Sequence
@@ -17,6 +18,7 @@ if TYPE_CHECKING:
     from ..store import IndexStore
 
 log = logging.getLogger(__name__)
+_name = operator.attrgetter("name")
 
 
 @dataclass
@@ -44,14 +46,15 @@ class FolderSource:
     def items(self) -> Iterator[Item]:
         self._unreadable.clear()
         not_files: list[str] = []
+        make = tuple.__new__  # Item(...) through its keyword-checking __new__ cost twice as much, per file
         for path, st in walk(self.roots, self.skip, self._unreadable, not_files):
-            yield Item(path, st.st_size, st.st_mtime_ns)
+            yield make(Item, (path, st.st_size, st.st_mtime_ns))
         self.refused.extend((path, "not a regular file (a FIFO, device or socket)") for path in not_files)
 
     def known(self, store: IndexStore, listed: Sequence[str]) -> dict[str, tuple]:
         known = store.files_under([Path(os.path.realpath(root)) for root in self.roots])
         # files reached through a symlinked folder live outside the roots: look them up one by one
-        known.update(store.files_at([key for key in listed if key not in known]))
+        known.update(store.files_at(sorted(set(listed) - known.keys())))
         return known
 
     def accepts(self, item: Item) -> bool:
@@ -96,7 +99,7 @@ def walk(roots: Sequence[Path], skip: Path | None = None, unreadable: list[str] 
                 if (st.st_dev, st.st_ino) in seen_dirs or (skip is not None and Path(resolved) == skip):
                     continue
                 seen_dirs.add((st.st_dev, st.st_ino))
-                entries = sorted(os.scandir(folder), key=lambda e: e.name, reverse=True)
+                entries = sorted(os.scandir(folder), key=_name, reverse=True)
             except OSError as e:
                 log.warning("cannot read folder %s: %s", folder, e.strerror)
                 if unreadable is not None:
@@ -104,9 +107,14 @@ def walk(roots: Sequence[Path], skip: Path | None = None, unreadable: list[str] 
                 continue
             prefix = resolved.rstrip(os.sep) + os.sep  # joined by hand: os.path.join cost more than a stat
             for entry in entries:
-                if entry.name.startswith("."):
+                name = entry.name
+                if name[0] == ".":
                     continue
                 try:
+                    # A plain file first, asked of the folder listing's file type: one call, not three
+                    if entry.is_file(follow_symlinks=False):
+                        yield prefix + name, entry.stat(follow_symlinks=False)
+                        continue
                     link = entry.is_symlink()
                     if entry.is_dir():
                         path = Path(entry.path)

@@ -21,7 +21,8 @@ from .sql import set_meta
 
 
 DELTA_FROM_ROWS = 50_000   # from this many rows a small change leaves the FAISS file as it is (a delta)
-DELTA_MAX_ROWS = 50_000    # ... when at most this many rows (and a tenth of the file) were added or removed
+DELTA_MAX_ROWS = 50_000    # ... when at most this many rows (and a tenth of the file) were added
+DELTA_MAX_REMOVED = 0.25   # ... and at most this fraction of the file's rows removed (tombstones)
 
 
 class FaissCache:
@@ -104,8 +105,9 @@ class FaissCache:
         """The cache file to keep as it is, when only a few rows changed since it was written: a
         running Searcher searches the rows added since exactly and leaves out the removed ones
         (retrieval.live_index), a fresh one adds them on load (_current_index); the file is
-        rewritten when the change passes DELTA_MAX_ROWS. Known from meta.faiss_covers (the file's
-        row count, largest id and kind) and two indexed counts: the file itself is not read."""
+        rewritten when the rows added pass DELTA_MAX_ROWS or those removed DELTA_MAX_REMOVED.
+        Known from meta.faiss_covers (the file's row count, largest id and kind) and two indexed
+        counts: the file itself is not read."""
         from . import vectors as vector_index
 
         try:
@@ -119,8 +121,12 @@ class FaissCache:
             return None
         new, held = conn.exec_driver_sql("SELECT count(*) FILTER (WHERE id > ?), count(*) FILTER (WHERE id <= ?) "
                                          "FROM images", (largest, largest)).one()
-        changed = new + (count - held)
-        if changed > min(DELTA_MAX_ROWS, count // 10) or kind != vector_index.choose_kind(
+        # Added rows are searched exactly by a running reader, so they are bounded by a row count;
+        # removed rows cost a reader only an exclusion filter (and a fresh one a remove_ids on
+        # load), so they are bounded by a fraction: `--remove` of 10% at 1M images then writes
+        # nothing here (rewriting the 2 GB file took ~10 s) and a later large change compacts.
+        if new > min(DELTA_MAX_ROWS, count // 10) or count - held > count * DELTA_MAX_REMOVED \
+                or kind != vector_index.choose_kind(
                 new + held, int(meta.get("model_dim") or 1), _memory_budget(meta)):
             return None
         for old in self.folder.glob("vectors.*"):

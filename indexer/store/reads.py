@@ -151,6 +151,16 @@ class Reads:
         with self.engine.connect() as conn:
             return raw_ids(conn, f"SELECT id FROM images WHERE {where}", params)
 
+    def series(self, filters: SearchFilters | None = None) -> tuple[list[tuple], np.ndarray]:
+        """The CT/MR series ([(series UID, study UID, modality, slices, representative id)], their
+        unit vectors), all or those with a slice matching the filters (indexer.store.series)."""
+        from .series import series_candidates
+
+        where, params = filter_clause(filters) if filters else (None, None)
+        with self.engine.connect() as conn:
+            conn.exec_driver_sql("BEGIN")  # one snapshot
+            return series_candidates(conn, where, params)
+
     def values(self, column: str) -> dict[str, int]:
         """{value: images} of one column that a filter compares equal (for "no match" messages)."""
         from ..filters import EQUAL_COLUMNS
@@ -227,3 +237,4 @@ class Reads:
                 "size_bytes": size, "last_run_at": meta.get("last_run_at"),
                 "last_run_seconds": float(meta["last_run_seconds"]) if meta.get("last_run_seconds") else None,
                 "schema_version": int(meta.get("schema_version", 0))}
+

@@ -107,5 +107,26 @@ def _m005_excluded(conn: Connection) -> None:
         )"""))
 
 
-MIGRATIONS = [_m001_initial, _m002_index_id, _m003_keyed_patient_pseudonyms, _m004_roots, _m005_excluded]
+def _m006_series(conn: Connection) -> None:
+    # One vector per CT or MR series (indexer.store.series): the normalised mean of its slices,
+    # kept up to date by every write; the partial index finds a series' slices without one
+    # entry per image of other modalities.
+    from .series import refresh_all_series
+
+    conn.execute(text("""
+        CREATE TABLE series (
+            series_instance_uid TEXT PRIMARY KEY,
+            study_instance_uid TEXT,
+            modality TEXT,
+            slices INTEGER NOT NULL,    -- its CT/MR images in the index
+            representative INTEGER NOT NULL,  -- images.id of the slice nearest the mean
+            embedding BLOB NOT NULL     -- float32, L2-normalised mean of the slices' embeddings
+        )"""))
+    conn.execute(text("CREATE INDEX images_by_series ON images (series_instance_uid) "
+                      "WHERE modality IN ('CT', 'MR') AND series_instance_uid IS NOT NULL"))
+    refresh_all_series(conn)
+
+
+MIGRATIONS = [_m001_initial, _m002_index_id, _m003_keyed_patient_pseudonyms, _m004_roots, _m005_excluded,
+              _m006_series]
 SCHEMA_VERSION = len(MIGRATIONS)
