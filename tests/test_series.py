@@ -138,6 +138,8 @@ def test_an_older_index_gets_its_series_on_migration(archive, tmp_path):
     with sqlite3.connect(index / "index.sqlite") as conn:  # as schema 5 left it
         conn.execute("DROP TABLE series")
         conn.execute("DROP INDEX images_by_series")
+        conn.execute("DROP INDEX images_by_body_part")  # migration 7's
+        conn.execute("DROP INDEX images_by_view")
         conn.execute("UPDATE meta SET value = '5' WHERE key = 'schema_version'")
     with IndexStore.open(index) as store:
         series, vectors = store.series()
