@@ -287,10 +287,19 @@ def committed_files(index_dir: Path) -> int:
         return 0
 
 
+@pytest.fixture(scope="module")
+def twenty_four(tmp_path_factory, model):
+    """24 images and their clean build (in this process, as mi-index builds it): the folder the
+    killed runs index too, so that their rows have the same paths. Read only."""
+    root = tmp_path_factory.mktemp("twenty-four")
+    make_images(root / "data", 24, size=64)
+    indexer.index_paths([root / "data"], root / "clean", model=model)
+    return root / "data", index_state(root / "clean")
+
+
 @pytest.mark.parametrize("kill_after", [1, 8])
-def test_sigkill_mid_run_then_rerun_equals_clean_build(tmp_path, kill_after):
-    data = tmp_path / "data"
-    make_images(data, 24, size=64)
+def test_sigkill_mid_run_then_rerun_equals_clean_build(tmp_path, twenty_four, kill_after):
+    data, rebuilt = twenty_four
     index_dir = tmp_path / "index"
     process = start_indexer(data, index_dir, "--batch-size", "2", "--workers", "0")
     deadline = time.time() + 120
@@ -307,9 +316,7 @@ def test_sigkill_mid_run_then_rerun_equals_clean_build(tmp_path, kill_after):
     summary = json.loads(out)
     assert summary["new"] == 24 - interrupted and summary["unchanged"] == interrupted
 
-    clean = start_indexer(data, tmp_path / "clean")
-    clean.communicate(timeout=300)
-    resumed, rebuilt = index_state(index_dir), index_state(tmp_path / "clean")
+    resumed = index_state(index_dir)
     assert resumed.keys() == rebuilt.keys() and len(resumed) == 24
     for key in rebuilt:
         np.testing.assert_allclose(resumed[key], rebuilt[key], atol=1e-6)

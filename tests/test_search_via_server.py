@@ -30,6 +30,29 @@ os._exit(code)
 """
 HEAVY = ["torch", "faiss", "sqlalchemy"]
 
+# Several mi-search command lines in one fresh process, each through click's CliRunner (stdout and
+# stderr captured, not a terminal): per command line, its exit code, output, the heavy modules
+# loaded so far (they accumulate: the first line that loads one is the one that shows it) and the
+# sockets it connected (sys.addaudithook sees every connect the standard library makes).
+RUN_MANY = """import os, pickle, sys, traceback
+from click.testing import CliRunner
+from retrieval.cli import main
+connected = []
+sys.addaudithook(lambda event, args: connected.append(args[1]) if event == "socket.connect" else None)
+results = []
+for argv in pickle.load(open(os.environ["ARGV_IN"], "rb")):
+    connected.clear()
+    result = CliRunner().invoke(main, argv)
+    failure = "" if result.exception is None or isinstance(result.exception, SystemExit) else \\
+        "".join(traceback.format_exception(result.exception))
+    results.append({"code": result.exit_code, "stdout": result.stdout_bytes, "stderr": result.stderr + failure,
+                    "heavy": [m for m in ("torch", "faiss", "sqlalchemy") if m in sys.modules],
+                    "connected": len(connected)})
+pickle.dump(results, open(os.environ["RESULTS_OUT"], "wb"))
+sys.stdout.flush()
+os._exit(0)
+"""
+
 
 def mi_search(archive, *args: str, env: dict | None = None) -> tuple[subprocess.CompletedProcess, list[str]]:
     """mi-search ARGS --index INDEX as a fresh process: its result and the heavy modules it loaded."""
@@ -39,6 +62,20 @@ def mi_search(archive, *args: str, env: dict | None = None) -> tuple[subprocess.
                             env={**(env or command_env()), "MODULES_OUT": str(out)},
                             capture_output=True, timeout=300)
     return result, out.read_text().split() if out.exists() else []
+
+
+def mi_search_many(archive, argvs: list[list[str]]) -> list[dict]:
+    """Each of `argvs` (with --index INDEX) as mi-search in one fresh process, in order (RUN_MANY)."""
+    import pickle
+
+    argv_in, results_out = archive["root"] / "argv.pickle", archive["root"] / "results.pickle"
+    argv_in.write_bytes(pickle.dumps([[*argv, "--index", str(archive["index"])] for argv in argvs]))
+    results_out.unlink(missing_ok=True)
+    ran = subprocess.run([sys.executable, "-c", RUN_MANY],
+                         env={**command_env(), "ARGV_IN": str(argv_in), "RESULTS_OUT": str(results_out)},
+                         capture_output=True, timeout=300)
+    assert ran.returncode == 0 and results_out.exists(), ran.stderr.decode()
+    return pickle.loads(results_out.read_bytes())
 
 
 def queries(archive) -> list[list[str]]:
@@ -58,15 +95,19 @@ def queries(archive) -> list[list[str]]:
 
 @pytest.mark.parametrize("output", [[], ["--json"], ["--paths"]], ids=["tsv", "json", "paths"])
 def test_the_output_is_identical_through_the_server(archive, served, output):
-    for query in queries(archive):
-        remote, heavy = mi_search(archive, *query, *output)
-        assert remote.returncode == 0, remote.stderr
-        assert heavy == [], f"{query}: the server's answer still imported {heavy}"
-        local, heavy = mi_search(archive, *query, *output, "--no-server")
-        assert local.returncode == 0, local.stderr
-        assert set(heavy) == set(HEAVY)  # it did search here
-        assert remote.stdout == local.stdout, query
-        assert remote.stdout.strip()
+    """Each query through the server (one process that never imports the heavy modules) and with
+    --no-server (one process that searches here and connects nowhere) prints the same bytes."""
+    asked = [[*query, *output] for query in queries(archive)]
+    remotes = mi_search_many(archive, asked)
+    locals_ = mi_search_many(archive, [[*argv, "--no-server"] for argv in asked])
+    for query, remote, local in zip(asked, remotes, locals_):
+        assert remote["code"] == 0, remote["stderr"]
+        assert remote["heavy"] == [], f"{query}: the server's answer still imported {remote['heavy']}"
+        assert remote["connected"] >= 1, f"{query}: the server was not asked"
+        assert local["code"] == 0, local["stderr"]
+        assert set(local["heavy"]) == set(HEAVY) and local["connected"] == 0, query  # it did search here
+        assert remote["stdout"] == local["stdout"], query
+        assert remote["stdout"].strip()
 
 
 def test_errors_are_the_same_one_line(archive, served):
@@ -125,11 +166,15 @@ def test_a_token_server_is_used_with_its_token(archive, tmp_path):
 
 def test_eight_clients_while_mi_index_adds_files(archive, tmp_path):
     """Every answer comes from one committed generation: each hit's id is a row of the index with
-    that path, and a client never sees the index shrink while files are only added."""
+    that path, and a client never sees the index shrink while files are only added. The indexer
+    runs here (indexer.index_paths, what mi-index runs), the server in its own process."""
     import shutil
+    import time
 
     import numpy as np
     from PIL import Image
+
+    import indexer
 
     root = tmp_path / "live"
     data = root / "data"
@@ -137,10 +182,13 @@ def test_eight_clients_while_mi_index_adds_files(archive, tmp_path):
     index = root / "index"
 
     def mi_index() -> None:
-        indexed = subprocess.run([sys.executable, "-c", "from indexer.cli import entry; entry()", str(data),
-                                  "--index", str(index), "--model", str(FIXTURE), "--workers", "0"],
-                                 env=command_env(), capture_output=True, text=True, timeout=300)
-        assert indexed.returncode == 0, indexed.stderr
+        indexer.index_paths([data], index, model=archive["model"], workers=0)
+
+    def until_every_client(has_answered, what: str) -> None:
+        deadline = time.monotonic() + 120
+        while not all(any(has_answered(size) for size, _ in per_client) for per_client in answers):
+            assert not errors and time.monotonic() < deadline, f"{what}: {errors}"
+            time.sleep(0.02)
 
     mi_index()
     served = start_server(index)
@@ -165,6 +213,7 @@ def test_eight_clients_while_mi_index_adds_files(archive, tmp_path):
     for thread in threads:
         thread.start()
     try:
+        until_every_client(lambda size: True, "an answer before the additions")
         rng = np.random.default_rng(1)
         for batch in range(3):
             folder = data / f"batch{batch}"
@@ -172,6 +221,7 @@ def test_eight_clients_while_mi_index_adds_files(archive, tmp_path):
             for i in range(5):
                 Image.fromarray(rng.integers(0, 256, (48, 48), dtype=np.uint8)).save(folder / f"new{i}.png")
             mi_index()
+        until_every_client(lambda size: size == 22, "an answer after the additions")
     finally:
         stop.set()
         for thread in threads:

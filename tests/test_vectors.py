@@ -161,10 +161,12 @@ def test_mi_index_faiss_memory_builds_pq_and_searches_exactly(tmp_path):
     folder = tmp_path / "images"
     folder.mkdir()
     rng = np.random.default_rng(2)
-    for i in range(300):
+    # 100 images: over 64 (below that a budget skips IVF fp16 anyway), 3 lists of 32 training
+    # points each, 4-bit codes (as for anything under 40 x 256 vectors); each one an encoder call
+    for i in range(100):
         Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(folder / f"{i:03d}.png")
     index_dir = tmp_path / "index"
-    indexer.index_paths([folder], index_dir, model=str(FIXTURE), workers=0, faiss_memory=300 * 30 / 1e9)
+    indexer.index_paths([folder], index_dir, model=str(FIXTURE), workers=0, faiss_memory=100 * 30 / 1e9)
     with Searcher(index_dir, model=str(FIXTURE)) as searcher:
         assert vectors.index_kind(searcher._store.load_faiss_with_generation()[0]) == "ivfpq"
         pq_hits = searcher.search(image=folder / "007.png", k=5)
