@@ -13,11 +13,9 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_search import load, percentiles  # noqa: E402
-from bench_web import TINY, big_ct, timed  # noqa: E402
+from bench_web import TINY, big_ct, served, timed  # noqa: E402
 
 
 def windows(repeats: int) -> list[tuple[float, float]]:
@@ -75,17 +73,7 @@ def over_http(path: Path, repeats: int, model: str) -> None:
 
     index = path.parent / "index"
     indexer.index_paths([path], index, model=load_model(model, device="cpu"), workers=0)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    server = subprocess.Popen([sys.executable, "-m", "retrieval.serve_cli", "--index", str(index), "--model", model,
-                               "--port", "0"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
-    try:
-        url = server.stderr.readline().strip().split(" on ")[-1].rstrip("/")
-        for _ in range(300):
-            try:
-                urllib.request.urlopen(url + "/api/health", timeout=5).close()
-                break
-            except OSError:
-                time.sleep(0.1)
+    with served(index, model) as url:
         import json
         image = json.loads(timed(f"{url}/api/results?q=ct&k=1")[1])["hits"][0]["id"]
         first, _ = timed(f"{url}/api/images/{image}/render?wc=40&ww=400")
@@ -94,9 +82,6 @@ def over_http(path: Path, repeats: int, model: str) -> None:
         print(f"GET render, window/level re-render at full resolution: {percentiles(full)}")
         small = [timed(f"{url}/api/images/{image}/render?wc={c}&ww={w}&size=1024")[0] for c, w in windows(repeats)]
         print(f"GET render, window/level re-render at 1024 px (while dragging): {percentiles(small)}")
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ numbers; asserts nothing. Needs Playwright and Debian's Chromium (/usr/bin/chrom
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -71,7 +72,6 @@ def main() -> None:
     from encoders import load_model
 
     print(f"== the web page over {args.images} images, model {args.model}; {os.cpu_count()} CPUs; {load()} ==")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     with tempfile.TemporaryDirectory() as tmp:
         images = Path(tmp, "images")
         images.mkdir()
@@ -82,22 +82,38 @@ def main() -> None:
         start = time.perf_counter()
         indexer.index_paths([images], Path(tmp, "index"), model=RandomEncoder(load_model(args.model, device="cpu")))
         print(f"synthetic index built in {time.perf_counter() - start:.0f} s")
-        server = subprocess.Popen([sys.executable, "-m", "retrieval.serve_cli", "--index", str(Path(tmp, "index")),
-                                   "--model", args.model, "--port", "0"], cwd=ROOT, env=env, stderr=subprocess.PIPE,
-                                  text=True)
-        try:
-            url = server.stderr.readline().strip().split(" on ")[-1].rstrip("/")
-            for _ in range(300):
-                try:
-                    urllib.request.urlopen(url + "/api/health", timeout=5).close()
-                    break
-                except OSError:
-                    time.sleep(0.1)
+        with served(Path(tmp, "index"), args.model) as url:
             api(url, args.repeats)
             browser(url, args.repeats)
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def served(index: Path, model: str):
+    """A real mi-serve on a free port over `index`: yields its URL once /api/health answers; stopped after."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    server = subprocess.Popen([sys.executable, "-m", "retrieval.serve_cli", "--index", str(index), "--model", model,
+                               "--port", "0"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        url = server.stderr.readline().strip().split(" on ")[-1].rstrip("/")
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(url + "/api/health", timeout=5).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def new_page(playwright):
+    """Debian's Chromium, headless, one 1280x800 page (the browser closes with the playwright context)."""
+    chromium = playwright.chromium.launch(executable_path="/usr/bin/chromium",
+                                          args=["--no-sandbox", "--disable-gpu", "--disable-quic"])
+    page = chromium.new_page(viewport={"width": 1280, "height": 800})
+    page.set_default_timeout(120_000)
+    return page
 
 
 def timed(url: str) -> tuple[float, bytes]:
@@ -134,10 +150,7 @@ def browser(url: str, repeats: int) -> None:
         print("browser part skipped: Playwright is not installed")
         return
     with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path="/usr/bin/chromium",
-                                              args=["--no-sandbox", "--disable-gpu", "--disable-quic"])
-        page = chromium.new_page(viewport={"width": 1280, "height": 800})
-        page.set_default_timeout(120_000)
+        page = new_page(playwright)
         paints, ready = [], []
         for _ in range(5):
             start = time.perf_counter()
@@ -159,7 +172,6 @@ def browser(url: str, repeats: int) -> None:
                                    "document.querySelectorAll('.hit').length === 24")
             times.append((time.perf_counter() - start) * 1000)
         print(f"search round trip in the browser (Enter to 24 tiles drawn): {percentiles(times)}")
-        chromium.close()
 
 
 def map_index(folder: Path, n: int, model_source: str) -> None:
@@ -200,47 +212,34 @@ def map_benchmark(n: int, model_source: str, repeats: int) -> None:
     except ImportError:
         print("map part skipped: Playwright is not installed")
         return
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         map_index(Path(tmp, "index"), n, model_source)
         print(f"== the map of {n} points; {os.cpu_count()} CPUs; {load()} ==")
         print(f"synthetic index and its map (PCA) built in {time.perf_counter() - start:.0f} s")
-        server = subprocess.Popen([sys.executable, "-m", "retrieval.serve_cli", "--index", str(Path(tmp, "index")),
-                                   "--model", model_source, "--port", "0"], cwd=ROOT, env=env, stderr=subprocess.PIPE,
-                                  text=True)
-        try:
-            url = server.stderr.readline().strip().split(" on ")[-1].rstrip("/")
+        with served(Path(tmp, "index"), model_source) as url, sync_playwright() as playwright:
             _, body = timed(url + "/api/map/points")  # the server reads the map once
             print(f"GET /api/map/points: {len(body) / 1e6:.1f} MB; then "
                   f"{percentiles([timed(url + '/api/map/points')[0] for _ in range(5)])}")
-            with sync_playwright() as playwright:
-                chromium = playwright.chromium.launch(executable_path="/usr/bin/chromium",
-                                                      args=["--no-sandbox", "--disable-gpu", "--disable-quic"])
-                page = chromium.new_page(viewport={"width": 1280, "height": 800})
-                page.set_default_timeout(120_000)
-                drawn, paints = [], []
-                for _ in range(5):
-                    start = time.perf_counter()
-                    page.goto(url + "/?tab=map")
-                    page.wait_for_function("Number(document.getElementById('map-canvas').dataset.frames) > 0")
-                    drawn.append((time.perf_counter() - start) * 1000)
-                    paints.append(page.evaluate("performance.getEntriesByName('mi-map-drawn')[0].startTime"))
-                print(f"map interactive (navigation to the first frame, as Playwright waits): {percentiles(drawn)}")
-                print(f"map interactive (the page's own clock, navigation start to the first frame): {percentiles(paints)}")
-                box = page.locator("#map-canvas").bounding_box()
-                x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
-                page.mouse.move(x, y)
-                page.mouse.down()
-                pan, pan_paint = frames(page, repeats, lambda i: page.mouse.move(x + 5 * (i + 1), y + 3 * (i + 1)))
-                page.mouse.up()
-                zoom, zoom_paint = frames(page, repeats, lambda i: page.mouse.wheel(0, -60 if i % 2 else 50))
-                print(f"pan frame (a drag step to the frame drawn): {percentiles(pan)}; painting it: {percentiles(pan_paint)}")
-                print(f"zoom frame (a wheel step to the frame drawn): {percentiles(zoom)}; painting it: {percentiles(zoom_paint)}")
-                chromium.close()
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
+            page = new_page(playwright)
+            drawn, paints = [], []
+            for _ in range(5):
+                start = time.perf_counter()
+                page.goto(url + "/?tab=map")
+                page.wait_for_function("Number(document.getElementById('map-canvas').dataset.frames) > 0")
+                drawn.append((time.perf_counter() - start) * 1000)
+                paints.append(page.evaluate("performance.getEntriesByName('mi-map-drawn')[0].startTime"))
+            print(f"map interactive (navigation to the first frame, as Playwright waits): {percentiles(drawn)}")
+            print(f"map interactive (the page's own clock, navigation start to the first frame): {percentiles(paints)}")
+            box = page.locator("#map-canvas").bounding_box()
+            x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+            page.mouse.move(x, y)
+            page.mouse.down()
+            pan, pan_paint = frames(page, repeats, lambda i: page.mouse.move(x + 5 * (i + 1), y + 3 * (i + 1)))
+            page.mouse.up()
+            zoom, zoom_paint = frames(page, repeats, lambda i: page.mouse.wheel(0, -60 if i % 2 else 50))
+            print(f"pan frame (a drag step to the frame drawn): {percentiles(pan)}; painting it: {percentiles(pan_paint)}")
+            print(f"zoom frame (a wheel step to the frame drawn): {percentiles(zoom)}; painting it: {percentiles(zoom_paint)}")
 
 
 def frames(page, repeats: int, act) -> tuple[list[float], list[float]]:
