@@ -11,31 +11,10 @@ import numpy as np
 from click.testing import CliRunner
 from PIL import Image
 
+from made_images import planted_cr
 from servers import FIXTURE, PYDICOM_FILES
 
 PLANTED_ID = "PID-40417-PLANTED"
-
-
-def write_cr(path: Path, patient_id: str, seed: int) -> None:
-    """A small CR written with pydicom, with its own study and a given PatientID."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.PatientName, ds.PatientID = "Planted^Patient", patient_id
-    ds.Modality, ds.BodyPartExamined = "CR", "HAND"
-    ds.Rows = ds.Columns = 64
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = np.random.default_rng(seed).integers(0, 4096, (64, 64), dtype=np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
 
 
 def build_checks_archive(root: Path) -> dict:
@@ -57,8 +36,8 @@ def build_checks_archive(root: Path) -> dict:
     for name in ("CT_small.dcm", "MR_small.dcm"):
         shutil.copy(PYDICOM_FILES / name, train)
     shutil.copy(PYDICOM_FILES / "examples_overlay.dcm", test)
-    write_cr(train / "planted_a.dcm", PLANTED_ID, 1)
-    write_cr(test / "planted_b.dcm", PLANTED_ID, 2)
+    planted_cr(train / "planted_a.dcm", PLANTED_ID, seed=1, body_part="HAND")
+    planted_cr(test / "planted_b.dcm", PLANTED_ID, seed=2, body_part="HAND")
     rng = np.random.default_rng(0)
     for i in range(6):
         Image.fromarray(rng.integers(0, 256, (64, 64), dtype=np.uint8)).save((train, test)[i % 2] / f"png{i}.png")

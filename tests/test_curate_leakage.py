@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from curate_synthetic import near, unit, write_index
+from made_images import planted_cr
 from retrieval.commands import mi
 
 FIXTURE = Path(__file__).parents[1] / "tests" / "fixtures" / "medimageinsight-tiny"
@@ -19,26 +20,8 @@ PLANTED_ID = "PID-93571-PLANTED"
 
 
 def write_dicom(path: Path, patient_id: str, study: str, seed: int) -> None:
-    """A small CR written with pydicom, with a planted PatientName and PatientID."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, generate_uid()
-    ds.PatientName, ds.PatientID, ds.PatientBirthDate = PLANTED_NAME if "PLANTED" in patient_id else "Other^One", \
-        patient_id, "19491231"
-    ds.Modality = "CR"
-    ds.Rows = ds.Columns = 64
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = np.random.default_rng(seed).integers(0, 4096, (64, 64), dtype=np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
+    """A small CR with a planted PatientName, PatientID and birth date."""
+    planted_cr(path, patient_id, study=study, seed=seed, name=PLANTED_NAME if "PLANTED" in patient_id else "Other^One")
 
 
 @pytest.fixture(scope="module")
