@@ -116,6 +116,19 @@ def new_page(playwright):
     return page
 
 
+def navigations(page, url: str, ready: str, entry: str, times: int = 5) -> tuple[list[float], list[float]]:
+    """Load `url` `times` times: (ms until the `ready` expression holds, as Playwright waits; the page's own
+    clock at its performance entry `entry`)."""
+    waited, clocked = [], []
+    for _ in range(times):
+        start = time.perf_counter()
+        page.goto(url)
+        page.wait_for_function(ready)
+        waited.append((time.perf_counter() - start) * 1000)
+        clocked.append(page.evaluate(f"performance.getEntriesByName('{entry}')[0].startTime"))
+    return waited, clocked
+
+
 def timed(url: str) -> tuple[float, bytes]:
     start = time.perf_counter()
     with urllib.request.urlopen(url, timeout=600) as response:
@@ -151,13 +164,8 @@ def browser(url: str, repeats: int) -> None:
         return
     with sync_playwright() as playwright:
         page = new_page(playwright)
-        paints, ready = [], []
-        for _ in range(5):
-            start = time.perf_counter()
-            page.goto(url + "/")
-            page.wait_for_function("document.querySelectorAll('#facets .values button').length > 0")
-            ready.append((time.perf_counter() - start) * 1000)
-            paints.append(page.evaluate("performance.getEntriesByName('first-contentful-paint')[0].startTime"))
+        ready, paints = navigations(page, url + "/", "document.querySelectorAll('#facets .values button').length > 0",
+                                    "first-contentful-paint")
         print(f"first contentful paint of the page: {percentiles(paints)}")
         print(f"the page with its facets filled (10k images' folders and values): {percentiles(ready)}")
         page.fill("#q", "warm up")
@@ -222,13 +230,9 @@ def map_benchmark(n: int, model_source: str, repeats: int) -> None:
             print(f"GET /api/map/points: {len(body) / 1e6:.1f} MB; then "
                   f"{percentiles([timed(url + '/api/map/points')[0] for _ in range(5)])}")
             page = new_page(playwright)
-            drawn, paints = [], []
-            for _ in range(5):
-                start = time.perf_counter()
-                page.goto(url + "/?tab=map")
-                page.wait_for_function("Number(document.getElementById('map-canvas').dataset.frames) > 0")
-                drawn.append((time.perf_counter() - start) * 1000)
-                paints.append(page.evaluate("performance.getEntriesByName('mi-map-drawn')[0].startTime"))
+            drawn, paints = navigations(page, url + "/?tab=map",
+                                        "Number(document.getElementById('map-canvas').dataset.frames) > 0",
+                                        "mi-map-drawn")
             print(f"map interactive (navigation to the first frame, as Playwright waits): {percentiles(drawn)}")
             print(f"map interactive (the page's own clock, navigation start to the first frame): {percentiles(paints)}")
             box = page.locator("#map-canvas").bounding_box()
