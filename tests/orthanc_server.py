@@ -20,6 +20,8 @@ from urllib.error import HTTPError, URLError
 
 import pydicom
 
+from indexer.store import IndexStore
+
 PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 ORTHANC = Path("/usr/sbin/Orthanc")
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
@@ -165,4 +167,7 @@ def rows(index_dir: Path) -> dict[str, dict]:
     db.row_factory = sqlite3.Row
     found = [dict(row) for row in db.execute("SELECT * FROM images")]
     assert len({(row["path"], row["frame"]) for row in found}) == len(found), "duplicate images"
+    with IndexStore.open(index_dir, readonly=True) as store:
+        for row, vector in zip(found, store.vectors([row["id"] for row in found])):
+            row["embedding"] = vector
     return {row["sop_instance_uid"]: row for row in found}

@@ -22,6 +22,7 @@ import indexer
 from encoders import load_model
 from indexer.cli import main as mi_index
 from indexer.store import IndexStore
+from indexer.store.vector_file import STORED_ATOL
 
 FIXTURE = Path(__file__).parent / "fixtures" / "medimageinsight-tiny"
 PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
@@ -48,17 +49,19 @@ def index_state(index_dir: Path) -> dict[tuple[str, int], np.ndarray]:
     """{(path, frame): vector} from SQLite, after checking FAISS and SQLite agree."""
     with IndexStore.open(index_dir, readonly=True) as store:
         db = sqlite3.connect(index_dir / "index.sqlite")
-        rows = db.execute("SELECT id, path, frame, embedding FROM images").fetchall()
+        rows = db.execute("SELECT id, path, frame FROM images").fetchall()
+        stored = store.vectors([row_id for row_id, *_ in rows])
+        rows = [(*row, vector) for row, vector in zip(rows, stored)]
         assert len({(p, f) for _, p, f, _ in rows}) == len(rows), "duplicate images"
         index = store.load_faiss_with_generation()[0]
         assert index.ntotal == len(rows)
         assert set(faiss.vector_to_array(index.id_map).tolist()) == {row_id for row_id, *_ in rows}
-        for row_id, _, _, blob in rows:
-            np.testing.assert_array_equal(index.reconstruct(row_id), np.frombuffer(blob, np.float32))
+        for row_id, _, _, vector in rows:
+            np.testing.assert_array_equal(index.reconstruct(row_id), vector)
         cached = list(index_dir.glob("vectors.*"))
         assert len(cached) == 1 and cached[0].name == f"vectors.{store.index_id}.g{store.generation()}.faiss"
         assert faiss.read_index(str(cached[0])).ntotal == len(rows)
-        return {(p, f): np.frombuffer(e, np.float32) for _, p, f, e in rows}
+        return {(p, f): e for _, p, f, e in rows}
 
 
 def test_incremental_runs(tmp_path, model):
@@ -91,7 +94,7 @@ def test_incremental_runs(tmp_path, model):
     np.testing.assert_array_equal(after[(str(data / "copy.png"), 0)], before[(str(images[3]), 0)])
     assert not np.array_equal(after[(str(images[0]), 0)], before[(str(images[0]), 0)])
     fresh = model.encode_images([Image.open(images[0])])[0]
-    np.testing.assert_allclose(after[(str(images[0]), 0)], fresh, atol=1e-6)
+    np.testing.assert_allclose(after[(str(images[0]), 0)], fresh, atol=STORED_ATOL)
 
     # the broken file is retried only once it changes
     assert indexer.index_paths([data], index_dir, model=model, workers=0)["skipped"] == 0
@@ -140,8 +143,8 @@ def test_faiss_cache_is_brought_up_to_date_from_sqlite(tmp_path, monkeypatch, fl
         index = store.load_faiss_with_generation()[0]  # the older file plus the difference, not a rebuild
         second = store.write_faiss()
         assert second != first and not first.exists() and builds == []
-        rows = sqlite3.connect(tmp_path / "index" / "index.sqlite").execute("SELECT id, embedding FROM images")
-        stored = {row_id: np.frombuffer(blob, np.float32) for row_id, blob in rows}
+        row_ids = [row_id for row_id, in sqlite3.connect(tmp_path / "index" / "index.sqlite").execute("SELECT id FROM images")]
+        stored = dict(zip(row_ids, store.vectors(row_ids)))
         for loaded in (index, faiss.read_index(str(second))):
             assert loaded.ntotal == len(stored) == 140
             assert vector_index.index_kind(loaded) == ("flat" if flat_max > 140 else "ivf")
@@ -319,7 +322,7 @@ def test_sigkill_mid_run_then_rerun_equals_clean_build(tmp_path, twenty_four, ki
     resumed = index_state(index_dir)
     assert resumed.keys() == rebuilt.keys() and len(resumed) == 24
     for key in rebuilt:
-        np.testing.assert_allclose(resumed[key], rebuilt[key], atol=1e-6)
+        np.testing.assert_allclose(resumed[key], rebuilt[key], atol=STORED_ATOL)
 
 
 def test_sigkill_of_the_main_process_releases_the_index_with_worker_processes(tmp_path):

@@ -12,6 +12,8 @@ import torch
 from PIL import Image
 
 from encoders import load_model
+from indexer.store import IndexStore
+from indexer.store.vector_file import STORED_ATOL
 
 FIXTURE = Path(__file__).parent / "fixtures" / "medimageinsight-tiny"
 
@@ -139,7 +141,6 @@ def test_the_next_batch_starts_before_the_previous_one_is_committed(model, tmp_p
     """The overlap that keeps a GPU busy: batch k+1 is queued on the device before batch k's
     embeddings are taken and committed, and the index still holds exactly each file's embedding."""
     import indexer
-    from indexer.store import IndexStore
 
     data = tmp_path / "data"
     data.mkdir()
@@ -174,9 +175,10 @@ def test_the_next_batch_starts_before_the_previous_one_is_committed(model, tmp_p
     assert summary["encoded"] == 10
     assert events == [("start", 0), ("start", 1), ("result", 0), ("commit", 4),
                       ("start", 2), ("result", 1), ("commit", 4), ("result", 2), ("commit", 2)]
-    with sqlite3.connect(tmp_path / "index" / "index.sqlite") as db:
-        by_name = {Path(path).name: np.frombuffer(blob, np.float32)
-                   for path, blob in db.execute("SELECT path, embedding FROM images")}
+    with sqlite3.connect(tmp_path / "index" / "index.sqlite") as db, \
+            IndexStore.open(tmp_path / "index", readonly=True) as store:
+        by_name = {Path(path).name: store.vectors([row_id])[0]
+                   for row_id, path in db.execute("SELECT id, path FROM images")}
     expected = model.encode_images(pictures)
     for i in range(10):
-        np.testing.assert_allclose(by_name[f"{i:02d}.png"], expected[i], atol=1e-6)
+        np.testing.assert_allclose(by_name[f"{i:02d}.png"], expected[i], atol=STORED_ATOL)

@@ -16,6 +16,8 @@ import pytest
 from PIL import Image
 
 import indexer
+from indexer.store import IndexStore
+from indexer.store.vector_file import STORED_ATOL
 from servers import DICOM_NAMES, FIXTURE, PYDICOM_FILES, command_env
 
 ray = pytest.importorskip("ray", reason='Ray is not installed (pip install ".[ray]")')
@@ -43,11 +45,11 @@ def make_archive(folder: Path, count: int = 12) -> Path:
 
 
 def rows(index: Path) -> dict[str, tuple]:
-    with sqlite3.connect(index / "index.sqlite") as db:
+    with sqlite3.connect(index / "index.sqlite") as db, IndexStore.open(index, readonly=True) as store:
         found = {}
-        for path, frame, modality, content_hash, blob in db.execute(
-                "SELECT path, frame, modality, content_hash, embedding FROM images"):
-            found[(Path(path).name, frame)] = (modality, content_hash, np.frombuffer(blob, np.float32))
+        for row_id, path, frame, modality, content_hash in db.execute(
+                "SELECT id, path, frame, modality, content_hash FROM images"):
+            found[(Path(path).name, frame)] = (modality, content_hash, store.vectors([row_id])[0])
         skipped = dict(db.execute("SELECT path, error FROM files WHERE error IS NOT NULL"))
     return found, {Path(path).name: error for path, error in skipped.items()}
 
@@ -62,7 +64,7 @@ def test_an_index_built_on_ray_equals_a_local_build(cluster, tmp_path):
     assert local_rows.keys() == ray_rows.keys() and local_skipped == ray_skipped
     for key, (modality, content_hash, vector) in local_rows.items():
         assert ray_rows[key][:2] == (modality, content_hash)
-        np.testing.assert_allclose(ray_rows[key][2], vector, atol=1e-5)
+        np.testing.assert_allclose(ray_rows[key][2], vector, atol=STORED_ATOL)
     # a re-run on Ray sends nothing to the cluster; a renamed file reuses its vectors
     (data / "rgb0.png").rename(data / "renamed.png")
     again = indexer.index_paths([data], tmp_path / "ray", model=str(FIXTURE), ray="local")
@@ -136,5 +138,5 @@ def test_a_pacs_indexed_on_ray_equals_a_local_build(cluster, tmp_path):
     for uid, row in local_rows.items():
         assert {k: v for k, v in ray_rows[uid].items() if k not in ("id", "embedding")} == \
             {k: v for k, v in row.items() if k not in ("id", "embedding")}
-        np.testing.assert_allclose(np.frombuffer(ray_rows[uid]["embedding"], np.float32),
-                                   np.frombuffer(row["embedding"], np.float32), atol=1e-5)
+        np.testing.assert_allclose(ray_rows[uid]["embedding"],
+                                   row["embedding"], atol=STORED_ATOL)

@@ -19,6 +19,8 @@ from indexer.store.series import series_vector
 from retrieval import QueryError, Searcher
 from retrieval.request import SearchRequest
 
+from old_index import as_schema_7
+
 FIXTURE = Path(__file__).parent / "fixtures" / "medimageinsight-tiny"
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 
@@ -65,14 +67,19 @@ def stored(index: Path, query: str, *params):
         return conn.execute(query, params).fetchall()
 
 
+def vectors_of(index: Path, ids) -> np.ndarray:
+    with IndexStore.open(index, readonly=True) as store:
+        return store.vectors(list(ids))
+
+
 def test_each_series_holds_the_unit_mean_of_its_slices(archive):
     root, uids = archive
     index = root / "index"
     counts = dict(stored(index, "SELECT series_instance_uid, slices FROM series"))
     assert {counts[uids[name]] for name in uids} == {6, 4, 5} and len(counts) == 4
     for name, uid in uids.items():
-        slices = stored(index, "SELECT id, embedding FROM images WHERE series_instance_uid = ?", uid)
-        vectors = np.stack([np.frombuffer(blob, np.float32) for _, blob in slices])
+        slices = stored(index, "SELECT id FROM images WHERE series_instance_uid = ?", uid)
+        vectors = vectors_of(index, [row_id for row_id, in slices])
         (blob, representative), = stored(index, "SELECT embedding, representative FROM series "
                                                 "WHERE series_instance_uid = ?", uid)
         mean = vectors.mean(axis=0)
@@ -83,9 +90,9 @@ def test_each_series_holds_the_unit_mean_of_its_slices(archive):
 def test_series_search_returns_series_and_the_default_stays_image_level(archive):
     root, uids = archive
     with Searcher(root / "index") as searcher:
-        (vector_id, blob), = stored(root / "index", "SELECT id, embedding FROM images WHERE series_instance_uid = ? "
-                                                    "ORDER BY id LIMIT 1", uids["ct_b"])
-        query = np.frombuffer(blob, np.float32)
+        (vector_id,), = stored(root / "index", "SELECT id FROM images WHERE series_instance_uid = ? "
+                                               "ORDER BY id LIMIT 1", uids["ct_b"])
+        query = vectors_of(root / "index", [vector_id])[0]
         hits = searcher.answer(SearchRequest.make((), k=10, series=True, duplicates=True), query)
         assert len(hits) == 4  # one per series, however many slices
         assert len({h.metadata["series_instance_uid"] for h in hits}) == 4
@@ -113,10 +120,10 @@ def test_series_follow_slices_removed_and_added(archive, tmp_path):
         store.remove_roots([data / "ct_a" / "slice000.dcm", data / "ct_a" / "slice001.dcm"])
         (slices, blob), = stored(index, "SELECT slices, embedding FROM series WHERE series_instance_uid = ?",
                                  uids["ct_a"])
-        left = stored(index, "SELECT embedding FROM images WHERE series_instance_uid = ?", uids["ct_a"])
+        left = stored(index, "SELECT id FROM images WHERE series_instance_uid = ?", uids["ct_a"])
         assert slices == 4 == len(left)
         np.testing.assert_allclose(np.frombuffer(blob, np.float32),
-                                   series_vector(np.stack([np.frombuffer(b, np.float32) for (b,) in left])), atol=1e-6)
+                                   series_vector(store.vectors([row_id for row_id, in left])), atol=1e-6)
         store.remove_roots([data / "mr"])
         assert stored(index, "SELECT count(*) FROM series WHERE series_instance_uid = ?", uids["mr"]) == [(0,)]
         rows = stored(index, "SELECT * FROM images WHERE series_instance_uid = ?", uids["ct_a"])
@@ -124,7 +131,7 @@ def test_series_follow_slices_removed_and_added(archive, tmp_path):
         moved = dict(zip(columns, rows[0]))  # a slice indexed again under a new file: counted once more
         item = {"path": str(tmp_path / "copy.dcm"), "size": 1, "mtime_ns": 1, "content_hash": "x",
                 "images": [{**{k: moved[k] for k in columns if k not in ("id", "path", "content_hash")},
-                            "embedding": np.frombuffer(moved["embedding"], np.float32)}]}
+                            "embedding": store.vectors([moved["id"]])[0]}]}
         store.commit(indexed=[item])
         assert stored(index, "SELECT slices FROM series WHERE series_instance_uid = ?", uids["ct_a"]) == [(5,)]
 
@@ -135,6 +142,7 @@ def test_an_older_index_gets_its_series_on_migration(archive, tmp_path):
     root, uids = archive
     index = tmp_path / "index"
     shutil.copytree(root / "index", index)
+    as_schema_7(index)
     with sqlite3.connect(index / "index.sqlite") as conn:  # as schema 5 left it
         conn.execute("DROP TABLE series")
         conn.execute("DROP INDEX images_by_series")

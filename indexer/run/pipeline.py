@@ -20,7 +20,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 
 from ..errors import SourceError
 from ..options import IndexOptions, settle
@@ -142,7 +141,7 @@ class Indexer:
             rows = self.store.images_with_hash(outcome.content_hash)
             if not rows:  # removed meanwhile: decode it here after all
                 return self._take(self._dataset.load(item, reuse_known=False))
-            images = [{**row, "embedding": np.frombuffer(row["embedding"], np.float32)} for row in rows]
+            images = [{key: value for key, value in row.items() if key != "id"} for row in rows]
             self.committer.indexed.append({**record, "images": images})
             self.summary.reused += 1
         elif isinstance(outcome, Encoded):

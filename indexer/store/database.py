@@ -124,7 +124,23 @@ def open_engine(folder: Path, *, create: bool, readonly: bool) -> Engine:
         raise storage_error(e, folder) from None
     if not readonly:
         make_private(db, db.with_name(DB_NAME + "-wal"), db.with_name(DB_NAME + "-shm"))
+        _vacuum_after_migration(engine, folder)
     return engine
+
+
+def _vacuum_after_migration(engine: Engine, folder: Path) -> None:
+    """Give back the pages a migration freed (the vectors' column: most of the file). VACUUM runs
+    outside any transaction and is atomic; a kill leaves the flag, and the next open does it."""
+    with engine.connect() as conn:
+        if not conn.execute(text("SELECT 1 FROM meta WHERE key = 'vacuum_after_migration'")).first():
+            return
+    try:
+        with owner_only(), engine.connect() as conn:
+            conn.connection.driver_connection.execute("VACUUM")
+        with engine.begin() as conn:
+            conn.execute(text("DELETE FROM meta WHERE key = 'vacuum_after_migration'"))
+    except (DatabaseError, OperationalError, sqlite3.Error) as e:
+        raise storage_error(e, folder) from None
 
 
 def migrate(conn: Connection, folder: Path, readonly: bool) -> None:
@@ -138,6 +154,7 @@ def migrate(conn: Connection, folder: Path, readonly: bool) -> None:
     if version < SCHEMA_VERSION:
         if readonly:
             raise IndexFormatError(f"the index at {folder} needs an upgrade: run mi-index on it first")
+        conn.info["index_folder"] = folder  # for a migration that writes beside the database
         for migration in MIGRATIONS[version:]:
             migration(conn)
         set_meta(conn, {"schema_version": str(SCHEMA_VERSION)})

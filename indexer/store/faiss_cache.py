@@ -26,7 +26,7 @@ DELTA_MAX_REMOVED = 0.25   # ... and at most this fraction of the file's rows re
 
 
 class FaissCache:
-    """The FAISS half of IndexStore (`engine`, `folder`, `vectors` and `all_vectors` are the store's)."""
+    """The FAISS half of IndexStore (`engine`, `folder`, `vector_file` and `vectors` are the store's)."""
 
     engine: Engine
     folder: Path
@@ -149,11 +149,9 @@ class FaissCache:
         with self.engine.connect() as conn:
             conn.exec_driver_sql("BEGIN")
             meta = read_meta(conn)
-            rows = conn.exec_driver_sql("SELECT id, embedding FROM images WHERE id > ? ORDER BY id",
-                                        (largest,)).all()
-            dim = int(meta.get("model_dim") or (len(rows[0][1]) // 4 if rows else 1))
-            new_ids = np.fromiter((r[0] for r in rows), np.int64, count=len(rows))
-            new_vectors = np.frombuffer(b"".join(r[1] for r in rows), np.float32).reshape(len(rows), dim)
+            new_ids = raw_ids(conn, "SELECT id FROM images WHERE id > ? ORDER BY id", (largest,))
+            new_vectors = self.vector_file.read(new_ids) if len(new_ids) else \
+                np.zeros((0, int(meta.get("model_dim") or 1)), np.float32)
             held = conn.exec_driver_sql("SELECT count(*) FROM images WHERE id <= ?", (largest,)).scalar()
             kept = None if held == count else raw_ids(conn, "SELECT id FROM images WHERE id <= ?", (largest,))
             return int(meta["generation"]), new_ids, new_vectors, kept
@@ -184,7 +182,10 @@ class FaissCache:
         import faiss
 
         from . import vectors as vector_index
-        db_ids = np.asarray(conn.execute(text("SELECT id FROM images ORDER BY id")).scalars().all(), np.int64)
+        from .reads import raw_ids
+        from .vector_file import StoredRows
+
+        db_ids = raw_ids(conn, "SELECT id FROM images ORDER BY id")
         meta = read_meta(conn)
         older = self._cache_files(meta["index_id"]) if use_cache else []
         index = _read_undamaged(older[-1], meta) if older else None
@@ -199,8 +200,8 @@ class FaissCache:
                 if len(new):
                     index.add_with_ids(self.vectors(new.tolist(), conn), new)
                 return index
-        ids, vectors = self.all_vectors(conn)
-        return vector_index.build_faiss_index(vectors, ids, memory_budget=_memory_budget(meta))
+        vectors = StoredRows(self.vector_file, db_ids) if len(db_ids) else self.all_vectors(conn)[1]
+        return vector_index.build_faiss_index(vectors, db_ids, memory_budget=_memory_budget(meta))
 
     def set_faiss_memory(self, gigabytes: float | None) -> None:
         """Keep the FAISS index within this many GB from now on (None: no budget): flat, IVF

@@ -1,7 +1,7 @@
 """IndexStore, the one object the rest of the program holds for an index folder: opened (and
 migrated) by `IndexStore.open`, locked by the one writer, and made of one part per job: meta and
-model identity (`identity`), reads (`reads`), writes (`writes`) and the FAISS cache
-(`faiss_cache`)."""
+model identity (`identity`), reads (`reads`), writes (`writes`), the vectors' file (`vector_file`)
+and the FAISS cache (`faiss_cache`)."""
 from __future__ import annotations
 
 import os
@@ -14,6 +14,7 @@ from .database import open_engine, release_writer_lock, take_writer_lock
 from .faiss_cache import FaissCache
 from .identity import Identity
 from .reads import Reads
+from .vector_file import VectorFile
 from .writes import Writes
 
 
@@ -24,6 +25,7 @@ class IndexStore(Identity, Reads, Writes, FaissCache):
         self.folder = folder
         self.engine = engine
         self.readonly = readonly
+        self.vector_file = VectorFile(folder)
         self._lock_file: IO | None = None
 
     @classmethod
@@ -34,6 +36,7 @@ class IndexStore(Identity, Reads, Writes, FaissCache):
     def lock(self) -> None:
         """Take the writer's lock; a second mi-index on the same index is refused, not interleaved."""
         self._lock_file = take_writer_lock(self.folder)
+        self.clear_removed_vectors()  # a writer killed between its commit and clearing
 
     def close(self) -> None:
         self.engine.dispose()

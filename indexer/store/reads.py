@@ -15,6 +15,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from .identity import read_meta
 from .sql import at_or_under, py_path, rows_at_paths
+from .vector_file import VectorFile
 
 if TYPE_CHECKING:
     from ..filters import SearchFilters
@@ -81,10 +82,11 @@ def filter_clause(filters: SearchFilters | None) -> tuple[str, dict[str, Any]]:
 
 
 class Reads:
-    """The reading half of IndexStore (`engine` and `folder` are the store's)."""
+    """The reading half of IndexStore (`engine`, `folder` and `vector_file` are the store's)."""
 
     engine: Engine
     folder: Path
+    vector_file: VectorFile
 
     def count(self) -> int:
         with self.engine.connect() as conn:
@@ -121,12 +123,14 @@ class Reads:
             return {py_path(row[0]): dict(zip(columns, row[1:])) for row in rows}
 
     def images_with_hash(self, content_hash: str) -> list[dict[str, Any]]:
-        """Stored rows (metadata + embedding) of content already indexed under some path: the
-        rows of one such path (a thousand copies must not make the thousand-and-first slow)."""
+        """Stored rows (metadata and `embedding`, float32) of content already indexed under some
+        path: the rows of one such path (a thousand copies must not make the thousand-and-first slow)."""
         with self.engine.connect() as conn:
-            rows = conn.execute(text("SELECT * FROM images WHERE path = (SELECT path FROM images WHERE "
-                                     "content_hash = :h LIMIT 1) ORDER BY frame"), {"h": content_hash})
-            return [dict(r) for r in rows.mappings()]
+            rows = [dict(r) for r in conn.execute(text(
+                "SELECT * FROM images WHERE path = (SELECT path FROM images WHERE content_hash = :h LIMIT 1) "
+                "ORDER BY frame"), {"h": content_hash}).mappings()]
+        vectors = self.vector_file.read([row["id"] for row in rows]) if rows else ()
+        return [{**row, "embedding": vector} for row, vector in zip(rows, vectors)]
 
     def content_hashes(self) -> frozenset[str]:
         """The hashes of all content indexed now (for workers that cannot open the index)."""
@@ -183,28 +187,25 @@ class Reads:
                     for row in rows.mappings()}
 
     def vectors(self, ids: Sequence[int], conn: Connection | None = None) -> np.ndarray:
-        """float32 (len(ids), D), in the order of `ids`."""
+        """float32 (len(ids), D), in the order of `ids`; KeyError for an id SQLite does not hold."""
         ids = [int(i) for i in ids]
         if conn is None:
             with self.engine.connect() as conn:
                 return self.vectors(ids, conn)
-        found = dict(conn.execute(text(f"SELECT id, embedding FROM images WHERE id IN "
-                                       f"({','.join(map(str, ids)) or 'NULL'})")).all())
+        if not ids:
+            return np.zeros((0, self._recorded_dim(conn, 0)), np.float32)
+        found = set(conn.execute(text(f"SELECT id FROM images WHERE id IN ({','.join(map(str, set(ids)))})")).scalars())
         missing = [i for i in ids if i not in found]
         if missing:
             raise KeyError(f"no images with ids {missing[:5]}")
-        return np.stack([np.frombuffer(found[i], dtype=np.float32) for i in ids]) if ids else \
-            np.zeros((0, self._recorded_dim(conn, 0)), np.float32)
+        return self.vector_file.read(ids)
 
     def all_vectors(self, conn: Connection) -> tuple[np.ndarray, np.ndarray]:
         """(ids, vectors) of every image, in the order of id, as `conn` sees them."""
-        ids, blobs = [], []
-        for row_id, blob in conn.execute(text("SELECT id, embedding FROM images ORDER BY id")):
-            ids.append(row_id)
-            blobs.append(blob)
-        dim = len(blobs[0]) // 4 if blobs else self._recorded_dim(conn, 1)
-        vectors = np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(ids), dim)
-        return np.asarray(ids, dtype=np.int64), vectors
+        ids = raw_ids(conn, "SELECT id FROM images ORDER BY id")
+        if not len(ids):
+            return ids, np.zeros((0, self._recorded_dim(conn, 1)), np.float32)
+        return ids, self.vector_file.read(ids)
 
     @staticmethod
     def _recorded_dim(conn: Connection, default: int) -> int:
@@ -231,7 +232,8 @@ class Reads:
                                              "GROUP BY error ORDER BY count(*) DESC")).all())
             modalities = dict(conn.execute(text("SELECT coalesce(modality, ''), count(*) FROM images "
                                                 "GROUP BY 1 ORDER BY 2 DESC")).all())
-        size = sum(p.stat().st_size for p in self.folder.iterdir() if p.is_file())
+        # st_blocks: the vector file has holes where removed rows were (they take no disk)
+        size = sum(min(p.stat().st_size, p.stat().st_blocks * 512) for p in self.folder.iterdir() if p.is_file())
         return {"index": str(self.folder), "images": images, "files": files, "skipped": skipped,
                 "modalities": modalities, "folders": self.roots(), "model": self.model_info,
                 "size_bytes": size, "last_run_at": meta.get("last_run_at"),

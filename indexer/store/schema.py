@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import secrets
 
+import numpy as np
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
@@ -34,7 +35,7 @@ def _m001_initial(conn: Connection) -> None:
             modality TEXT, body_part TEXT, view_position TEXT, study_date TEXT,
             series_description TEXT, patient_sex TEXT, patient_age TEXT,
             patient_hash TEXT,          -- pseudonym of PatientID (indexer.privacy); never names or birth dates
-            embedding BLOB NOT NULL,    -- float32, L2-normalised
+            embedding BLOB NOT NULL,    -- float32, L2-normalised (in embeddings.f16 since migration 8)
             UNIQUE (path, frame)
         )"""))
     conn.execute(text("CREATE INDEX images_by_hash ON images (content_hash)"))
@@ -124,7 +125,14 @@ def _m006_series(conn: Connection) -> None:
         )"""))
     conn.execute(text("CREATE INDEX images_by_series ON images (series_instance_uid) "
                       "WHERE modality IN ('CT', 'MR') AND series_instance_uid IS NOT NULL"))
-    refresh_all_series(conn)
+    refresh_all_series(conn, lambda ids: _blob_vectors(conn, ids))
+
+
+def _blob_vectors(conn: Connection, ids) -> np.ndarray:
+    # The vectors as migrations 1-7 kept them: float32 blobs in images.embedding.
+    raw = conn.connection.driver_connection
+    found = dict(raw.execute(f"SELECT id, embedding FROM images WHERE id IN ({','.join(map(str, map(int, ids)))})"))
+    return np.stack([np.frombuffer(found[int(i)], np.float32) for i in ids])
 
 
 def _m007_facet_indexes(conn: Connection) -> None:
@@ -135,6 +143,26 @@ def _m007_facet_indexes(conn: Connection) -> None:
     conn.execute(text("CREATE INDEX images_by_view ON images (view_position COLLATE NOCASE)"))
 
 
+def _m008_vectors_in_their_own_file(conn: Connection) -> None:
+    # The vectors leave SQLite for a float16 file (indexer.store.vector_file says why). Written and
+    # fsynced before the column goes, in this transaction: a kill before the commit leaves the
+    # column, and the next open writes the file again. The freed pages are zeroed (secure_delete)
+    # and given back by the VACUUM that follows the commit (indexer.store.database).
+    from .vector_file import VectorFile
+
+    vector_file = VectorFile(conn.info["index_folder"])
+    vector_file.reset()
+    raw = conn.connection.driver_connection
+    last = 0
+    while rows := raw.execute("SELECT id, embedding FROM images WHERE id > ? ORDER BY id LIMIT 20000",
+                              (last,)).fetchall():
+        ids = np.fromiter((row[0] for row in rows), np.int64, count=len(rows))
+        vector_file.write(ids, np.stack([np.frombuffer(row[1], np.float32) for row in rows]))
+        last = int(ids[-1])
+    conn.execute(text("ALTER TABLE images DROP COLUMN embedding"))
+    conn.execute(text("INSERT OR REPLACE INTO meta VALUES ('vacuum_after_migration', '1')"))
+
+
 MIGRATIONS = [_m001_initial, _m002_index_id, _m003_keyed_patient_pseudonyms, _m004_roots, _m005_excluded,
-              _m006_series, _m007_facet_indexes]
+              _m006_series, _m007_facet_indexes, _m008_vectors_in_their_own_file]
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -5,13 +5,14 @@ the slice nearest that mean. `mi-search --series` searches these rows (exact: th
 hundred times fewer series than slices)."""
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
 from sqlalchemy.engine import Connection
 
 SERIES_MODALITIES = ("CT", "MR")
+ReadVectors = Callable[[Sequence[int]], np.ndarray]  # ids -> float32 (len(ids), D): the store's vectors
 _IS_SLICE = "modality IN ('CT', 'MR') AND series_instance_uid IS NOT NULL"  # the partial index's WHERE
 
 
@@ -47,29 +48,30 @@ def series_at_paths(conn: Connection, paths: Sequence[Any]) -> set[str]:
     return found
 
 
-def refresh_series(conn: Connection, uids: Iterable[str]) -> None:
+def refresh_series(conn: Connection, uids: Iterable[str], read_vectors: ReadVectors) -> None:
     """Recompute the series rows of `uids` from their slices as `conn` sees them (in its
-    transaction): a series with no slice left is deleted. Recomputed, not updated by sums: exact,
-    and a series' slices are few compared with what encoding them cost."""
+    transaction; `read_vectors` gives the slices' vectors): a series with no slice left is deleted.
+    Recomputed, not updated by sums: exact, and a series' slices are few compared with what
+    encoding them cost."""
     raw = conn.connection.driver_connection
     for uid in uids:
-        rows = raw.execute(f"SELECT id, embedding, study_instance_uid, modality FROM images "
+        rows = raw.execute(f"SELECT id, study_instance_uid, modality FROM images "
                            f"WHERE series_instance_uid = ? AND {_IS_SLICE} ORDER BY id", (uid,)).fetchall()
         if not rows:
             raw.execute("DELETE FROM series WHERE series_instance_uid = ?", (uid,))
             continue
-        vectors = np.stack([np.frombuffer(row[1], np.float32) for row in rows])
+        vectors = read_vectors([row[0] for row in rows])
         mean = series_vector(vectors)
-        best = int(np.argmax(vectors @ mean))
+        best_id, study, modality = rows[int(np.argmax(vectors @ mean))]
         raw.execute("INSERT OR REPLACE INTO series VALUES (?, ?, ?, ?, ?, ?)",
-                    (uid, rows[best][2], rows[best][3], len(rows), rows[best][0], mean.tobytes()))
+                    (uid, study, modality, len(rows), best_id, mean.tobytes()))
 
 
-def refresh_all_series(conn: Connection) -> None:
+def refresh_all_series(conn: Connection, read_vectors: ReadVectors) -> None:
     """Every series row from the images (the migration that adds the table)."""
     raw = conn.connection.driver_connection
     uids = [uid for (uid,) in raw.execute(f"SELECT DISTINCT series_instance_uid FROM images WHERE {_IS_SLICE}")]
-    refresh_series(conn, uids)
+    refresh_series(conn, uids, read_vectors)
 
 
 def series_candidates(conn: Connection, where: str | None = None, params: dict[str, Any] | None = None

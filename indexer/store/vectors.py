@@ -47,6 +47,7 @@ DEFAULT_NPROBE = 64         # lists scanned per query in an IVF index (see bench
 _BITMAP_MAX_ID = 1 << 30    # ids below this use a bitmap selector (O(1) membership, max_id/8 bytes)
 RERANK_FACTOR = 10          # IVF-PQ: candidates fetched per hit, then ranked by exact vectors
 _ID_BYTES = 8               # an int64 id per vector in the inverted lists
+ADD_CHUNK = 65_536          # vectors converted and added at a time while building (256 MB float32 at D=1024)
 
 
 def ivf_lists(n: int) -> int:
@@ -78,16 +79,18 @@ def pq_bytes(n: int, dim: int, memory_budget: int) -> int:
                      f"the budget is {memory_budget / 1e9:.3f} GB")
 
 
-def build_faiss_index(vectors: np.ndarray, ids: np.ndarray, *, kind: str = "auto",
+def build_faiss_index(vectors, ids: np.ndarray, *, kind: str = "auto",
                       nlist: int | None = None, train_size: int | None = None,
                       memory_budget: int | None = None) -> faiss.Index:
-    """An inner-product index over L2-normalised `vectors` (N, D) with int64 `ids`.
+    """An inner-product index over L2-normalised `vectors` (N, D) with int64 `ids`: an array, or
+    rows read on indexing (indexer.store.vector_file.StoredRows), added ADD_CHUNK at a time.
 
     kind: "auto" (`choose_kind` with `memory_budget`, in bytes), "flat" (exact), "ivf" (fp16)
     or "ivfpq" (within `memory_budget`, default 64 bytes per vector)."""
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if isinstance(vectors, np.ndarray) or not hasattr(vectors, "shape"):
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     ids = np.ascontiguousarray(ids, dtype=np.int64)
-    if vectors.ndim != 2 or len(vectors) != len(ids):
+    if len(vectors.shape) != 2 or len(vectors) != len(ids):
         raise ValueError(f"vectors must be (N, D) with N ids; got {vectors.shape} and {ids.shape}")
     n, dim = vectors.shape
     if kind == "auto":
@@ -101,8 +104,9 @@ def build_faiss_index(vectors: np.ndarray, ids: np.ndarray, *, kind: str = "auto
         index = _trained_ivf(vectors, nlist or ivf_lists(n), train_size, pq_bytes_per_vector=m)
     else:
         raise ValueError(f"unknown index kind {kind!r}; use 'auto', 'flat', 'ivf' or 'ivfpq'")
-    if n:
-        index.add_with_ids(vectors, ids)
+    for start in range(0, n, ADD_CHUNK):  # float32 copies of a chunk at a time (the source may be a file)
+        index.add_with_ids(np.ascontiguousarray(vectors[start:start + ADD_CHUNK], dtype=np.float32),
+                           ids[start:start + ADD_CHUNK])
     return index
 
 
@@ -126,7 +130,7 @@ def _trained_ivf(vectors: np.ndarray, nlist: int, train_size: int | None,
     # k-means on a sample: 32 points per list is plenty for coarse lists and keeps 1M builds short.
     sample = min(n, train_size or 32 * nlist)
     rows = np.random.default_rng(0).choice(n, size=sample, replace=False) if sample < n else slice(None)
-    index.train(vectors[rows])
+    index.train(np.ascontiguousarray(vectors[rows], dtype=np.float32))
     index.own_fields = True
     index.quantizer = quantizer
     quantizer.this.disown()       # owned by the IVF index now

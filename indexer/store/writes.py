@@ -3,6 +3,7 @@ a new generation), the roots mi-index was given, and the record of a run."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -13,9 +14,10 @@ from sqlalchemy.engine import Connection, Engine
 
 from .reads import METADATA_FIELDS
 from .series import refresh_series, series_at_paths, series_of_rows, series_where
-from .sql import at_or_under, db_path, py_path, set_meta
+from .sql import at_or_under, db_path, py_path, rows_at_paths, set_meta
+from .vector_file import VectorFile, id_runs
 
-_IMAGE_COLUMNS = ("path", "frame", "content_hash") + METADATA_FIELDS + ("embedding",)
+_IMAGE_COLUMNS = ("id", "path", "frame", "content_hash") + METADATA_FIELDS
 _INSERT_IMAGE = text(f"INSERT INTO images ({', '.join(_IMAGE_COLUMNS)}) "
                      f"VALUES ({', '.join(':' + c for c in _IMAGE_COLUMNS)})")
 _UPSERT_FILE = text("INSERT OR REPLACE INTO files (path, size, mtime_ns, content_hash, error, indexed_at, retry) "
@@ -32,9 +34,10 @@ def _now() -> str:
 
 
 class Writes:
-    """The writing half of IndexStore (`engine` is the store's)."""
+    """The writing half of IndexStore (`engine` and `vector_file` are the store's)."""
 
     engine: Engine
+    vector_file: VectorFile
 
     def commit(self, indexed: Sequence[dict[str, Any]] = (), skipped: Sequence[dict[str, Any]] = (),
                removed: Sequence[str] = ()) -> None:
@@ -47,8 +50,9 @@ class Writes:
             return
         now = _now()
         with self.engine.begin() as conn:
-            touched = series_at_paths(conn, [db_path(item["path"]) for item in (*indexed, *skipped)]
-                                      + [db_path(path) for path in removed])
+            paths = [item["path"] for item in (*indexed, *skipped)] + list(removed)
+            touched = series_at_paths(conn, [db_path(path) for path in paths])
+            replaced = [row[0] for row in rows_at_paths(conn, "SELECT id FROM images WHERE path IN", paths)]
             for path in removed:
                 conn.execute(text("DELETE FROM images WHERE path = :p"), {"p": db_path(path)})
                 conn.execute(text("DELETE FROM files WHERE path = :p"), {"p": db_path(path)})
@@ -60,16 +64,34 @@ class Writes:
                                              "mtime_ns": item["mtime_ns"], "content_hash": item.get("content_hash"),
                                              "error": item.get("error"), "now": now,
                                              "retry": int(bool(item.get("retry")))} for item in files])
+            images = [(item, image) for item in indexed for image in item["images"]]
+            first = _next_image_id(conn)
             image_rows = [
-                {**{c: image.get(c) for c in METADATA_FIELDS}, "path": db_path(item["path"]), "frame": image["frame"],
-                 "content_hash": item["content_hash"],
-                 "embedding": np.ascontiguousarray(image["embedding"], dtype=np.float32).tobytes()}
-                for item in indexed for image in item["images"]
+                {**{c: image.get(c) for c in METADATA_FIELDS}, "id": first + n, "path": db_path(item["path"]),
+                 "frame": image["frame"], "content_hash": item["content_hash"]}
+                for n, (item, image) in enumerate(images)
             ]
             if image_rows:
                 conn.execute(_INSERT_IMAGE, image_rows)
-            refresh_series(conn, touched | series_of_rows(image_rows))
+                # on disk before the commit that makes the rows visible (indexer.store.vector_file)
+                self.vector_file.write(np.arange(first, first + len(images)),
+                                       np.stack([np.asarray(image["embedding"], np.float32) for _, image in images]))
+            refresh_series(conn, touched | series_of_rows(image_rows), self.vector_file.read)
+            _mark_for_clearing(conn, replaced)
             conn.execute(text("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'"))
+        self.clear_removed_vectors()
+
+    def clear_removed_vectors(self) -> None:
+        """Punch out the vectors of rows deleted by committed transactions (meta.vectors_to_clear),
+        then drop the record: after every write, and on taking the lock (a writer killed between
+        its commit and this)."""
+        with self.engine.connect() as conn:
+            pending = conn.execute(text("SELECT value FROM meta WHERE key = 'vectors_to_clear'")).scalar()
+        if not pending:
+            return
+        self.vector_file.clear([tuple(run) for run in json.loads(pending)])
+        with self.engine.begin() as conn:
+            conn.execute(text("DELETE FROM meta WHERE key = 'vectors_to_clear' AND value = :v"), {"v": pending})
 
     def record_run(self, roots: Sequence[str | os.PathLike], seconds: float) -> None:
         now = _now()
@@ -96,12 +118,31 @@ class Writes:
         # vector and metadata do not stay in the file. It costs one page written per image (30k
         # removed at 300k: 46k WAL frames instead of 15k, 5.2 s instead of 4.1 with it off); kept.
         with self.engine.begin() as conn:
-            removed = sum(_remove_one(conn, root) for root in roots)
+            removed = sum(_remove_one(conn, root, self.vector_file) for root in roots)
             conn.execute(text("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'"))
+        self.clear_removed_vectors()
         return removed
 
 
-def _remove_one(conn: Connection, root: str | os.PathLike) -> int:
+def _next_image_id(conn: Connection) -> int:
+    """The id the next image row gets: as AUTOINCREMENT would give it (never one used before),
+    chosen here so that its vector can be written before the commit."""
+    raw = conn.connection.driver_connection
+    sequence = raw.execute("SELECT seq FROM sqlite_sequence WHERE name = 'images'").fetchone()
+    largest = raw.execute("SELECT max(id) FROM images").fetchone()[0]
+    return max(sequence[0] if sequence else 0, largest or 0) + 1
+
+
+def _mark_for_clearing(conn: Connection, ids: Sequence[int]) -> None:
+    """Record in this transaction that the vectors of deleted rows `ids` are to be cleared."""
+    if not len(ids):
+        return
+    pending = conn.execute(text("SELECT value FROM meta WHERE key = 'vectors_to_clear'")).scalar()
+    runs = json.loads(pending or "[]") + [list(run) for run in id_runs(ids)]
+    set_meta(conn, {"vectors_to_clear": json.dumps(runs)})
+
+
+def _remove_one(conn: Connection, root: str | os.PathLike, vector_file: VectorFile) -> int:
     """Delete one root's files, images, record and exclusions in `conn`'s transaction; the number
     of files it held."""
     from ..pacs_keys import is_pacs_url
@@ -111,7 +152,9 @@ def _remove_one(conn: Connection, root: str | os.PathLike) -> int:
     where, params = at_or_under(root)
     touched = series_where(conn, where, params)
     removed = int(conn.execute(text(f"SELECT count(*) FROM files WHERE {where}"), params).scalar())
-    conn.execute(text(f"DELETE FROM images WHERE {where}"), params)  # a range on the path index
+    raw = conn.connection.driver_connection
+    gone = [row[0] for row in raw.execute(f"DELETE FROM images WHERE {where} RETURNING id", params)]  # a range
+    _mark_for_clearing(conn, gone)
     conn.execute(text(f"DELETE FROM files WHERE {where}"), params)
     conn.execute(text(f"DELETE FROM roots WHERE {where}"), params)
     conn.execute(text(f"DELETE FROM excluded WHERE {where}"), params)
@@ -120,5 +163,5 @@ def _remove_one(conn: Connection, root: str | os.PathLike) -> int:
     if above:
         conn.execute(text("INSERT OR REPLACE INTO excluded VALUES (:p, :root)"),
                      {"p": db_path(root), "root": db_path(max(above, key=len))})
-    refresh_series(conn, touched)
+    refresh_series(conn, touched, vector_file.read)
     return removed

@@ -138,11 +138,9 @@ class IndexReader:
         last = -1
         with self.store.engine.connect() as conn:
             while True:
-                rows = conn.execute(text("SELECT id, embedding FROM images WHERE id > :last ORDER BY id LIMIT :n"),
-                                    {"last": last, "n": int(size)}).all()
-                if not rows:
+                ids = np.asarray(conn.execute(text("SELECT id FROM images WHERE id > :last ORDER BY id LIMIT :n"),
+                                              {"last": last, "n": int(size)}).scalars().all(), np.int64)
+                if not len(ids):
                     return
-                ids = np.asarray([r[0] for r in rows], np.int64)
-                vectors = np.frombuffer(b"".join(r[1] for r in rows), np.float32).reshape(len(rows), -1)
                 last = int(ids[-1])
-                yield ids, vectors
+                yield ids, self.store.vector_file.read(ids)
