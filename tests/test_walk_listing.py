@@ -2,7 +2,14 @@
 unchanged re-run's planning finds: links resolved, hidden and odd entries left out, changes found."""
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
+
+from made_images import make_images
+from other_model import FIXTURE, model_with_other_weights
 
 from indexer.run.pipeline import Summary
 from indexer.run.plan import plan
@@ -90,3 +97,20 @@ def test_planning_finds_changed_new_removed_and_retried_files_and_nothing_else(t
     assert removed == [str(real / "a" / "deep" / "three.dcm")]
     assert (summary.new, summary.updated, summary.unchanged) == (1, 3, 1)
     store.close()
+
+
+def test_an_unchanged_run_with_a_named_model_does_not_import_pytorch(tmp_path):
+    """The named model is still checked against the index's (from its checkpoint's header), without PyTorch:
+    its import was most of an unchanged run's time."""
+    make_images(tmp_path / "data", 2)
+    run = ("import json, sys, indexer; s = indexer.index_paths([sys.argv[1]], sys.argv[2], model=sys.argv[3], "
+           "workers=0); print(json.dumps([s['new'], s['unchanged'], 'torch' in sys.modules]))")
+    args = [sys.executable, "-c", run, str(tmp_path / "data"), str(tmp_path / "index"), str(FIXTURE)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    first = subprocess.run(args, capture_output=True, text=True, env=env, check=True)
+    assert json.loads(first.stdout) == [2, 0, True]  # encoding loads it
+    again = subprocess.run(args, capture_output=True, text=True, env=env, check=True)
+    assert json.loads(again.stdout) == [0, 2, False]
+    other = subprocess.run([*args[:-1], str(model_with_other_weights(tmp_path))], capture_output=True, text=True,
+                           env=env)
+    assert other.returncode != 0 and "ModelMismatchError" in other.stderr  # another model is still refused
