@@ -16,10 +16,11 @@ from .defaults import DEFAULT_MODEL, MODEL_ENV
 
 if TYPE_CHECKING:
     from .checkpoint import CheckpointError, ModelError, ModelNotFoundError, resolve_model_source
-    from .inference import MedImageInsight, describe_model, load_model
+    from .identity import describe_model
+    from .inference import MedImageInsight, load_model
     from .preprocess import ImagePreprocessor, to_uint8
 
-_WHERE = {"load_model": "inference", "describe_model": "inference", "MedImageInsight": "inference",
+_WHERE = {"load_model": "inference", "describe_model": "identity", "MedImageInsight": "inference",
           "ModelError": "checkpoint", "ModelNotFoundError": "checkpoint", "CheckpointError": "checkpoint",
           "resolve_model_source": "checkpoint", "ImagePreprocessor": "preprocess", "to_uint8": "preprocess"}
 

@@ -14,10 +14,12 @@ import os
 import re
 import struct
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .defaults import DEFAULT_MODEL, MODEL_ENV, named_model
+
+if TYPE_CHECKING:
+    import torch
 
 CHECKPOINT_NAMES = ("medimageinsigt-v1.0.0.pt", "medimageinsight-v1.0.0.pt")
 TOKENIZER_DIR = "clip_tokenizer_4.16.2"
@@ -124,8 +126,9 @@ def tokenizer_folder(folder: Path) -> Path:
     return path
 
 
-class SafetensorsFile:
-    """Reads single tensors from a safetensors file by memory map; refuses anything else."""
+class CheckpointHeader:
+    """A safetensors file's header (refusing anything else) and its identity, read without PyTorch: all that
+    checking an index's model needs (`encoders.identity`), so an unchanged run never imports it."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -133,11 +136,6 @@ class SafetensorsFile:
         header = json.loads(self.header_bytes)
         header.pop("__metadata__", None)
         self.shapes = {k: tuple(v["shape"]) for k, v in header.items()}
-        from safetensors import safe_open
-        self._file = safe_open(str(self.path), framework="pt", device="cpu")
-
-    def get(self, key: str) -> torch.Tensor:
-        return self._file.get_tensor(key)
 
     def fingerprint(self) -> str:
         """Identity of the checkpoint without reading 2.5 GB: its header (names, shapes,
@@ -150,6 +148,18 @@ class SafetensorsFile:
                 f.seek(size * i // 16)
                 digest.update(f.read(65536))
         return digest.hexdigest()[:32]
+
+
+class SafetensorsFile(CheckpointHeader):
+    """Reads single tensors from a safetensors file by memory map; refuses anything else."""
+
+    def __init__(self, path: Path):
+        super().__init__(path)
+        from safetensors import safe_open  # framework="pt" imports PyTorch
+        self._file = safe_open(str(self.path), framework="pt", device="cpu")
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._file.get_tensor(key)
 
 
 def _read_header(path: Path) -> bytes:

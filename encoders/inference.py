@@ -3,19 +3,18 @@ L2-normalised numpy vectors in one joint space (inner product = cosine similarit
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from .checkpoint import ModelError, SafetensorsFile, checkpoint_path, resolve_model_source, tokenizer_folder
-from .config import ConfigError, ModelConfig, load_config
+from .config import ConfigError, load_config
 from .defaults import default_batch_size, device_name
+from .identity import describe_model, model_fingerprint  # noqa: F401 (describe_model: the public name here too)
 from .model import TOWERS, MedImageInsightNet, build_from_checkpoint, store_matmul_weights_in
 from .preprocess import ImagePreprocessor
 from .tokenizer import ClipTokenizer
@@ -215,24 +214,6 @@ class MedImageInsight:
         for start in range(0, len(images), batch_size):
             parts.append(self.encode_resized([self.preprocess.resize(im) for im in images[start:start + batch_size]]))
         return np.concatenate(parts)
-
-
-def model_fingerprint(checkpoint: SafetensorsFile, cfg: ModelConfig) -> str:
-    """The model's identity: its checkpoint's and the network sizes config.yaml gives (the
-    same weights under another window size or input size give other embeddings)."""
-    return hashlib.sha256(f"{checkpoint.fingerprint()} {cfg!r}".encode()).hexdigest()[:32]
-
-
-def describe_model(source: str | os.PathLike | None = None) -> dict[str, Any]:
-    """{fingerprint, dim, source} of a model without loading its weights (reads the
-    checkpoint's header and a few sampled blocks): to check an index's model cheaply."""
-    folder = resolve_model_source(source)
-    try:
-        cfg = load_config(folder / "config.yaml")
-    except ConfigError as e:
-        raise ModelError(str(e)) from None
-    return {"fingerprint": model_fingerprint(SafetensorsFile(checkpoint_path(folder)), cfg), "dim": cfg.embed_dim,
-            "source": str(Path(folder).resolve())}
 
 
 def load_model(source: str | os.PathLike | None = None, *, device: str | torch.device | None = None,

@@ -212,13 +212,15 @@ def test_unreadable_folder_is_not_taken_for_deleted(tmp_path, model, monkeypatch
     make_images(data / "a", 2)
     make_images(data / "b", 2, seed=1)
     indexer.index_paths([data], tmp_path / "index", model=model, workers=0)
-    real_scandir = os.scandir
 
-    def scandir(path):  # root reads everything, so a permission error is simulated
-        if Path(path).name == "b":
-            raise PermissionError(13, "Permission denied")
-        return real_scandir(path)
-    monkeypatch.setattr(os, "scandir", scandir)
+    def refused(real):  # root reads everything, so a permission error is simulated (listing or opening "b")
+        def call(path, *args, **kwargs):
+            if isinstance(path, (str, os.PathLike)) and Path(path).name == "b":
+                raise PermissionError(13, "Permission denied")
+            return real(path, *args, **kwargs)
+        return call
+    monkeypatch.setattr(os, "scandir", refused(os.scandir))
+    monkeypatch.setattr(os, "open", refused(os.open))
     summary = indexer.index_paths([data], tmp_path / "index", model=model, workers=0)
     assert summary["removed"] == 0 and summary["images"] == 4
 

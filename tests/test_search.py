@@ -178,10 +178,11 @@ def test_labels_are_a_softmax_with_the_logit_scale(searcher, collection, model):
         assert p.sum() == pytest.approx(1.0, abs=1e-9)
         image = model.encode_images([decode_file(hit.path).frames[0][1]])[0]  # as the indexer did
         logits = model.logit_scale * texts @ image
-        np.testing.assert_allclose(p, np.exp(logits) / np.exp(logits).sum(), atol=1e-4)
+        # the stored vector is float16: a cosine off by ~1e-5, times the logit scale (100)
+        np.testing.assert_allclose(p, np.exp(logits) / np.exp(logits).sum(), atol=1e-3)
     direct = searcher.classify(collection["stripes"], labels)
     assert list(direct) == labels
-    np.testing.assert_allclose(list(direct.values()), [hits[0].labels[label] for label in labels], atol=1e-5)
+    np.testing.assert_allclose(list(direct.values()), [hits[0].labels[label] for label in labels], atol=1e-3)
     multi = searcher.classify(collection["stripes"], labels, multilabel=True)
     assert all(0.0 < v < 1.0 for v in multi.values())
 
