@@ -115,8 +115,8 @@ index_options = collected(
                  help="Decode JPEG 2000 DICOM images of at least twice the model's input at a reduced resolution "
                       "level: 2-4x faster decoding, embeddings not bit-exact (see README)."),
     click.option("--faiss-memory", type=click.FloatRange(min=0), metavar="GB",
-                 help="Keep the search index within GB of memory (flat, else IVF-PQ codes that fit); kept in "
-                      "the index; 0 removes the budget. [default: none: exact up to 50,000 images]"),
+                 help="Keep the search index within GB of memory (the first of flat, IVF fp16, IVF-PQ that "
+                      "fits); kept in the index; 0 goes back to the default. [default: 4]"),
 )
 pacs_options = collected(
     "pacs", PacsOptions,

@@ -103,7 +103,7 @@ def test_an_ivf_index_finds_every_planted_pair(tmp_path, monkeypatch):
     from retrieval.curate.reader import IndexReader
     with IndexReader(tmp_path / "index") as reader:
         found = scan(reader, threshold=0.985)
-    assert found.kind == "ivfpq"
+    assert found.kind == "ivf"
     planted_pairs = {(i + 1, 3001 + j) for j, i in enumerate(range(0, 3000, 30))}
     assert planted_pairs <= {tuple(p) for p in found.pairs.tolist()}
     assert np.all(found.pair_scores >= 0.985)

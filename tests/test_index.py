@@ -147,7 +147,7 @@ def test_faiss_cache_is_brought_up_to_date_from_sqlite(tmp_path, monkeypatch, fl
         stored = dict(zip(row_ids, store.vectors(row_ids)))
         for loaded in (index, faiss.read_index(str(second))):
             assert loaded.ntotal == len(stored) == 140
-            assert vector_index.index_kind(loaded) == ("flat" if flat_max > 140 else "ivfpq")
+            assert vector_index.index_kind(loaded) == ("flat" if flat_max > 140 else "ivf")
             ids = sorted(stored)
             _, found = vector_index.search(loaded, np.stack([stored[i] for i in ids]), 1)
             assert (found[:, 0] == ids).mean() > 0.9  # each vector finds itself (IVF: approximately)

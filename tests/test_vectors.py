@@ -93,12 +93,14 @@ def test_ivf_recall_and_exactness_with_all_lists(clustered):
     assert recall >= 0.9
 
 
-def test_auto_switches_to_ivfpq_above_the_threshold(clustered, monkeypatch):
+def test_auto_switches_to_ivf_above_the_threshold_and_to_pq_beyond_the_budget(clustered, monkeypatch):
     data, ids = clustered
     monkeypatch.setattr(vectors, "FLAT_MAX_VECTORS", len(data) - 1)
     index = vectors.build_faiss_index(data, ids)
-    assert vectors.index_kind(index) == "ivfpq" and index.ntotal == len(data)
-    assert faiss.extract_index_ivf(index).code_size == data.shape[1] // 4  # a sub-quantizer per 4 dims
+    assert vectors.index_kind(index) == "ivf" and index.ntotal == len(data)
+    monkeypatch.setattr(vectors, "DEFAULT_MEMORY_BUDGET", len(data) * (data.shape[1] + 8))  # fp16 no longer fits
+    index = vectors.build_faiss_index(data, ids)
+    assert vectors.index_kind(index) == "ivfpq" and faiss.downcast_index(index).pq.M == data.shape[1] // 4
 
 
 def test_ivf_survives_serialisation(clustered):
@@ -127,12 +129,13 @@ def test_ivf_lists_grow_with_size():
     assert vectors.ivf_lists(10_000) < vectors.ivf_lists(1_000_000) <= 16384
 
 
-def test_flat_up_to_its_limit_and_within_a_budget_then_pq():
+def test_a_memory_budget_chooses_flat_then_fp16_then_pq():
     dim = 1024
-    assert vectors.choose_kind(10_000, dim) == "flat" and vectors.choose_kind(10**7, dim) == "ivfpq"
+    assert vectors.choose_kind(10_000, dim) == "flat" and vectors.choose_kind(10**6, dim) == "ivf"
+    assert vectors.choose_kind(10**7, dim) == "ivfpq"                               # fp16: 20 GB
     assert vectors.choose_kind(10_000, dim, memory_budget=10**9) == "flat"          # 41 MB fits
-    assert vectors.choose_kind(10_000, dim, memory_budget=30 * 10**6) == "ivfpq"    # 41 MB does not
-    assert vectors.choose_kind(10**7, dim, memory_budget=10**9) == "ivfpq"
+    assert vectors.choose_kind(10_000, dim, memory_budget=30 * 10**6) == "ivf"      # 20.6 MB fp16 fits
+    assert vectors.choose_kind(10**7, dim, memory_budget=10**9) == "ivfpq"          # fp16 would be 20 GB
     assert vectors.pq_bytes(10**7, dim, 10**9) == 64 and vectors.pq_bytes(10**7, dim, 3 * 10**8) == 16
     with pytest.raises(ValueError, match="at least 0.120 GB"):
         vectors.pq_bytes(10**7, dim, 10**8)

@@ -3,21 +3,24 @@
 The FAISS index is a cache of the stored vectors (indexer.store.vector_file); ids are SQLite row ids.
 Vectors are L2-normalised, so inner product is cosine similarity.
 
-Index type grows with the collection (measured in benchmarks/bench_search.py, 2 CPU cores, D=1024):
+Index type grows with the collection (measured in benchmarks/bench_search.py, 2 CPU cores, D=1024),
+the first that fits a memory budget (`mi-index --faiss-memory GB`, kept in the index; without one,
+DEFAULT_MEMORY_BUDGET, 4 GB):
 
 - up to FLAT_MAX_VECTORS (50,000) rows: exact search, `IndexIDMap2(IndexFlatIP)`. A query scans
   every vector: ~5 ms at 10k, ~25 ms at 50k, ~90 ms at 200k (one thread); results are exact.
-- above it: IVF-PQ (`IndexIVFPQ`, spherical k-means with about sqrt(N) lists, one 8-bit
-  sub-quantizer per 4 dimensions: 256 bytes per vector at D=1024, trained on a sample). Its scores
-  are coarse, so the Searcher fetches RERANK_FACTOR times k candidates and ranks them by the exact
-  vectors (indexer.store.vector_file). Measured on 200k clustered synthetic vectors, nprobe 32 of
-  512 lists, one thread, on a loaded machine: recall@10 0.54 from the codes alone, 0.96 / 1.000
-  after re-ranking 4 / 10 times k, p50 23-29 ms; the same lists as IVF fp16 codes (2 KB a vector,
-  the former default): 0.97 / 0.999 re-ranked, 51-97 ms; IVF SQ8 (1 KB): the same recall, 51-60 ms.
-  At 10M vectors: flat 41 GB, fp16 20 GB, SQ8 10 GB, PQ-256 2.6 GB.
-- with a memory budget (`mi-index --faiss-memory GB`, kept in the index): flat when it fits,
-  else IVF-PQ with the largest m (bytes per vector) that fits. `kind="ivf"` (fp16) is still
-  built when asked for.
+- above it: `IndexIVFScalarQuantizer` (fp16 storage, half the memory of float32, inner product,
+  spherical k-means with about sqrt(N) lists). A query scans `nprobe` lists (DEFAULT_NPROBE).
+  fp16 changes scores by ~1e-4, far below the gap between neighbours. At 1M clustered vectors:
+  build 35-60 s, 2 GB; nprobe 64 of 1024 lists: p50 ~16 ms, recall@10 ~0.97 (32: 9-12 ms, 0.95).
+  Within the default budget up to ~1.9M vectors.
+- beyond: IVF-PQ, m bytes per vector (m sub-quantizers of 8 bits, the largest m that fits, at
+  most D/4: 256 at D=1024, so 2.6 GB at 10M), trained on a sample. Its scores are coarse, so the
+  Searcher fetches RERANK_FACTOR times k candidates and ranks them by the exact stored vectors.
+  Measured on 200k clustered synthetic vectors, nprobe 32 of 512 lists, one thread, on a loaded
+  machine: PQ-256 recall@10 0.54 from the codes alone, 0.96 / 1.000 after re-ranking 4 / 10
+  times k, p50 23-29 ms (IVF fp16 over the same lists: 0.97 alone, 51-97 ms; SQ8: 0.97, 51-60
+  ms). PQ-64 is much coarser: 0.63 after re-ranking 10 times k on 30k hard vectors.
 
 Filters are applied *inside* the scan through an IDSelector, never after the top-k cut, so
 `k` filtered hits come back whenever `k` rows pass the filter. For IVF the number of probed lists
@@ -46,6 +49,7 @@ DEFAULT_NPROBE = 64         # lists scanned per query in an IVF index (see bench
 _BITMAP_MAX_ID = 1 << 30    # ids below this use a bitmap selector (O(1) membership, max_id/8 bytes)
 RERANK_FACTOR = 10          # IVF-PQ: candidates fetched per hit, then ranked by exact vectors
 _ID_BYTES = 8               # an int64 id per vector in the inverted lists
+DEFAULT_MEMORY_BUDGET = 4_000_000_000  # bytes of FAISS index without --faiss-memory: 10M fp16 would be 20 GB
 ADD_CHUNK = 65_536          # vectors converted and added at a time while building (256 MB float32 at D=1024)
 
 
@@ -56,18 +60,15 @@ def ivf_lists(n: int) -> int:
 
 
 def choose_kind(n: int, dim: int, memory_budget: int | None = None) -> str:
-    """"flat" up to FLAT_MAX_VECTORS (and within a budget in bytes, when one is given), else
-    "ivfpq" (IVF-PQ codes, re-ranked by the exact vectors). "ivf" (fp16) is only built when asked:
-    at 1M it held 2 GB where PQ holds 0.26 GB, and it was slower to search (see the docstring)."""
-    if n <= FLAT_MAX_VECTORS and (memory_budget is None or n * (dim * 4 + _ID_BYTES) <= memory_budget):
+    """"flat", "ivf" or "ivfpq" for n vectors of dim floats: the first that fits the budget (bytes;
+    DEFAULT_MEMORY_BUDGET when none is given) of flat (up to FLAT_MAX_VECTORS only), IVF fp16 and
+    IVF-PQ. With the default: flat to 50k, IVF fp16 to ~1.9M, IVF-PQ-256 above (to ~15M)."""
+    memory_budget = memory_budget or DEFAULT_MEMORY_BUDGET
+    if n <= FLAT_MAX_VECTORS and n * (dim * 4 + _ID_BYTES) <= memory_budget:
         return "flat"
+    if n >= 64 and n * (dim * 2 + _ID_BYTES) <= memory_budget:
+        return "ivf"
     return "ivfpq"
-
-
-def _finest_pq(dim: int) -> int:
-    """Sub-quantizers for an IVF-PQ index without a budget: the largest divisor of dim up to dim/4
-    (256 at D=1024: a sub-quantizer per 4 dimensions)."""
-    return max(m for m in range(1, max(dim // 4, 1) + 1) if dim % m == 0)
 
 
 def pq_bytes(n: int, dim: int, memory_budget: int) -> int:
@@ -101,7 +102,7 @@ def build_faiss_index(vectors, ids: np.ndarray, *, kind: str = "auto",
     elif kind == "ivf":
         index = _trained_ivf(vectors, nlist or ivf_lists(n), train_size)
     elif kind == "ivfpq":
-        m = pq_bytes(n, dim, memory_budget) if memory_budget else _finest_pq(dim)
+        m = pq_bytes(n, dim, memory_budget or DEFAULT_MEMORY_BUDGET)
         index = _trained_ivf(vectors, nlist or ivf_lists(n), train_size, pq_bytes_per_vector=m)
     else:
         raise ValueError(f"unknown index kind {kind!r}; use 'auto', 'flat', 'ivf' or 'ivfpq'")
