@@ -54,6 +54,25 @@ def build(store, data: np.ndarray, root: str) -> float:
     return time.perf_counter() - start
 
 
+def storage(folder: Path, n: int) -> None:
+    """Disk per image by file (holes in the vector file take none), and the FAISS rebuild from the
+    stored vectors alone in a fresh process: its time and peak RSS."""
+    import subprocess
+
+    sizes = {p.name.split(".")[0] + "".join(p.suffixes[-1:]): min(p.stat().st_size, p.stat().st_blocks * 512)
+             for p in folder.iterdir() if p.is_file()}
+    parts = ", ".join(f"{name} {size / n:,.0f} B" for name, size in sorted(sizes.items()) if size)
+    print(f"disk per image: {sum(sizes.values()) / n:,.0f} B ({parts})", flush=True)
+    for cached in folder.glob("vectors.*"):
+        cached.unlink()
+    code = ("import resource, sys, time; sys.path.insert(0, sys.argv[2]); from indexer.store import IndexStore; "
+            "s = IndexStore.open(sys.argv[1]); t = time.perf_counter(); s.write_faiss(); "
+            "print(f'{time.perf_counter() - t:.1f} {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f}')")
+    took, peak = subprocess.run([sys.executable, "-c", code, str(folder), str(Path(__file__).parents[1])],
+                                check=True, capture_output=True, text=True).stdout.split()
+    print(f"FAISS rebuilt from the stored vectors in a fresh process: {took} s, peak RSS {peak} GB", flush=True)
+
+
 def brute(data: np.ndarray, mask: np.ndarray | None, queries: np.ndarray, k: int) -> list[set[int]]:
     """The exact top-k ids (SQLite ids are 1-based positions here) allowed by `mask`."""
     chosen = np.arange(len(data)) if mask is None else np.flatnonzero(mask)
@@ -171,6 +190,7 @@ def main() -> None:
         store = IndexStore.open(folder, create=True)
         print(f"build through the store: {build(store, data, root):.1f} s", flush=True)
     store.close()
+    storage(folder, n)
 
     modality = np.array([i % 10 == 0 for i in range(n)])  # MODALITIES[0]: 10%
     in_folder = np.array([i % FOLDERS == 7 for i in range(n)])  # f007: 1%
