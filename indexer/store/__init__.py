@@ -1,7 +1,8 @@
-"""The index folder: SQLite (the source of truth) and a FAISS file (a cache of it).
+"""The index folder: SQLite and the vector file (the source of truth) and a FAISS file (a cache of them).
 
     INDEX_DIR/
-      index.sqlite            schema in indexer/store/schema.py; every embedding is stored here as a float32 blob
+      index.sqlite            schema in indexer/store/schema.py: files, images (metadata), series, meta
+      embeddings.f16          every image's vector, float16, at a fixed offset by row id (vector_file.py)
       vectors.<ID>.g<N>.faiss the FAISS index of generation N of the database whose meta.index_id
                               is ID; verified on open (digest, dimension, ids), else rebuilt
       index.lock              held by the one mi-index that may write at a time
