@@ -82,17 +82,17 @@ def served_latencies(folder: Path, data: np.ndarray, cases: list, queries: int, 
                     params[name] = str(value)
             times, found = [], []
             for number, like in enumerate([likes[0], *likes]):  # the first: warm-up (FAISS loaded, filter fetched)
+                asked = f"{url}/api/search?" + urllib.parse.urlencode({**params, "like": int(like)})
                 start = time.perf_counter()
-                with urllib.request.urlopen(f"{url}/api/search?" + urllib.parse.urlencode({**params, "like": int(like)}),
-                                            timeout=600) as response:
+                with urllib.request.urlopen(asked, timeout=600) as response:
                     hits = json.loads(response.read())
                 if number:
                     times.append((time.perf_counter() - start) * 1000)
                     found.append({hit["id"] for hit in hits})
             truth = brute(data, mask, data[likes - 1], k)
             recall = np.mean([len(f & t) / k for f, t in zip(found, truth)])
-            print(f"{'mi-serve ' + label:>25}: p50 {np.percentile(times, 50):6.1f} ms  p95 {np.percentile(times, 95):6.1f}"
-                  f" ms  recall@10 {recall:.3f}  {load()}", flush=True)
+            print(f"{'mi-serve ' + label:>25}: p50 {np.percentile(times, 50):6.1f} ms  "
+                  f"p95 {np.percentile(times, 95):6.1f} ms  recall@10 {recall:.3f}  {load()}", flush=True)
 
 
 def timed(searcher, queries, filters, k=10):

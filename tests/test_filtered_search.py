@@ -1,6 +1,7 @@
 """Filtered searches through a real store and Searcher: what a filter allows is kept per generation (an image
 added or removed after a filtered search changes the next one's answer), and the filtered IVF policy (closest
-lists holding allowed rows, until enough of them are scanned) keeps recall@10 against brute force."""
+lists holding allowed rows, until enough of them are scanned) keeps recall@10 against brute force; a running
+Searcher's delta stays within the writer's rule."""
 from __future__ import annotations
 
 import datetime as dt
@@ -145,3 +146,30 @@ def test_per_list_counts_and_lists_without_allowed_rows(ivf_store):
     _, found = vectors.search(index, query[None], 5, rows)
     truth = rows[np.argsort(-(data[rows - 1] @ query))[:5]]
     assert set(found[0]) == set(truth)
+
+
+def test_a_running_searcher_reloads_where_the_writer_would_rewrite(tmp_path, monkeypatch):
+    """The reader keeps a delta over the FAISS file it loaded only within the writer's own rule
+    (indexer.store.faiss_cache: DELTA_MAX_ROWS added, DELTA_MAX_REMOVED of the file removed); past it,
+    a full reload, as the writer would rewrite the file."""
+    from indexer.store import faiss_cache
+
+    data = clustered(320, 10, seed=2)
+    folder = tmp_path / "index"
+    build(folder, data[:300])
+    store = IndexStore.open(folder)
+    store.lock()
+    with Searcher(folder, model=None) as searcher:
+        answer(searcher, data[0], None)
+        monkeypatch.setattr(faiss_cache, "DELTA_MAX_ROWS", 15)
+        store.commit(indexed=items(300, data[300:310]))  # 10 added, the file kept (no write_faiss yet)
+        assert len(answer(searcher, data[0], None, k=400)) == 310
+        assert searcher._faiss.delta is not None and searcher._faiss.delta.ntotal == 10  # searched as a delta
+        store.commit(indexed=items(310, data[310:320]))  # 20 added since the file: past the writer's rule
+        assert len(answer(searcher, data[0], None, k=400)) == 320
+        assert searcher._faiss.delta is None and searcher._faiss.base.ntotal == 320  # reloaded
+        removed = [f"/archive/f{i % 100:03d}/img{i:07d}.dcm" for i in range(100)]  # 100 of 320: over a quarter
+        store.commit(removed=removed)
+        assert len(answer(searcher, data[0], None, k=400)) == 220
+        assert searcher._faiss.gone is None and searcher._faiss.base.ntotal == 220
+    store.close()

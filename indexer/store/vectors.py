@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import weakref
 from contextlib import contextmanager
 from typing import Iterator
@@ -247,7 +248,7 @@ class Allowed:
     bytes), built once, and for each IVF index searched the number of allowed rows in each of its
     lists (built on the first search there). A caller that asks the same filter again (the web page
     does at every page and refinement) keeps one and pays neither again (retrieval.Searcher does,
-    per generation). Immutable once built; safe to share between threads."""
+    per generation). Each part is built once, under a lock: safe to share between threads."""
 
     def __init__(self, ids: np.ndarray) -> None:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
@@ -265,16 +266,18 @@ class Allowed:
             self.selector = faiss.IDSelectorBatch(ids) if len(ids) else None
         self._per_list: weakref.WeakKeyDictionary[faiss.Index, np.ndarray] = weakref.WeakKeyDictionary()
         self._exact: weakref.WeakKeyDictionary[faiss.Index, faiss.Index] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()  # server threads search with one Allowed: each part is built once
 
     def __len__(self) -> int:
         return self._count
 
     @property
     def nbytes(self) -> int:
-        """Memory held (for a cache's bound): the bitmap or ids, and the per-list counts."""
+        """Memory held (for a cache's bound): the bitmap or ids, the per-list counts and the decoded rows."""
         held = self._bitmap if self._bitmap is not None else self._ids
-        return (int(held.nbytes) + sum(int(counts.nbytes) for counts in list(self._per_list.values()))
-                + sum(flat.ntotal * (flat.d * 4 + _ID_BYTES) for flat in list(self._exact.values())))
+        with self._lock:
+            return (int(held.nbytes) + sum(int(counts.nbytes) for counts in self._per_list.values())
+                    + sum(flat.ntotal * (flat.d * 4 + _ID_BYTES) for flat in self._exact.values()))
 
     def contains(self, ids: np.ndarray) -> np.ndarray:
         """Whether each of `ids` is allowed (a bool array)."""
@@ -287,64 +290,72 @@ class Allowed:
 
     def per_list(self, index: faiss.Index, ivf: faiss.IndexIVF) -> np.ndarray:
         """Allowed rows in each list of `ivf` (the IVF inside `index`, which keys the cache)."""
-        counts = self._per_list.get(index)
-        if counts is None:
-            list_ids, starts, sizes = _list_layout(index, ivf)
-            counts = np.zeros(ivf.nlist, dtype=np.int64)
-            filled = sizes > 0  # reduceat would give an empty list its next list's first row
-            if filled.any():
-                counts[filled] = np.add.reduceat(self.contains(list_ids).astype(np.int64), starts[filled])
-            self._per_list[index] = counts
+        with self._lock:
+            return self._per_list.get(index) if index in self._per_list else self._count_per_list(index, ivf)
+
+    def _count_per_list(self, index: faiss.Index, ivf: faiss.IndexIVF) -> np.ndarray:
+        list_ids, starts, sizes = _list_layout(index, ivf)
+        counts = np.zeros(ivf.nlist, dtype=np.int64)
+        filled = sizes > 0  # reduceat would give an empty list its next list's first row
+        if filled.any():
+            counts[filled] = np.add.reduceat(self.contains(list_ids).astype(np.int64), starts[filled])
+        self._per_list[index] = counts
         return counts
 
     def exact(self, index: faiss.Index, ivf: faiss.IndexIVF) -> faiss.Index:
         """A flat (exact) index of the allowed rows of `ivf`, decoded from its lists (fp16: within 1e-3 of
         the stored vectors, which re-score every hit anyway), built on the first search there."""
-        flat = self._exact.get(index)
-        if flat is None:
-            list_ids, starts, _sizes = _list_layout(index, ivf)
-            where = np.flatnonzero(self.contains(list_ids))
-            lists = np.searchsorted(starts, where, side="right") - 1  # an empty list shares its start: the next wins
-            offsets = where - starts[lists]
-            if isinstance(ivf, faiss.IndexIVFScalarQuantizer):  # decoded in one call: 10k rows in ms, not 0.5 s
-                codes = np.empty((len(where), ivf.code_size), dtype=np.uint8)
-                numbers, firsts = np.unique(lists, return_index=True)
-                for number, first, last in zip(numbers.tolist(), firsts.tolist(), [*firsts[1:].tolist(), len(where)]):
-                    size = ivf.invlists.list_size(number)
-                    pointer = ivf.invlists.get_codes(number)
-                    stored = faiss.rev_swig_ptr(pointer, size * ivf.code_size).reshape(size, ivf.code_size)
-                    codes[first:last] = stored[offsets[first:last]]
-                    ivf.invlists.release_codes(number, pointer)
-                rows = ivf.sq.decode(codes)
-                if ivf.by_residual:
-                    rows += ivf.quantizer.reconstruct_n(0, ivf.nlist)[lists]
-            else:
-                rows = np.empty((len(where), ivf.d), dtype=np.float32)
-                for row, (number, offset) in enumerate(zip(lists.tolist(), offsets.tolist())):
-                    ivf.reconstruct_from_offset(number, offset, faiss.swig_ptr(rows[row]))
-            flat = faiss.IndexIDMap2(faiss.IndexFlatIP(ivf.d))
-            flat.add_with_ids(rows, list_ids[where])
-            self._exact[index] = flat
+        with self._lock:
+            return self._exact.get(index) if index in self._exact else self._decoded(index, ivf)
+
+    def _decoded(self, index: faiss.Index, ivf: faiss.IndexIVF) -> faiss.Index:
+        list_ids, starts, _sizes = _list_layout(index, ivf)
+        where = np.flatnonzero(self.contains(list_ids))
+        lists = np.searchsorted(starts, where, side="right") - 1  # an empty list shares its start: the next wins
+        offsets = where - starts[lists]
+        if isinstance(ivf, faiss.IndexIVFScalarQuantizer):  # decoded in one call: 10k rows in ms, not 0.5 s
+            codes = np.empty((len(where), ivf.code_size), dtype=np.uint8)
+            numbers, firsts = np.unique(lists, return_index=True)
+            for number, first, last in zip(numbers.tolist(), firsts.tolist(), [*firsts[1:].tolist(), len(where)]):
+                size = ivf.invlists.list_size(number)
+                pointer = ivf.invlists.get_codes(number)
+                stored = faiss.rev_swig_ptr(pointer, size * ivf.code_size).reshape(size, ivf.code_size)
+                codes[first:last] = stored[offsets[first:last]]
+                ivf.invlists.release_codes(number, pointer)
+            rows = ivf.sq.decode(codes)
+            if ivf.by_residual:
+                rows += ivf.quantizer.reconstruct_n(0, ivf.nlist)[lists]
+        else:
+            rows = np.empty((len(where), ivf.d), dtype=np.float32)
+            for row, (number, offset) in enumerate(zip(lists.tolist(), offsets.tolist())):
+                ivf.reconstruct_from_offset(number, offset, faiss.swig_ptr(rows[row]))
+        flat = faiss.IndexIDMap2(faiss.IndexFlatIP(ivf.d))
+        flat.add_with_ids(rows, list_ids[where])
+        self._exact[index] = flat
         return flat
 
 
 _layouts: weakref.WeakKeyDictionary[faiss.Index, tuple[np.ndarray, ...]] = weakref.WeakKeyDictionary()
+_layouts_lock = threading.Lock()
 
 
 def _list_layout(index: faiss.Index, ivf: faiss.IndexIVF) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(the ids of every list, one after another; where each list starts; its size), read once per index
     (8 bytes a row, beside the index's 2 KB): each new filter counts its rows per list in one pass."""
-    layout = _layouts.get(index)
-    if layout is None:
-        lists = ivf.invlists
-        sizes = np.array([lists.list_size(i) for i in range(ivf.nlist)], dtype=np.int64)
-        list_ids = np.empty(int(sizes.sum()), dtype=np.int64)
-        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-        for number in np.flatnonzero(sizes):
-            ids = lists.get_ids(int(number))
-            list_ids[starts[number]:starts[number] + sizes[number]] = faiss.rev_swig_ptr(ids, int(sizes[number]))
-            lists.release_ids(int(number), ids)
-        layout = _layouts[index] = (list_ids, starts, sizes)
+    with _layouts_lock:
+        return _layouts[index] if index in _layouts else _read_layout(index, ivf)
+
+
+def _read_layout(index: faiss.Index, ivf: faiss.IndexIVF) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    lists = ivf.invlists
+    sizes = np.array([lists.list_size(i) for i in range(ivf.nlist)], dtype=np.int64)
+    list_ids = np.empty(int(sizes.sum()), dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    for number in np.flatnonzero(sizes):
+        ids = lists.get_ids(int(number))
+        list_ids[starts[number]:starts[number] + sizes[number]] = faiss.rev_swig_ptr(ids, int(sizes[number]))
+        lists.release_ids(int(number), ids)
+    layout = _layouts[index] = (list_ids, starts, sizes)
     return layout
 
 
