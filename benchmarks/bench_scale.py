@@ -2,10 +2,13 @@
 store (1024-d clustered vectors, 10 modalities, 100 folders, ten years of study dates), then the
 latency of unfiltered and filtered searches through a Searcher, their recall@10 against brute force,
 the time to add 1% and one image (and until a running Searcher sees it), to `--remove` 10%, and
-the peak RSS; `--walk-files N` times an unchanged re-run's planning, `--series N` series vectors.
+the peak RSS (`--search-only`: the searches alone, the kept index left as it is; `--server`: the same
+searches through a real mi-serve too); `--walk-files N` times an unchanged re-run's planning,
+`--series N` series vectors.
 
     python benchmarks/bench_scale.py                     # N = 100k
     python benchmarks/bench_scale.py --images 1000000 --keep /tmp/idx1m
+    python benchmarks/bench_scale.py --images 1000000 --keep /tmp/idx1m --search-only --server   # reuse it
 
 Numbers on a shared machine: the load average is printed next to them."""
 from __future__ import annotations
