@@ -37,7 +37,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 TEXT_CACHE_SIZE = 1024  # text query embeddings a Searcher keeps (see Searcher._text_vectors)
 FILTER_CACHE_SIZE = 16  # allowed sets of recent filters a Searcher keeps, per generation (see Searcher._allowed)
-FILTER_CACHE_BYTES = 64 << 20  # ... and the memory they may hold (a bitmap, max id / 8 bytes, each)
+# ... and the memory they may hold: a bitmap (max id / 8 bytes) each, and a filter's own lists or exact rows
+# (indexer.store.vectors: at most OWN_LISTS_BYTES each; 10% of 1M images: 205 MB), two of them at a time
+FILTER_CACHE_BYTES = 512 << 20
 
 class Searcher:
     """Search one index. `index`: the index folder (default: MI_INDEX, else the per-user folder

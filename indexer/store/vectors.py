@@ -30,7 +30,11 @@ nprobe, but fewer than the 1/fraction times as many that the old rule probed (1M
 recall@10 0.986 there, ~0.96 with 2/3 of the rows; sqrt(1/fraction) lists fell to 0.91). When that
 would scan every allowed row anyway (1% at 1M) and their vectors fit EXACT_SCAN_BYTES, the allowed
 rows are decoded once into a flat index and scanned exactly: testing each of a million list entries
-against the filter cost more than the ten thousand distances (23 ms -> 5 ms under load).
+against the filter cost more than the ten thousand distances (23 ms -> 5 ms under load). Otherwise,
+when its rows' codes fit OWN_LISTS_BYTES, the filter gets inverted lists of its own (the same lists,
+holding a copy of its rows' codes only, built on its first search): the probed lists are read in
+order with no row tested against the filter (10% at 1M: 3-4x faster than the selector over the same
+lists; 205 MB). Larger filters use the selector over the base index's lists.
 
 GPU: `to_gpu(index)` clones the index onto the GPU when faiss was built with GPU support and a
 GPU is present; filtered searches stay on the CPU copy (GPU indexes take no IDSelector).
@@ -56,6 +60,7 @@ RERANK_FACTOR = 10          # IVF-PQ: candidates fetched per hit, then ranked by
 _ID_BYTES = 8               # an int64 id per vector in the inverted lists
 FILTERED_ROWS_EXPONENT = 1 / 6  # filtered IVF: allowed rows scanned = unfiltered rows x fraction**this
 EXACT_SCAN_BYTES = 64 << 20     # a filter allowing at most this much float32 vectors may be scanned exactly
+OWN_LISTS_BYTES = 256 << 20     # a filter whose rows' codes fit this gets inverted lists of its own (a copy)
 
 
 def ivf_lists(n: int) -> int:
@@ -236,11 +241,20 @@ def _filtered_ivf_search(index: faiss.Index, ivf: faiss.IndexIVF, queries: np.nd
     chosen, scores_of = np.ascontiguousarray(chosen[:, :probes]), np.ascontiguousarray(scores_of[:, :probes])
     scores = np.empty((len(queries), k), dtype=np.float32)
     ids = np.empty((len(queries), k), dtype=np.int64)
-    params = faiss.SearchParametersIVF(nprobe=probes, sel=allowed.selector)
+    own = allowed.own_lists(index, ivf) if _own_lists_fit(ivf, held) else None
+    # Its own lists hold the allowed rows only, one after another: no row tested against the filter, and the
+    # codes read in order (10% at 1M: 12-16 ms instead of 42-62 for the same lists through the selector).
+    searched, params = (own, faiss.SearchParametersIVF(nprobe=probes)) if own is not None else \
+        (ivf, faiss.SearchParametersIVF(nprobe=probes, sel=allowed.selector))
     # The C++ call: faiss's Python wrapper of search_preassigned takes no parameters (no selector).
-    ivf.search_preassigned_c(len(queries), faiss.swig_ptr(queries), k, faiss.swig_ptr(chosen),
-                             faiss.swig_ptr(scores_of), faiss.swig_ptr(scores), faiss.swig_ptr(ids), False, params)
+    searched.search_preassigned_c(len(queries), faiss.swig_ptr(queries), k, faiss.swig_ptr(chosen),
+                                  faiss.swig_ptr(scores_of), faiss.swig_ptr(scores), faiss.swig_ptr(ids), False, params)
     return scores, ids
+
+
+def _own_lists_fit(ivf: faiss.IndexIVF, rows: int) -> bool:
+    """Whether a filter allowing `rows` of `ivf` gets lists of its own (fp16 IVF; within OWN_LISTS_BYTES)."""
+    return type(ivf) is faiss.IndexIVFScalarQuantizer and rows * (ivf.code_size + _ID_BYTES) <= OWN_LISTS_BYTES
 
 
 class Allowed:
@@ -266,6 +280,7 @@ class Allowed:
             self.selector = faiss.IDSelectorBatch(ids) if len(ids) else None
         self._per_list: weakref.WeakKeyDictionary[faiss.Index, np.ndarray] = weakref.WeakKeyDictionary()
         self._exact: weakref.WeakKeyDictionary[faiss.Index, faiss.Index] = weakref.WeakKeyDictionary()
+        self._own: weakref.WeakKeyDictionary[faiss.Index, faiss.Index] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()  # server threads search with one Allowed: each part is built once
 
     def __len__(self) -> int:
@@ -277,7 +292,9 @@ class Allowed:
         held = self._bitmap if self._bitmap is not None else self._ids
         with self._lock:
             return (int(held.nbytes) + sum(int(counts.nbytes) for counts in self._per_list.values())
-                    + sum(flat.ntotal * (flat.d * 4 + _ID_BYTES) for flat in self._exact.values()))
+                    + sum(flat.ntotal * (flat.d * 4 + _ID_BYTES) for flat in self._exact.values())
+                    + sum(own.ntotal * (own.code_size + _ID_BYTES) + own.nlist * own.d * 4
+                          for own in self._own.values()))
 
     def contains(self, ids: np.ndarray) -> np.ndarray:
         """Whether each of `ids` is allowed (a bool array)."""
@@ -291,9 +308,11 @@ class Allowed:
     def per_list(self, index: faiss.Index, ivf: faiss.IndexIVF) -> np.ndarray:
         """Allowed rows in each list of `ivf` (the IVF inside `index`, which keys the cache)."""
         with self._lock:
-            return self._per_list.get(index) if index in self._per_list else self._count_per_list(index, ivf)
+            return self._count_per_list_unlocked(index, ivf)
 
-    def _count_per_list(self, index: faiss.Index, ivf: faiss.IndexIVF) -> np.ndarray:
+    def _count_per_list_unlocked(self, index: faiss.Index, ivf: faiss.IndexIVF) -> np.ndarray:
+        if index in self._per_list:
+            return self._per_list[index]
         list_ids, starts, sizes = _list_layout(index, ivf)
         counts = np.zeros(ivf.nlist, dtype=np.int64)
         filled = sizes > 0  # reduceat would give an empty list its next list's first row
@@ -301,6 +320,34 @@ class Allowed:
             counts[filled] = np.add.reduceat(self.contains(list_ids).astype(np.int64), starts[filled])
         self._per_list[index] = counts
         return counts
+
+    def own_lists(self, index: faiss.Index, ivf: faiss.IndexIVF) -> faiss.Index:
+        """An IVF index of the allowed rows of `ivf` (an IndexIVFScalarQuantizer) only: the same lists, each
+        holding a copy of its allowed rows' codes (code_size + 8 bytes a row), built on the first search."""
+        with self._lock:
+            return self._own.get(index) if index in self._own else self._copied_lists(index, ivf)
+
+    def _copied_lists(self, index: faiss.Index, ivf: faiss.IndexIVF) -> faiss.Index:
+        list_ids, starts, sizes = _list_layout(index, ivf)
+        quantizer = faiss.clone_index(ivf.quantizer)
+        own = faiss.IndexIVFScalarQuantizer(quantizer, ivf.d, ivf.nlist, ivf.sq.qtype, ivf.metric_type, ivf.by_residual)
+        own.own_fields = True
+        quantizer.this.disown()  # owned by `own` now
+        own.sq = ivf.sq  # the trained scalar quantizer (copied)
+        own.is_trained = True
+        for number in np.flatnonzero(self._count_per_list_unlocked(index, ivf)).tolist():
+            size, first = int(sizes[number]), int(starts[number])
+            ids = list_ids[first:first + size]
+            keep = np.flatnonzero(self.contains(ids))
+            pointer = ivf.invlists.get_codes(number)
+            codes = np.ascontiguousarray(faiss.rev_swig_ptr(pointer, size * ivf.code_size)
+                                         .reshape(size, ivf.code_size)[keep])
+            ivf.invlists.release_codes(number, pointer)
+            kept = np.ascontiguousarray(ids[keep])
+            own.invlists.add_entries(number, len(keep), faiss.swig_ptr(kept), faiss.swig_ptr(codes))
+            own.ntotal += len(keep)
+        self._own[index] = own
+        return own
 
     def exact(self, index: faiss.Index, ivf: faiss.IndexIVF) -> faiss.Index:
         """A flat (exact) index of the allowed rows of `ivf`, decoded from its lists (fp16: within 1e-3 of
