@@ -2,10 +2,13 @@
 store (1024-d clustered vectors, 10 modalities, 100 folders, ten years of study dates), then the
 latency of unfiltered and filtered searches through a Searcher, their recall@10 against brute force,
 the time to add 1% and one image (and until a running Searcher sees it), to `--remove` 10%, and
-the peak RSS; `--walk-files N` times an unchanged re-run's planning, `--series N` series vectors.
+the peak RSS (`--search-only`: the searches alone, the kept index left as it is; `--server`: the same
+searches through a real mi-serve too); `--walk-files N` times an unchanged re-run's planning,
+`--series N` series vectors.
 
     python benchmarks/bench_scale.py                     # N = 100k
     python benchmarks/bench_scale.py --images 1000000 --keep /tmp/idx1m
+    python benchmarks/bench_scale.py --images 1000000 --keep /tmp/idx1m --search-only --server   # reuse it
 
 Numbers on a shared machine: the load average is printed next to them."""
 from __future__ import annotations
@@ -74,14 +77,44 @@ def storage(folder: Path, n: int) -> None:
 
 
 def brute(data: np.ndarray, mask: np.ndarray | None, queries: np.ndarray, k: int) -> list[set[int]]:
-    """The exact top-k ids (SQLite ids are 1-based positions here) allowed by `mask`."""
+    """The exact top-k ids (SQLite ids are 1-based positions here) allowed by `mask`: all queries in one
+    pass over the vectors (a copy of 4 GB per query made the truth slower than the searches)."""
     chosen = np.arange(len(data)) if mask is None else np.flatnonzero(mask)
-    out = []
-    for q in queries:
-        scores = data[chosen] @ q
-        top = chosen[np.argpartition(-scores, k)[:k]]
-        out.append({int(i) + 1 for i in top})
-    return out
+    scores = (data if mask is None else data[chosen]) @ np.asarray(queries, np.float32).T  # (rows, queries)
+    return [{int(i) + 1 for i in chosen[np.argpartition(-column, k)[:k]]} for column in scores.T]
+
+
+def served_latencies(folder: Path, data: np.ndarray, cases: list, queries: int, k: int = 10) -> None:
+    """The same searches through a real mi-serve (benchmarks/bench_web.served) over the index: GET
+    /api/search?like=ID ("more like this" of an indexed image: its stored vector, no model loaded), each
+    case's filters as query parameters; latency as the client sees it, recall@10 against brute force."""
+    import json
+    import urllib.parse
+    import urllib.request
+
+    from bench_web import TINY, served
+
+    likes = np.random.default_rng(4).choice(len(data), size=queries, replace=False) + 1  # image ids
+    with served(folder, str(TINY)) as url:
+        for label, filters, mask in cases:
+            params = {"k": k, "duplicates": "true"}
+            for name in ("modality", "under", "since", "until"):
+                value = getattr(filters, name, None) if filters else None
+                if value is not None:
+                    params[name] = str(value)
+            times, found = [], []
+            for number, like in enumerate([likes[0], *likes]):  # the first: warm-up (FAISS loaded, filter fetched)
+                asked = f"{url}/api/search?" + urllib.parse.urlencode({**params, "like": int(like)})
+                start = time.perf_counter()
+                with urllib.request.urlopen(asked, timeout=600) as response:
+                    hits = json.loads(response.read())
+                if number:
+                    times.append((time.perf_counter() - start) * 1000)
+                    found.append({hit["id"] for hit in hits})
+            truth = brute(data, mask, data[likes - 1], k)
+            recall = np.mean([len(f & t) / k for f, t in zip(found, truth)])
+            print(f"{'mi-serve ' + label:>25}: p50 {np.percentile(times, 50):6.1f} ms  "
+                  f"p95 {np.percentile(times, 95):6.1f} ms  recall@10 {recall:.3f}  {load()}", flush=True)
 
 
 def timed(searcher, queries, filters, k=10):
@@ -159,6 +192,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=100_000)
     parser.add_argument("--queries", type=int, default=50)
     parser.add_argument("--keep", help="index folder to build into (or reuse, when it holds --images)")
+    parser.add_argument("--search-only", action="store_true",
+                        help="only the searches (leaves a --keep index as it is, for the next run)")
+    parser.add_argument("--server", action="store_true", help="also time the searches through a real mi-serve")
     parser.add_argument("--gc-torch", action="store_true", help="import torch first, as the server does")
     parser.add_argument("--walk-files", type=int, help="only time the planning of an unchanged re-run over so many files")
     parser.add_argument("--series", type=int, help="only measure series vectors over so many synthetic series")
@@ -208,7 +244,11 @@ def main() -> None:
             truth = brute(data, mask, queries, 10)
             recall = np.mean([len(f & t) / 10 for f, t in zip(found, truth)])
             print(f"{label:>16}: p50 {np.percentile(times, 50):6.1f} ms  p95 {np.percentile(times, 95):6.1f} ms"
-                  f"  recall@10 {recall:.3f}", flush=True)
+                  f"  recall@10 {recall:.3f}  {load()}", flush=True)
+        if args.server:
+            served_latencies(folder, data, cases, args.queries)
+        if args.search_only:
+            return
 
         store = IndexStore.open(folder)
         store.lock()

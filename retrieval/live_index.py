@@ -10,9 +10,6 @@ from typing import Any
 
 import numpy as np
 
-DELTA_LIMIT = 200_000  # rows changed since the base beyond which a full reload is cheaper to search
-
-
 @dataclass(frozen=True)
 class LiveIndex:
     """One generation's searchable state; immutable (a search holds it without a lock)."""
@@ -33,14 +30,19 @@ class LiveIndex:
         return cls(base, gpu, generation, file_name, np.sort(_faiss_ids(base)), np.zeros(0, np.int64), None, None)
 
     def updated(self, store: Any) -> LiveIndex | None:
-        """This base with the delta of the store's current state; None when a full reload is due
-        (the writer rewrote the file, or the delta outgrew DELTA_LIMIT)."""
+        """This base with the delta of the store's current state; None when a full reload is due: the
+        writer rewrote the file, or the delta outgrew what the writer ever leaves as one (its rule,
+        indexer.store.faiss_cache: DELTA_MAX_ROWS added, DELTA_MAX_REMOVED of the file removed)."""
+        from indexer.store.faiss_cache import DELTA_MAX_REMOVED, DELTA_MAX_ROWS
+
         if store.faiss_file_name() != self.file_name:
             return None
         largest = int(self.base_ids[-1]) if len(self.base_ids) else -1
         generation, new_ids, new_vectors, held = store.faiss_delta(largest, len(self.base_ids))
         gone = None if held is None else np.setdiff1d(self.base_ids, held, assume_unique=True)
-        if len(new_ids) + (0 if gone is None else len(gone)) > DELTA_LIMIT or new_vectors.shape[1] != self.base.d:
+        removed = 0 if gone is None else len(gone)
+        if len(new_ids) > DELTA_MAX_ROWS or removed > DELTA_MAX_REMOVED * len(self.base_ids) \
+                or new_vectors.shape[1] != self.base.d:
             return None
         from indexer.store import vectors
 
@@ -48,9 +50,10 @@ class LiveIndex:
         return replace(self, generation=generation, new_ids=new_ids, delta=delta,
                        gone=gone if gone is not None and len(gone) else None)
 
-    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None, coarse_factor: int
+    def search(self, queries: np.ndarray, k: int, allowed: Any, coarse_factor: int
                ) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, ids) (1, <= k) of one query over base and delta, best first."""
+        """(scores, ids) (1, <= k) of one query over base and delta, best first; `allowed`: the ids a
+        filter allows (an array or an indexer.store.vectors.Allowed), or None."""
         from indexer.store import vectors
 
         fetch = k * coarse_factor

@@ -36,7 +36,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 TEXT_CACHE_SIZE = 1024  # text query embeddings a Searcher keeps (see Searcher._text_vectors)
-FILTER_CACHE_SIZE = 16  # id sets of recent filters a Searcher keeps, per generation (see Searcher._allowed)
+FILTER_CACHE_SIZE = 16  # allowed sets of recent filters a Searcher keeps, per generation (see Searcher._allowed)
+# ... and the memory they may hold: a bitmap (max id / 8 bytes) each, and a filter's own lists or exact rows
+# (indexer.store.vectors: at most OWN_LISTS_BYTES each; 10% of 1M images: 205 MB), two of them at a time
+FILTER_CACHE_BYTES = 512 << 20
 
 class Searcher:
     """Search one index. `index`: the index folder (default: MI_INDEX, else the per-user folder
@@ -59,7 +62,7 @@ class Searcher:
         self._tower_lock = threading.Lock()
         self._text_cache: dict[str, np.ndarray] = {}
         self._text_cache_lock = threading.Lock()
-        self._filter_cache: OrderedDict[tuple[int, Any], np.ndarray] = OrderedDict()
+        self._filter_cache: OrderedDict[tuple[int, Any], Any] = OrderedDict()  # -> vectors.Allowed
         self._count_cache: tuple[int, int] = (-1, 0)
         self._cache_lock = threading.Lock()
         self._towers: dict[str, Any] = {}
@@ -98,23 +101,26 @@ class Searcher:
             self._count_cache = (generation, count)
         return count
 
-    def _allowed(self, filters: SearchFilters | None) -> np.ndarray | None:
-        """The ids a filter allows, fetched once per (generation, filter): the web page asks the same
-        filter at every page and refinement. The FILTER_CACHE_SIZE most recent are kept (8 bytes an id)."""
+    def _allowed(self, filters: SearchFilters | None) -> Any:
+        """What a filter allows (an indexer.store.vectors.Allowed: its FAISS selector and per-list counts),
+        fetched and built once per (generation, filter): the web page asks the same filter at every page
+        and refinement. The FILTER_CACHE_SIZE most recent are kept, within FILTER_CACHE_BYTES."""
         if not filters:
             return None
+        from indexer.store.vectors import Allowed
+
         key = (self._store.generation(), filters)
         with self._cache_lock:
             if key in self._filter_cache:
                 self._filter_cache.move_to_end(key)
                 return self._filter_cache[key]
-        ids = self._store.filter_ids(filters)
-        ids.setflags(write=False)
+        allowed = Allowed(self._store.filter_ids(filters))
         with self._cache_lock:
-            self._filter_cache[key] = ids
-            while len(self._filter_cache) > FILTER_CACHE_SIZE:
+            self._filter_cache[key] = allowed
+            while len(self._filter_cache) > 1 and (len(self._filter_cache) > FILTER_CACHE_SIZE or sum(
+                    kept.nbytes for kept in self._filter_cache.values()) > FILTER_CACHE_BYTES):
                 self._filter_cache.popitem(last=False)
-        return ids
+        return allowed
 
     def stats(self) -> dict[str, Any]:
         """The index's counts (images, files, skipped by reason, modalities), folders, model,
@@ -230,7 +236,7 @@ class Searcher:
                 hit.labels = dict(zip(label_list, map(float, row)))
         return hits
 
-    def _collapsed_hits(self, vector: np.ndarray, k: int, allowed: np.ndarray | None, min_score: float | None,
+    def _collapsed_hits(self, vector: np.ndarray, k: int, allowed: Any, min_score: float | None,
                         duplicates: bool, group: str | None, exclude: dict | None,
                         fold_near: float | None = None) -> list[Hit]:
         """The top k after collapsing duplicates and groups (and with `fold_near` near copies within a
@@ -348,7 +354,7 @@ class Searcher:
             raise QueryError(f"no image with id {image_id} in the index")
         return {"id": int(image_id), **rows[int(image_id)]}
 
-    def _checked_search(self, vector: np.ndarray, k: int, allowed: np.ndarray | None) -> list[tuple[float, int]]:
+    def _checked_search(self, vector: np.ndarray, k: int, allowed: Any) -> list[tuple[float, int]]:
         """(score, id) of the top k, best first, each score recomputed from the vector SQLite
         holds: the FAISS file is a cache, and a damaged one (a flipped bit gave a "cosine" of
         1391.99) must never reach the user. A score that disagrees with SQLite's by more than
@@ -376,8 +382,7 @@ class Searcher:
         order = np.argsort(-exact, kind="stable")[:k]
         return [(float(np.clip(exact[j], -1.0, 1.0)), found[j]) for j in order]
 
-    def _vector_search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None
-                       ) -> tuple[np.ndarray, np.ndarray, bool]:
+    def _vector_search(self, queries: np.ndarray, k: int, allowed: Any) -> tuple[np.ndarray, np.ndarray, bool]:
         """(scores, ids, coarse): the index's top k, or RERANK_FACTOR times k candidates with
         approximate scores (coarse) from an IVF-PQ index."""
         from indexer.store import vectors
