@@ -80,12 +80,12 @@ def test_a_new_generation_changes_a_filtered_answer(tmp_path):
 @pytest.fixture(scope="module")
 def ivf_store(tmp_path_factory):
     """20,000 vectors in 1000 clusters through the store as an IVF index (above a lowered flat limit): 128 lists,
-    of which DEFAULT_NPROBE scans 32 (unfiltered recall@10 0.951 here, as 64 of 1024 lists give at a million
-    images). A filtered search that scanned the allowed rows of those 32 lists only found 0.52-0.85 of the
+    of which DEFAULT_NPROBE scans 36 (unfiltered recall@10 just above 0.95 here, as 64 of 1024 lists give at a
+    million images; 32 gave 0.949-0.951, on the edge, with the vectors' float16 rounding deciding). A filtered search that scanned the allowed rows of those 32 lists only found 0.52-0.85 of the
     filtered top 10 here; sqrt(1/fraction) times as many lists 0.94 at 30%."""
     patch = pytest.MonkeyPatch()
     patch.setattr(vectors, "FLAT_MAX_VECTORS", 1000)
-    patch.setattr(vectors, "DEFAULT_NPROBE", 32)
+    patch.setattr(vectors, "DEFAULT_NPROBE", 36)
     data = clustered(20_000, 1000, seed=1)
     folder = tmp_path_factory.mktemp("ivf") / "index"
     build(folder, data)
