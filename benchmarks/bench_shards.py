@@ -106,6 +106,10 @@ class Shard:
     def top(self, request, q: np.ndarray) -> list[tuple[float, int]]:
         return [(h.score, global_position(h.path, self.lo)) for h in self.searcher.answer(request, q)]
 
+    def ping(self, q: np.ndarray) -> int:
+        """No search: what a call to the actor costs by itself."""
+        return len(q)
+
     def close(self) -> None:
         self.searcher.close()
 
@@ -129,6 +133,15 @@ def over_ray(actors, request, q: np.ndarray) -> list:
 
     ref = ray.put(q)  # one copy in the object store for all S actors
     return merge(ray.get([a.top.remote(request, ref) for a in actors]))
+
+
+def ray_calls(actors, q: np.ndarray) -> list:
+    """The same S calls to no-op methods: the round trip without the search."""
+    import ray
+
+    ref = ray.put(q)
+    ray.get([a.ping.remote(ref) for a in actors])
+    return []
 
 
 def measure(ways: dict, queries: np.ndarray) -> dict:
@@ -167,6 +180,12 @@ def pct(times: np.ndarray) -> str:
 def matches(merged: list[list[tuple[float, int]]], expected: list[list[int]]) -> int:
     """Queries whose merged top K holds the same images as `expected` (ties may order them differently)."""
     return sum({p for _, p in m} == set(e) for m, e in zip(merged, expected))
+
+
+def exact_single(merged, single, expected) -> str:
+    """Of the queries where the single index found the exact top K, how many the merge found too."""
+    exact = [(m, [p for _, p in s]) for m, s, e in zip(merged, single, expected) if {p for _, p in s} == set(e)]
+    return f"{matches([m for m, _ in exact], [s for _, s in exact])}/{len(exact)}"
 
 
 def recall(merged, expected) -> float:
@@ -223,6 +242,7 @@ def main() -> None:
                 ways = {"seq": seq, "threads": lambda q, request=request: threaded(pool, shards, request, q)}
                 if actors:
                     ways["ray"] = lambda q, request=request: over_ray(actors, request, q)
+                    ways["ray no-op"] = lambda q: ray_calls(actors, q)
                 got = measure(ways, queries)
                 merged = got["seq"][1]
                 single.setdefault(label, merged)  # the first S measured (1 by default) is the reference
@@ -230,11 +250,14 @@ def main() -> None:
                        "slowest": pct(np.array(slowest[1:])), "recall": recall(merged, exact[label]),
                        "brute": matches(merged, exact[label]),
                        "single": matches(merged, [[p for _, p in m] for m in single[label]]),
-                       "same": min(sum(a == b for a, b in zip(merged, other[1])) for other in got.values()),
+                       "single_exact": exact_single(merged, single[label], exact[label]),
+                       "same": min(sum(a == b for a, b in zip(merged, got[way][1])) for way in ("threads", "ray")
+                                   if way in got),
                        "ray": "", "ray_cost": ""}
                 if actors:
                     row["ray"] = pct(got["ray"][0])
                     row["ray_cost"] = f"{np.percentile(got['ray'][0], 50) - np.percentile(got['threads'][0], 50):+6.1f}"
+                    row["ray_noop"] = pct(got["ray no-op"][0])
                 table.append(row)
                 print(f"  {label}: sequential {row['seq']} ms, threads {row['threads']} ms, slowest shard "
                       f"{row['slowest']} ms" + (f", ray {row['ray']} ms" if actors else "")
@@ -250,15 +273,18 @@ def main() -> None:
     q = args.queries
     print(f"\nN={n:,}, {q} queries, k={K}; ms p50 p95; 'slowest' = the slowest shard's own query in the sequential run;"
           f"\n'=S1' / '=brute': queries whose merged top 10 equals the single index's / brute force's;"
+          f"\n'=S1 exact': the same, among the queries where the single index found the exact top 10;"
           f"\n'same' = queries where sequential, threads{' and Ray' if args.ray else ''} merged the same top 10")
     header = (f"{'S':>2} {'case':>12} | {'sequential':>13} | {'threads':>13} | {'slowest':>13} | recall | "
-              f"{'=S1':>5} | {'=brute':>6} | {'same':>5}" + (f" | {'ray':>13} | ray-thr p50" if args.ray else ""))
+              f"{'=S1':>5} | {'=S1 exact':>9} | {'=brute':>6} | {'same':>5}"
+              + (f" | {'ray':>13} | ray-thr p50 | {'ray no-op':>13}" if args.ray else ""))
     print(header)
     print("-" * len(header))
     for r in table:
         print(f"{r['S']:>2} {r['case']:>12} | {r['seq']:>13} | {r['threads']:>13} | {r['slowest']:>13} | "
-              f"{r['recall']:.3f}  | {r['single']:>2}/{q:<2} | {r['brute']:>3}/{q:<2} | {r['same']:>2}/{q:<2}"
-              + (f" | {r['ray']:>13} | {r['ray_cost']:>6}" if args.ray else ""))
+              f"{r['recall']:.3f}  | {r['single']:>2}/{q:<2} | {r['single_exact']:>9} | {r['brute']:>3}/{q:<2} | "
+              f"{r['same']:>2}/{q:<2}" + (f" | {r['ray']:>13} | {r['ray_cost']:>11} | {r['ray_noop']:>13}"
+                                          if args.ray else ""))
     print(f"{load()}", flush=True)
     if args.ray:
         import ray
