@@ -1,5 +1,7 @@
-"""Sharding measured on one machine (issue 20): N synthetic images split by id range into S index folders,
-a query fanned out to every shard's Searcher with the same filter, the S top-k lists merged by score.
+"""Sharding measured on one machine (issue 20): S index folders by id range, a query fanned out, merged by score.
+
+N synthetic images split by id range into S index folders; a query goes to every shard's Searcher with the
+same filter, and the S top-k lists are merged by their exact scores.
 
 For each S (default 1, 2, 4, 8; default N = 200k): shard j holds images j*N/S .. (j+1)*N/S - 1, built
 through the store as bench_scale.py builds one index (1024-d clustered vectors, 10 modalities). The
@@ -8,7 +10,8 @@ fan-out runs sequentially and in a pool of S threads (FAISS releases the GIL), u
 (sequential run), recall@10 against brute force over all N, and how many queries' merged top 10 equal
 S=1's (the single index) and the brute-force top 10. `--ray` adds the same fan-out to one Ray actor per
 shard on a local cluster: the actor round trip's added cost. The FAISS kind of a shard follows its
-size (flat to 50k, IVF fp16 above), so S changes the per-shard search too.
+size (flat to 50k, IVF fp16 above), so S changes the per-shard search too; `--ivf-shards` makes every
+shard IVF fp16 (a rerun without it turns them back).
 
     python benchmarks/bench_shards.py --keep /tmp/shards          # a rerun reuses the shards
     python benchmarks/bench_shards.py --images 400000 --shards 1 4 --ray
@@ -46,8 +49,9 @@ def global_position(path: str, lo: int) -> int:
     return lo + int(path[-12:-4])
 
 
-def open_shards(keep: Path, data: np.ndarray, shards: int) -> list[Path]:
-    """Build (or reuse, when it holds its images) each shard's index folder under keep."""
+def open_shards(keep: Path, data: np.ndarray, shards: int, ivf: bool) -> list[Path]:
+    """Build (or reuse, when it holds its images) each shard's index folder under keep. `ivf`: a FAISS
+    memory budget (the store's, as `mi-index --faiss-memory` sets it) that IVF fp16 fits and flat does not."""
     from indexer.store import IndexStore
 
     folders = []
@@ -62,6 +66,12 @@ def open_shards(keep: Path, data: np.ndarray, shards: int) -> list[Path]:
             store = IndexStore.open(folder, create=True)
             took = build(store, data[lo:hi], f"/archive/shard{j}")
             print(f"  built shard {j + 1}/{shards} ({hi - lo:,} images): {took:.1f} s  {load()}", flush=True)
+        start = time.perf_counter()
+        store.set_faiss_memory((hi - lo) * 3000 / 1e9 if ivf else None)  # IVF: 2,056 B a vector, flat 4,104
+        store.write_faiss()  # rebuilt when the budget changed, else kept
+        if time.perf_counter() - start > 0.5:
+            print(f"  shard {j + 1}/{shards}'s FAISS index rebuilt for the budget: {time.perf_counter() - start:.1f} s",
+                  flush=True)
         store.close()
         folders.append(folder)
     return folders
@@ -200,6 +210,8 @@ def main() -> None:
     parser.add_argument("--shards", type=int, nargs="+", default=[1, 2, 4, 8], help="the S to measure (1 2 4 8)")
     parser.add_argument("--queries", type=int, default=50, help="queries per case (default 50)")
     parser.add_argument("--keep", help="folder for the shards' index folders (reused when they hold their images)")
+    parser.add_argument("--ivf-shards", action="store_true",
+                        help="every shard's FAISS index IVF fp16 (default: flat up to 50k vectors, as mi-index)")
     parser.add_argument("--ray", action="store_true", help="also fan out to one Ray actor per shard (local cluster)")
     args = parser.parse_args()
 
@@ -219,8 +231,9 @@ def main() -> None:
     single: dict[str, list] = {}  # S=1's merged top K per case
     table = []
     for s in args.shards:
-        print(f"S={s}: {n // s:,} images a shard ({choose_kind(n // s, DIM)})  {load()}", flush=True)
-        folders = open_shards(keep, data, s)
+        kind = choose_kind(n // s, DIM, n // s * 3000 if args.ivf_shards else None)
+        print(f"S={s}: {n // s:,} images a shard ({kind})  {load()}", flush=True)
+        folders = open_shards(keep, data, s, args.ivf_shards)
         mask = modality_mask(n, s)
         exact["10% modality"] = truth(data, mask, queries)
         shards = [Shard(folder, lo) for folder, (lo, _) in zip(folders, bounds(n, s))]
