@@ -1,5 +1,6 @@
 """Owner-only files: an index folder (and its thumbnails folder) is created 0700, the files in it
-0600, SQLite's -wal and -shm included, so that other users of the machine read none of it."""
+0600, SQLite's -wal and -shm included, so that other users of the machine read none of it; and
+the folder fsync that makes a file created or renamed there durable."""
 from __future__ import annotations
 
 import os
@@ -45,3 +46,17 @@ def write_private(path: Path, data: bytes) -> None:
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
     with os.fdopen(descriptor, "wb") as f:
         f.write(data)
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make a file created or renamed in `folder` durable (where the platform allows opening a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import IndexBusyError, MIError, NoImagesError, StorageFullError, one_line
+from ..private_files import fsync_folder
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ class InstanceFolder:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_folder(target.parent)
+        fsync_folder(target.parent)
 
     def remove_leftovers(self) -> int:
         """Remove the temporary files of writes a killed receiver left (never acknowledged);
@@ -95,19 +96,6 @@ class InstanceFolder:
                 removed += 1
         return removed
 
-
-def _fsync_folder(folder: Path) -> None:
-    """Make a rename in `folder` durable (where the platform allows opening a folder)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 @dataclass

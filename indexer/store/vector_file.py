@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import IndexDamagedError
+from ..private_files import fsync_folder, owner_only
 
 FILE_NAME = "embeddings.f16"
 _MAGIC = b"MIVECF16"
@@ -120,8 +121,6 @@ class VectorFile:
         self.path.unlink(missing_ok=True)
 
     def _open_for_writing(self, dim: int):
-        from ..private_files import owner_only
-
         existing = self.dim()
         if existing is not None and existing != dim:
             raise IndexDamagedError(f"{self.path} holds {existing}-d vectors, not {dim}-d")
@@ -130,7 +129,7 @@ class VectorFile:
                 with open(self.path, "wb") as f:
                     f.write(_MAGIC + struct.pack("<I", dim) + bytes(_HEADER - 12))
                     os.fsync(f.fileno())
-            _fsync_folder(self.path.parent)
+            fsync_folder(self.path.parent)
         return open(self.path, "r+b")
 
 
@@ -194,16 +193,3 @@ def _fallocate():
         return None
     function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
     return function
-
-
-def _fsync_folder(folder: Path) -> None:
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
