@@ -197,3 +197,14 @@ def test_a_filtered_search_never_returns_a_row_outside_the_filter(clustered, kin
             _, found = vectors.search(index, data[:20], 25, allowed, gpu=copy)
             returned = found[found >= 0]
             assert len(returned) and np.isin(returned, allowed).all(), (kind, fraction)
+
+
+def test_an_unfiltered_search_scans_more_lists_as_the_lists_grow():
+    rng = np.random.default_rng(7)
+    data = rng.standard_normal((33_000, 16)).astype(np.float32)
+    data /= np.linalg.norm(data, axis=1, keepdims=True)
+    for nlist, expected in ((256, vectors.DEFAULT_NPROBE), (1024, 96)):
+        index = vectors.build_faiss_index(data, np.arange(len(data)), kind="ivf", nlist=nlist)
+        faiss.cvar.indexIVF_stats.reset()
+        vectors.search(index, data[:1], 10)
+        assert faiss.cvar.indexIVF_stats.nlist == expected  # lists visited by the one query
