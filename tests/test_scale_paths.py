@@ -236,3 +236,19 @@ def test_walk_resolves_roots_and_links_not_every_file(tmp_path, monkeypatch):
     found = sorted(path for path, _ in folders.walk([via]))
     assert found == expected
     assert len(calls) < 6  # the root, the linked folder and the linked file; not one per file
+
+
+def test_stats_are_counted_once_per_change(tmp_path, monkeypatch):
+    folder = tmp_path / "idx"
+    built(folder, [f"/s/{i}.dcm" for i in range(5)])
+    with Searcher(folder, model=None) as searcher:
+        calls = []
+        real_status = IndexStore.status
+        monkeypatch.setattr(IndexStore, "status", lambda self: calls.append(1) or real_status(self))
+        assert searcher.stats()["images"] == searcher.stats()["images"] == 5 and len(calls) == 1
+        with IndexStore.open(folder) as store:
+            store.commit(indexed=[item("/s/new.dcm", unit(np.ones((1, DIM)))[0], 9)])
+        assert searcher.stats()["images"] == 6 and len(calls) == 2
+        with IndexStore.open(folder) as store:
+            store.record_run(["/s"], 1.5)  # a run that changed nothing still says when it ran
+        assert searcher.stats()["last_run_seconds"] == 1.5 and len(calls) == 3

@@ -84,6 +84,13 @@ class Identity:
                 return self.generation(conn)
         return int(conn.execute(text("SELECT value FROM meta WHERE key='generation'")).scalar())
 
+    def version(self) -> tuple[str | None, ...]:
+        """What changes whenever what `status` reports does: the generation (every commit) and the
+        last run (recorded also by a run that changed nothing)."""
+        with self.engine.connect() as conn:
+            meta = read_meta(conn)
+        return meta.get("generation"), meta.get("last_run_at"), meta.get("last_run_seconds")
+
     @property
     def viewer_template(self) -> str | None:
         """The viewer URL template of `indexer.viewer_links` (mi-index --viewer-url), None if not set."""
