@@ -123,7 +123,9 @@ def _remove_empty_index(folder: Path, made_folders: list[Path]) -> None:
                 return  # committed work stays: the next run completes it
     except Exception:
         pass
-    ours = ("index.sqlite", "index.lock", "vectors.")
+    from .store.vector_file import FILE_NAME as VECTOR_FILE
+
+    ours = ("index.sqlite", "index.lock", "vectors.", VECTOR_FILE)
     if folder.is_dir() and all(p.name.startswith(ours) for p in folder.iterdir()):
         for path in folder.iterdir():
             path.unlink(missing_ok=True)

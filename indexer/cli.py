@@ -267,7 +267,8 @@ def _more_paths(index_dir: Path, sample_dir: Path | None, update: bool, folders_
     for source, asked in ((index_dir, update), (folders_of, folders_of is not None)):
         if not asked:
             continue
-        with IndexStore.open(source, readonly=True) as store:
+        # the index --update writes is opened for writing: an index of an older schema is upgraded, not refused
+        with IndexStore.open(source, readonly=source != index_dir) as store:
             roots = store.roots()
         urls += [root for root in roots if is_pacs_url(root)]
         roots = [root for root in roots if not is_pacs_url(root)]

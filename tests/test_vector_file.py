@@ -18,6 +18,7 @@ from indexer.store.vector_file import FILE_NAME, STORED_ATOL, VectorFile, id_run
 from old_index import as_schema_7
 
 DIM = 1024
+FIXTURE = Path(__file__).parent / "fixtures" / "medimageinsight-tiny"
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -164,3 +165,19 @@ def test_series_vectors_are_read_from_the_file(tmp_path):
         (_, _, _, count, _), = store.series()[0]
         assert count == 6
         np.testing.assert_allclose(store.series()[1][0], series_module.series_vector(slices), atol=1e-3)
+
+
+def test_mi_index_update_upgrades_an_index_of_the_older_schema(tmp_path):
+    from click.testing import CliRunner
+
+    from indexer.cli import main as mi_index
+    from made_images import make_images
+
+    make_images(tmp_path / "data", 3)
+    common = ["--index", str(tmp_path / "index"), "--model", str(FIXTURE), "--workers", "0"]
+    assert CliRunner().invoke(mi_index, [str(tmp_path / "data"), *common]).exit_code == 0
+    as_schema_7(tmp_path / "index")
+    updated = CliRunner().invoke(mi_index, ["--update", "--json", *common])  # it read the roots read-only: refused
+    assert updated.exit_code == 0, updated.output
+    with IndexStore.open(tmp_path / "index", readonly=True) as store:
+        assert store.status()["schema_version"] == 8 and store.count() == 3
