@@ -252,3 +252,14 @@ def test_stats_are_counted_once_per_change(tmp_path, monkeypatch):
         with IndexStore.open(folder) as store:
             store.record_run(["/s"], 1.5)  # a run that changed nothing still says when it ran
         assert searcher.stats()["last_run_seconds"] == 1.5 and len(calls) == 3
+
+
+def test_the_writer_gets_a_large_page_cache_and_readers_do_not(tmp_path):
+    from indexer.store.database import WRITER_CACHE_KIB
+
+    built(tmp_path / "idx", ["/c/1.dcm"])
+    with IndexStore.open(tmp_path / "idx") as writer, IndexStore.open(tmp_path / "idx", readonly=True) as reader:
+        writer.lock()
+        with writer.engine.connect() as conn, reader.engine.connect() as other:
+            assert conn.exec_driver_sql("PRAGMA cache_size").scalar() == -WRITER_CACHE_KIB
+            assert other.exec_driver_sql("PRAGMA cache_size").scalar() == -2000  # SQLite's default

@@ -85,6 +85,19 @@ def _connect_pragmas(dbapi_connection, _record) -> None:
     cursor.close()
 
 
+WRITER_CACHE_KIB = 256 * 1024  # the writer's SQLite page cache (readers keep SQLite's default 2 MB)
+
+
+def give_writer_cache(engine: Engine) -> None:
+    """Connections of the one writer get a page cache of WRITER_CACHE_KIB, filled only as used: a
+    transaction that touches more pages than the cache holds spills them to the WAL and reads them
+    back. --remove of 10% (100k interleaved rows) at 1M: 10.4 s with the default, 6.1 s with 256 MB
+    (1 GB: no faster; the process stayed at 0.25 GB)."""
+    event.listen(engine, "connect", lambda connection, _record:
+                 connection.execute(f"PRAGMA cache_size = -{WRITER_CACHE_KIB}"))
+    engine.dispose()  # connections pooled before were opened without it
+
+
 def open_engine(folder: Path, *, create: bool, readonly: bool) -> Engine:
     """The engine of the database in `folder`, migrated to this program's schema (made first
     when `create`); typed StoreErrors for a missing, newer, damaged or unwritable index."""

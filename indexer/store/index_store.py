@@ -10,7 +10,7 @@ from typing import IO
 
 from sqlalchemy.engine import Engine
 
-from .database import open_engine, release_writer_lock, take_writer_lock
+from .database import give_writer_cache, open_engine, release_writer_lock, take_writer_lock
 from .faiss_cache import FaissCache
 from .identity import Identity
 from .reads import Reads
@@ -36,6 +36,7 @@ class IndexStore(Identity, Reads, Writes, FaissCache):
     def lock(self) -> None:
         """Take the writer's lock; a second mi-index on the same index is refused, not interleaved."""
         self._lock_file = take_writer_lock(self.folder)
+        give_writer_cache(self.engine)
         self.clear_removed_vectors()  # a writer killed between its commit and clearing
 
     def close(self) -> None:
