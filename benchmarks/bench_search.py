@@ -249,19 +249,9 @@ def bench_server(model: str, n: int, repeats: int) -> None:
             Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(images / f"{i:06d}.png")
         index_dir = Path(tmp, "index")
         indexer.index_paths([images], index_dir, model=RandomEncoder(load_model(model, device="cpu")))
-        server = subprocess.Popen([sys.executable, "-m", "retrieval.serve_cli", "--index", str(index_dir),
-                                   "--model", model, "--port", "0"], cwd=ROOT, env=env, stderr=subprocess.PIPE,
-                                  text=True)
-        try:
-            line = server.stderr.readline()
-            url = line.strip().split(" on ")[-1].rstrip("/")
-            for _ in range(100):
-                try:
-                    urllib.request.urlopen(url + "/api/health", timeout=5).close()
-                    break
-                except OSError:
-                    time.sleep(0.1)
+        from bench_web import served  # here: bench_web imports this module
 
+        with served(index_dir, model) as url:
             def timed(request) -> float:
                 start = time.perf_counter()
                 with urllib.request.urlopen(request, timeout=600) as response:
@@ -306,9 +296,6 @@ def bench_server(model: str, n: int, repeats: int) -> None:
                     times.append(time.perf_counter() - start)
                 print(f'mi-search "text" as a fresh process, {label}: best {min(times):.2f} s, '
                       f"median {np.median(times):.2f} s (5 runs)")
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
 
 
 def main() -> None:
