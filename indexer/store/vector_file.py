@@ -83,7 +83,7 @@ class VectorFile:
 
     # ------------------------------------------------------------------ writing (the one writer)
     def write(self, ids: np.ndarray | list[int], vectors: np.ndarray) -> None:
-        """Write rows `ids` (ascending) and fsync: call before the commit that adds them."""
+        """Write rows `ids` (ascending, each once) and fsync: call before the commit that adds them."""
         ids = np.asarray(ids, dtype=np.int64)
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         if not len(ids):
@@ -94,10 +94,10 @@ class VectorFile:
         row_bytes = dim * _DTYPE.itemsize
         packed = vectors.astype(_DTYPE)
         with self._open_for_writing(dim) as f:
-            # runs of consecutive ids: one write each (a commit's new rows are one run)
-            breaks = np.flatnonzero(np.diff(ids) != 1) + 1
-            for run in np.split(np.arange(len(ids)), breaks):
-                os.pwrite(f.fileno(), packed[run[0]:run[-1] + 1].tobytes(), _HEADER + int(ids[run[0]]) * row_bytes)
+            at = 0  # runs of consecutive ids: one write each (a commit's new rows are one run)
+            for first, last in id_runs(ids):
+                os.pwrite(f.fileno(), packed[at:at + last + 1 - first].tobytes(), _HEADER + first * row_bytes)
+                at += last + 1 - first
             os.fsync(f.fileno())
 
     def clear(self, runs: list[tuple[int, int]]) -> None:
@@ -177,7 +177,8 @@ _HOLE_MIN = 1 << 16   # shorter ranges are overwritten with zeros: a hole frees 
 def _punch_hole(fd: int, start: int, length: int) -> None:
     """Zero bytes start..start+length, and for a long range deallocate them (they read as zeros):
     zeros written where the range is short, or the file system or platform has no hole punching."""
-    if length >= _HOLE_MIN and _fallocate() is not None and _fallocate()(fd, _FALLOC_PUNCH_HOLE, start, length) == 0:
+    fallocate = _fallocate() if length >= _HOLE_MIN else None
+    if fallocate is not None and fallocate(fd, _FALLOC_PUNCH_HOLE, start, length) == 0:
         return
     zeros = bytes(min(length, 1 << 20))
     for offset in range(start, start + length, len(zeros)):
