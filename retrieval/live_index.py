@@ -1,5 +1,5 @@
 """A running Searcher's view of the vectors: the FAISS index it loaded (the base) plus what mi-index
-changed since (the delta: rows added, searched exactly from the vectors SQLite holds, and rows
+changed since (the delta: rows added, searched exactly from the stored vectors, and rows
 removed, left out by a selector), so that one added image is searchable in milliseconds, not after
 re-reading a FAISS file of gigabytes. Ids only grow, so the rows added are those above the base's
 largest id (see indexer.store.faiss_cache: the writer keeps the FAISS file for small changes)."""

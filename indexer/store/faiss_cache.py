@@ -1,4 +1,4 @@
-"""The FAISS file, a cache of the vectors SQLite holds: named by the database's id and
+"""The FAISS file, a cache of the stored vectors (vector_file): named by the database's id and
 generation, verified before use (its digest, dimension and ids), brought up to date from an
 older file or rebuilt, written atomically, and older ones removed."""
 from __future__ import annotations

@@ -102,7 +102,7 @@ def build_faiss_index(vectors, ids: np.ndarray, *, kind: str = "auto",
     rows read on indexing (indexer.store.vector_file.StoredRows), added ADD_CHUNK at a time.
 
     kind: "auto" (`choose_kind` with `memory_budget`, in bytes), "flat" (exact), "ivf" (fp16)
-    or "ivfpq" (within `memory_budget`, default 64 bytes per vector)."""
+    or "ivfpq" (the finest codes within `memory_budget`, else DEFAULT_MEMORY_BUDGET: 256 bytes at D=1024)."""
     if isinstance(vectors, np.ndarray) or not hasattr(vectors, "shape"):
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     ids = np.ascontiguousarray(ids, dtype=np.int64)
