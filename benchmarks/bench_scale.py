@@ -28,11 +28,72 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_search import DIM, clustered_unit, load, near_queries  # noqa: E402
+from bench_search import DIM, clustered_unit, load, random_unit, unit  # noqa: E402
 
 MODALITIES = ("CR", "DX", "CT", "MR", "US", "MG", "NM", "PT", "XA", "RF")
 FOLDERS = 100
 BATCH = 5000
+
+
+class Archive:
+    """N synthetic image vectors made a chunk at a time, any chunk again the same: unit vectors at
+    cosine 0.8 to one of N/100 random centres (as bench_search.clustered_unit), without holding all N
+    in memory (41 GB of float32 at 10M; the centres take 0.4 GB there)."""
+
+    CHUNK = 100_000
+
+    def __init__(self, n: int, seed: int = 0):
+        self.n, self.seed = n, seed
+        self.centres = random_unit(max(100, n // 100), DIM, seed)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def chunk(self, number: int) -> np.ndarray:
+        start = number * self.CHUNK
+        size = min(self.CHUNK, self.n - start)
+        rng = np.random.default_rng([self.seed, number])
+        picked = self.centres[rng.integers(0, len(self.centres), size)]
+        noise = unit(rng.standard_normal((size, DIM), dtype=np.float32))
+        return unit(0.8 * picked + 0.6 * noise).astype(np.float32)
+
+    def chunks(self):
+        """(first position, vectors) for every chunk in order."""
+        for number in range(-(-self.n // self.CHUNK)):
+            yield number * self.CHUNK, self.chunk(number)
+
+    def rows(self, positions) -> np.ndarray:
+        positions = np.asarray(positions, dtype=np.int64)
+        out = np.empty((len(positions), DIM), dtype=np.float32)
+        for number in np.unique(positions // self.CHUNK):
+            inside = positions // self.CHUNK == number
+            out[inside] = self.chunk(int(number))[positions[inside] - number * self.CHUNK]
+        return out
+
+    def near_queries(self, count: int, cosine: float, seed: int) -> np.ndarray:
+        """Queries at `cosine` to `count` random images (bench_search.near_queries, streamed)."""
+        rng = np.random.default_rng(seed)
+        base = self.rows(rng.choice(self.n, size=count, replace=False))
+        noise = unit(rng.standard_normal(base.shape, dtype=np.float32))
+        return unit(cosine * base + np.sqrt(1 - cosine ** 2) * noise).astype(np.float32)
+
+
+def batches(data):
+    """(first position, vectors) BATCH at a time from an array or an Archive."""
+    if isinstance(data, Archive):
+        for first, chunk in data.chunks():
+            for at in range(0, len(chunk), BATCH):
+                yield first + at, chunk[at:at + BATCH]
+    else:
+        for first in range(0, len(data), BATCH):
+            yield first, data[first:first + BATCH]
+
+
+def memory_peak_gb() -> str:
+    """This process's peak and current resident memory (VmHWM, VmRSS), and the anonymous part now."""
+    status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
+    gb = {key: int(status[key].split()[0]) / 1e6 for key in ("VmHWM", "VmRSS", "RssAnon")}
+    return f"peak RSS {gb['VmHWM']:.2f} GB (now {gb['VmRSS']:.2f}, anonymous {gb['RssAnon']:.2f})"
 
 
 def rows(start: int, vectors: np.ndarray, root: str) -> list[dict]:
@@ -48,24 +109,33 @@ def rows(start: int, vectors: np.ndarray, root: str) -> list[dict]:
     return items
 
 
-def build(store, data: np.ndarray, root: str) -> float:
+def build(store, data, root: str) -> float:
+    """Commit `data` (an array or an Archive) BATCH images at a time, then write the FAISS file;
+    progress every million images."""
     start = time.perf_counter()
-    for first in range(0, len(data), BATCH):
-        store.commit(indexed=rows(first, data[first:first + BATCH], root))
+    for first, vectors in batches(data):
+        store.commit(indexed=rows(first, vectors, root))
+        done = first + len(vectors)
+        if done % 1_000_000 == 0 and done < len(data):
+            print(f"  {done:,} committed: {time.perf_counter() - start:.0f} s, {memory_peak_gb()}  {load()}", flush=True)
     store.record_run([root], 0.0)
+    committed = time.perf_counter() - start
     store.write_faiss()
+    print(f"  committed in {committed:.0f} s, FAISS file in {time.perf_counter() - start - committed:.0f} s", flush=True)
     return time.perf_counter() - start
 
 
-def storage(folder: Path, n: int) -> None:
-    """Disk per image by file (holes in the vector file take none), and the FAISS rebuild from the
-    stored vectors alone in a fresh process: its time and peak RSS."""
+def storage(folder: Path, n: int, rebuild: bool) -> None:
+    """Disk per image by file (holes in the vector file take none), and (`rebuild`) the FAISS rebuild
+    from the stored vectors alone in a fresh process: its time and peak RSS."""
     import subprocess
 
     sizes = {p.name.split(".")[0] + "".join(p.suffixes[-1:]): min(p.stat().st_size, p.stat().st_blocks * 512)
              for p in folder.iterdir() if p.is_file()}
     parts = ", ".join(f"{name} {size / n:,.0f} B" for name, size in sorted(sizes.items()) if size)
     print(f"disk per image: {sum(sizes.values()) / n:,.0f} B ({parts})", flush=True)
+    if not rebuild:
+        return
     for cached in folder.glob("vectors.*"):
         cached.unlink()
     # VmHWM, not ru_maxrss: a child's ru_maxrss starts at its parent's (it survives exec), which here
@@ -79,15 +149,26 @@ def storage(folder: Path, n: int) -> None:
     print(f"FAISS rebuilt from the stored vectors in a fresh process: {took} s, peak RSS {peak} GB", flush=True)
 
 
-def brute(data: np.ndarray, mask: np.ndarray | None, queries: np.ndarray, k: int) -> list[set[int]]:
-    """The exact top-k ids (SQLite ids are 1-based positions here) allowed by `mask`: all queries in one
-    pass over the vectors (a copy of 4 GB per query made the truth slower than the searches)."""
-    chosen = np.arange(len(data)) if mask is None else np.flatnonzero(mask)
-    scores = (data if mask is None else data[chosen]) @ np.asarray(queries, np.float32).T  # (rows, queries)
-    return [{int(i) + 1 for i in chosen[np.argpartition(-column, k)[:k]]} for column in scores.T]
+def brute(archive: Archive, masks: list, queries: np.ndarray, k: int) -> list[list[set[int]]]:
+    """The exact top-k ids (SQLite ids are 1-based positions here) of every query, for each mask
+    (None: every row), in one pass over the archive's chunks (made again: 41 GB at 10M)."""
+    queries = np.asarray(queries, np.float32)
+    best = [[(np.empty(0, np.int64), np.empty(0, np.float32))] * len(queries) for _ in masks]
+    for first, chunk in archive.chunks():
+        scores = chunk @ queries.T  # (rows, queries)
+        positions = np.arange(first, first + len(chunk))
+        for kept, mask in zip(best, masks):
+            inside = slice(None) if mask is None else mask[first:first + len(chunk)]
+            ids, part = positions[inside], scores[inside]
+            for q in range(len(queries)):
+                top_ids = np.concatenate([kept[q][0], ids])
+                top = np.concatenate([kept[q][1], part[:, q]])
+                cut = np.argpartition(-top, k)[:k] if len(top) > k else slice(None)
+                kept[q] = (top_ids[cut], top[cut])
+    return [[{int(i) + 1 for i in ids} for ids, _ in kept] for kept in best]
 
 
-def served_latencies(folder: Path, data: np.ndarray, cases: list, queries: int, k: int = 10) -> None:
+def served_latencies(folder: Path, likes: np.ndarray, truths: list, cases: list, k: int = 10) -> None:
     """The same searches through a real mi-serve (benchmarks/bench_web.served) over the index: GET
     /api/search?like=ID ("more like this" of an indexed image: its stored vector, no model loaded), each
     case's filters as query parameters; latency as the client sees it, recall@10 against brute force."""
@@ -97,9 +178,8 @@ def served_latencies(folder: Path, data: np.ndarray, cases: list, queries: int, 
 
     from bench_web import TINY, served
 
-    likes = np.random.default_rng(4).choice(len(data), size=queries, replace=False) + 1  # image ids
     with served(folder, str(TINY)) as url:
-        for label, filters, mask in cases:
+        for (label, filters, mask), truth in zip(cases, truths):
             params = {"k": k, "duplicates": "true"}
             for name in ("modality", "under", "since", "until"):
                 value = getattr(filters, name, None) if filters else None
@@ -114,10 +194,25 @@ def served_latencies(folder: Path, data: np.ndarray, cases: list, queries: int, 
                 if number:
                     times.append((time.perf_counter() - start) * 1000)
                     found.append({hit["id"] for hit in hits})
-            truth = brute(data, mask, data[likes - 1], k)
             recall = np.mean([len(f & t) / k for f, t in zip(found, truth)])
             print(f"{'mi-serve ' + label:>25}: p50 {np.percentile(times, 50):6.1f} ms  "
                   f"p95 {np.percentile(times, 95):6.1f} ms  recall@10 {recall:.3f}  {load()}", flush=True)
+        print(f"mi-serve's memory after them: {children_memory()}", flush=True)
+
+
+def children_memory() -> str:
+    """Peak and current resident memory of this process's child processes (the server)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            status = dict(line.split(":", 1) for line in open(f"/proc/{pid}/status") if ":" in line)
+        except OSError:
+            continue
+        if int(status["PPid"]) == os.getpid() and "VmHWM" in status:
+            gb = {key: int(status[key].split()[0]) / 1e6 for key in ("VmHWM", "VmRSS", "RssAnon")}
+            found.append(f"pid {pid}: peak RSS {gb['VmHWM']:.2f} GB (now {gb['VmRSS']:.2f}, "
+                         f"anonymous {gb['RssAnon']:.2f})")
+    return "; ".join(found) or "no child process"
 
 
 def timed(searcher, queries, filters, k=10):
@@ -198,6 +293,8 @@ def main() -> None:
     parser.add_argument("--search-only", action="store_true",
                         help="only the searches (leaves a --keep index as it is, for the next run)")
     parser.add_argument("--server", action="store_true", help="also time the searches through a real mi-serve")
+    parser.add_argument("--rebuild", action="store_true",
+                        help="also time a FAISS rebuild from the stored vectors in a fresh process")
     parser.add_argument("--gc-torch", action="store_true", help="import torch first, as the server does")
     parser.add_argument("--walk-files", type=int, help="only time the planning of an unchanged re-run over so many files")
     parser.add_argument("--series", type=int, help="only measure series vectors over so many synthetic series")
@@ -217,39 +314,47 @@ def main() -> None:
 
     n = args.images
     print(f"N={n:,}  {load()}  cpus={os.cpu_count()}", flush=True)
-    data, _ = clustered_unit(n, DIM, seed=0, clusters=max(100, n // 100))
-    queries = near_queries(data, args.queries, 0.8, seed=3)
+    archive = Archive(n, seed=0)
+    queries = archive.near_queries(args.queries, 0.8, seed=3)
+    likes = np.random.default_rng(4).choice(n, size=args.queries, replace=False) + 1  # image ids, for mi-serve
     folder = Path(args.keep or tempfile.mkdtemp(prefix="bench_scale_"))
     root = "/archive/data"
     store = IndexStore.open(folder, create=True)
-    if store.count() != n:
+    built = store.count() != n
+    if built:
         store.close()
         for f in folder.iterdir():
             f.unlink()
         store = IndexStore.open(folder, create=True)
-        print(f"build through the store: {build(store, data, root):.1f} s", flush=True)
+        print(f"build through the store: {build(store, archive, root):.1f} s, {memory_peak_gb()}  {load()}",
+              flush=True)
     store.close()
-    storage(folder, n)
+    storage(folder, n, rebuild=args.rebuild or (not built and not args.search_only))
 
-    modality = np.array([i % 10 == 0 for i in range(n)])  # MODALITIES[0]: 10%
-    in_folder = np.array([i % FOLDERS == 7 for i in range(n)])  # f007: 1%
+    positions = np.arange(n, dtype=np.int64)
+    modality = positions % 10 == 0  # MODALITIES[0]: 10%
+    in_folder = positions % FOLDERS == 7  # f007: 1%
     day0 = dt.date(2015, 1, 1)
-    days = (np.arange(n, dtype=np.int64) * 7919) % 3650
+    days = (positions * 7919) % 3650
     since, until = dt.date(2019, 1, 1), dt.date(2019, 12, 31)
     in_dates = (days >= (since - day0).days) & (days <= (until - day0).days)
     cases = [("unfiltered", None, None),
              ("10% modality", SearchFilters.make(modality=MODALITIES[0]), modality),
              ("1% folder", SearchFilters(under=f"{root}/f007"), in_folder),
              (f"{in_dates.mean():.0%} date range", SearchFilters.make(since=since, until=until), in_dates)]
+    start = time.perf_counter()
+    truths = brute(archive, [mask for _, _, mask in cases],
+                   np.vstack([queries, archive.rows(likes - 1)]) if args.server else queries, 10)
+    print(f"brute-force truth: {time.perf_counter() - start:.0f} s", flush=True)
     with Searcher(folder, model=None) as searcher:
-        for label, filters, mask in cases:
+        for (label, filters, mask), truth in zip(cases, truths):
             times, found = timed(searcher, queries, filters)
-            truth = brute(data, mask, queries, 10)
             recall = np.mean([len(f & t) / 10 for f, t in zip(found, truth)])
             print(f"{label:>16}: p50 {np.percentile(times, 50):6.1f} ms  p95 {np.percentile(times, 95):6.1f} ms"
                   f"  recall@10 {recall:.3f}  {load()}", flush=True)
+        print(f"after the searches: {memory_peak_gb()}", flush=True)
         if args.server:
-            served_latencies(folder, data, cases, args.queries)
+            served_latencies(folder, likes, [truth[len(queries):] for truth in truths], cases)
         if args.search_only:
             return
 
@@ -278,12 +383,12 @@ def main() -> None:
         print(f"--remove 10% ({removed:,} files): {time.perf_counter() - start:.2f} s (SQLite {middle - start:.2f} s"
               f", FAISS {time.perf_counter() - middle:.2f} s)", flush=True)
         store.close()
-        hits = searcher.search(vector=data[0], k=10, duplicates=True)
+        hits = searcher.search(vector=archive.rows([0])[0], k=10, duplicates=True)
         print(f"running Searcher after it: {sum(h.path.startswith(f'{root}/f000/') for h in hits)} removed rows in "
               f"the top 10 (0 expected)", flush=True)
     start = time.perf_counter()
     with Searcher(folder, model=None) as fresh:
-        fresh.search(vector=data[0], k=10, duplicates=True)
+        fresh.search(vector=archive.rows([0])[0], k=10, duplicates=True)
         print(f"a fresh Searcher's first query after it (the FAISS file read, removals applied): "
               f"{time.perf_counter() - start:.2f} s", flush=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

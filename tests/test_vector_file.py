@@ -13,6 +13,7 @@ import pytest
 from indexer.errors import IndexDamagedError, one_line
 from indexer.store import IndexStore
 from indexer.store import series as series_module
+from indexer.store import vector_file as vector_file_module
 from indexer.store.vector_file import FILE_NAME, STORED_ATOL, VectorFile, id_runs
 
 from old_index import as_schema_7
@@ -181,3 +182,25 @@ def test_mi_index_update_upgrades_an_index_of_the_older_schema(tmp_path):
     assert updated.exit_code == 0, updated.output
     with IndexStore.open(tmp_path / "index", readonly=True) as store:
         assert store.status()["schema_version"] == 8 and store.count() == 3
+
+
+def test_a_long_run_of_rows_is_read_without_the_map_and_gives_the_same_vectors(tmp_path):
+    """A FAISS build or a scan reads the file in order: one pread into memory of its own (pages of the
+    map would count in the process's RSS). Same rows, in the asked order, holes zero, as the gather."""
+    vectors = unit(np.random.default_rng(8).standard_normal((3000, 64)))
+    stored = VectorFile(tmp_path)
+    stored.write(np.arange(3000), vectors)
+    stored.clear([(100, 199)])
+    ids = np.random.default_rng(9).permutation(np.arange(50, 2950))  # dense enough: one read
+    assert len(ids) >= 1024
+    read = stored.read(ids)
+    gathered = vector_file_module._unit(stored._rows(3000)[ids])
+    np.testing.assert_array_equal(read, gathered)
+    np.testing.assert_allclose(read[ids >= 200], vectors[ids[ids >= 200]], atol=STORED_ATOL)
+    assert not read[(ids >= 100) & (ids < 200)].any()
+    sparse = np.arange(0, 3000, 3)[:1000]  # span 3x the rows: the gather
+    np.testing.assert_allclose(stored.read(sparse)[sparse >= 200], vectors[sparse[sparse >= 200]], atol=STORED_ATOL)
+    with open(stored.path, "r+b") as f:
+        f.truncate(64 + 2500 * 64 * 2)
+    with pytest.raises(IndexDamagedError):
+        VectorFile(tmp_path).read(np.arange(1000, 2900))
