@@ -98,6 +98,19 @@ def give_writer_cache(engine: Engine) -> None:
     engine.dispose()  # connections pooled before were opened without it
 
 
+def fetch_raw(engine: Engine, query: str, params: dict | tuple = ()) -> list[tuple]:
+    """The rows of one small read (`query` with sqlite3's `?` or `:name` params) through a pooled sqlite3
+    connection, without SQLAlchemy's result machinery: a search makes several (its generation, its
+    hits' rows and vectors), and each cost 0.12-0.3 ms through SQLAlchemy, 0.04 ms this way."""
+    connection = engine.raw_connection()
+    try:
+        return connection.driver_connection.execute(query, params).fetchall()
+    except sqlite3.Error as error:
+        raise storage_error(error, Path(engine.url.database).parent) from None
+    finally:
+        connection.close()
+
+
 def open_engine(folder: Path, *, create: bool, readonly: bool) -> Engine:
     """The engine of the database in `folder`, migrated to this program's schema (made first
     when `create`); typed StoreErrors for a missing, newer, damaged or unwritable index."""

@@ -9,6 +9,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
 
 from ..errors import ModelMismatchError, StoreError
+from .database import fetch_raw
 from .sql import set_meta
 
 
@@ -79,9 +80,9 @@ class Identity:
         return PatientKey(key, open_salt(sealed, key) if sealed else None)
 
     def generation(self, conn: Connection | None = None) -> int:
+        """The generation committed last (as `conn` sees it): every search reads it, to answer from it."""
         if conn is None:
-            with self.engine.connect() as conn:
-                return self.generation(conn)
+            return int(fetch_raw(self.engine, "SELECT value FROM meta WHERE key='generation'")[0][0])
         return int(conn.execute(text("SELECT value FROM meta WHERE key='generation'")).scalar())
 
     def version(self) -> tuple[str | None, ...]:
@@ -95,8 +96,8 @@ class Identity:
     def viewer_template(self) -> str | None:
         """The viewer URL template of `indexer.viewer_links` (mi-index --viewer-url), None if not set."""
         from ..viewer_links import META_KEY
-        with self.engine.connect() as conn:
-            return read_meta(conn).get(META_KEY) or None
+        found = fetch_raw(self.engine, "SELECT value FROM meta WHERE key = ?", (META_KEY,))
+        return (found[0][0] if found else None) or None
 
     def set_viewer_template(self, template: str) -> None:
         """Set (or, with '', clear) the viewer URL template, checked first."""

@@ -13,6 +13,7 @@ import numpy as np
 from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
 
+from .database import fetch_raw
 from .identity import read_meta
 from .sql import at_or_under, py_path, rows_at_paths
 from .vector_file import VectorFile
@@ -180,21 +181,22 @@ class Reads:
         ids = [int(i) for i in ids]
         if not ids:
             return {}
-        columns = ", ".join(("id", "path", "frame", "content_hash") + METADATA_FIELDS)
-        with self.engine.connect() as conn:
-            rows = conn.execute(text(f"SELECT {columns} FROM images WHERE id IN ({','.join(map(str, ids))})"))
-            return {row["id"]: {k: py_path(v) if k == "path" else v for k, v in row.items() if k != "id"}
-                    for row in rows.mappings()}
+        names = ("path", "frame", "content_hash") + METADATA_FIELDS
+        found = fetch_raw(self.engine, f"SELECT id, {', '.join(names)} FROM images WHERE id IN "
+                                       f"({','.join(map(str, ids))})")
+        return {row[0]: {"path": py_path(row[1]), **dict(zip(names[1:], row[2:]))} for row in found}
 
     def vectors(self, ids: Sequence[int], conn: Connection | None = None) -> np.ndarray:
         """float32 (len(ids), D), in the order of `ids`; KeyError for an id SQLite does not hold."""
         ids = [int(i) for i in ids]
-        if conn is None:
-            with self.engine.connect() as conn:
-                return self.vectors(ids, conn)
         if not ids:
+            if conn is None:
+                with self.engine.connect() as conn:
+                    return self.vectors(ids, conn)
             return np.zeros((0, self._recorded_dim(conn, 0)), np.float32)
-        found = set(conn.execute(text(f"SELECT id FROM images WHERE id IN ({','.join(map(str, set(ids)))})")).scalars())
+        query = f"SELECT id FROM images WHERE id IN ({','.join(map(str, set(ids)))})"
+        found = {row[0] for row in (fetch_raw(self.engine, query) if conn is None else
+                                    conn.connection.driver_connection.execute(query).fetchall())}
         missing = [i for i in ids if i not in found]
         if missing:
             raise KeyError(f"no images with ids {missing[:5]}")

@@ -2,7 +2,6 @@
 thumbnail renderer), its gate (limits.RequestGate), its docs served from the package, and its one-line errors."""
 from __future__ import annotations
 
-import json
 import os
 import threading
 from collections.abc import AsyncIterator, Sequence
@@ -20,21 +19,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from indexer.errors import MIError, one_line
 
 from . import checks, viewer, workspace
+from .json_response import AsciiJSONResponse
 from .limits import RequestGate
 from .routes import router
 from .thumbnails import ThumbnailRenderer
 from .uploads import as_sent
 
 SWAGGER_ASSETS = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text/css"}  # in static/
-
-
-class AsciiJSONResponse(JSONResponse):
-    """JSON in ASCII: a file name that is not UTF-8 (a str with surrogate escapes) travels as its \\udcXX
-    escapes, losslessly (json.loads and os.fsencode give its bytes back), as /api/query has always sent it;
-    UTF-8 JSON cannot hold it and failed with a 500."""
-
-    def render(self, content: Any) -> bytes:
-        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
 class WarmSearcher:

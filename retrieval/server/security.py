@@ -13,9 +13,10 @@ LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")  # a loopback server's own names
 WILDCARDS = ("", "0.0.0.0", "::")                 # bound to every address: any name reaches it (a token is required)
 
 
-def authorised(request: Request) -> None:
+async def authorised(request: Request) -> None:
     """A dependency of every API route: the app's token (app.state.token), as `Authorization: Bearer TOKEN` or
-    `?token=` (the page's images), else 401. (limits.RequestGate checks it first, before any body is read.)"""
+    `?token=` (the page's images), else 401. (limits.RequestGate checks it first, before any body is read.)
+    async: it does no I/O, and a plain def cost every request a hop through the thread pool."""
     token = request.app.state.token
     if token is not None and not token_given(request.headers, request.scope.get("query_string", b""), token):
         raise HTTPException(401, "a token is required: Authorization: Bearer TOKEN")
