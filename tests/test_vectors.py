@@ -137,8 +137,9 @@ def test_a_memory_budget_chooses_flat_then_fp16_then_pq():
     assert vectors.choose_kind(10_000, dim, memory_budget=30 * 10**6) == "ivf"      # 20.6 MB fp16 fits
     assert vectors.choose_kind(10**7, dim, memory_budget=10**9) == "ivfpq"          # fp16 would be 20 GB
     assert vectors.pq_bytes(10**7, dim, 10**9) == 64 and vectors.pq_bytes(10**7, dim, 3 * 10**8) == 16
-    with pytest.raises(ValueError, match="at least 0.120 GB"):
-        vectors.pq_bytes(10**7, dim, 10**8)
+    assert vectors.pq_bytes(10**7, dim, 4 * 10**9) == 128                          # 4-bit codes, D/4 of them
+    with pytest.raises(ValueError, match="at least 0.100 GB"):
+        vectors.pq_bytes(10**7, dim, 9 * 10**7)
 
 
 def test_an_ivfpq_index_fits_its_budget_and_finds_each_vector_after_reranking(tmp_path):
@@ -166,7 +167,7 @@ def test_mi_index_faiss_memory_builds_pq_and_searches_exactly(tmp_path):
     folder.mkdir()
     rng = np.random.default_rng(2)
     # 100 images: over 64 (below that a budget skips IVF fp16 anyway), 3 lists of 32 training
-    # points each, 4-bit codes (as for anything under 40 x 256 vectors); each one an encoder call
+    # points each, 4-bit codes; each one an encoder call
     for i in range(100):
         Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(folder / f"{i:03d}.png")
     index_dir = tmp_path / "index"
