@@ -115,7 +115,7 @@ class Searcher:
             if key in self._filter_cache:
                 self._filter_cache.move_to_end(key)
                 return self._filter_cache[key]
-        allowed = Allowed(self._store.filter_ids(filters))
+        allowed = Allowed(self._store.filter_ids(filters), stored=self._store.vector_file.read)
         with self._cache_lock:
             self._filter_cache[key] = allowed
             while len(self._filter_cache) > 1 and (len(self._filter_cache) > FILTER_CACHE_SIZE or sum(

@@ -209,3 +209,26 @@ def test_an_unfiltered_search_scans_more_lists_as_the_lists_grow():
         faiss.cvar.indexIVF_stats.reset()
         vectors.search(index, data[:1], 10)
         assert faiss.cvar.indexIVF_stats.nlist == expected  # lists visited by the one query
+
+
+def test_a_small_filter_under_ivfpq_is_scanned_exactly_from_the_stored_vectors(clustered):
+    """A filter of 1 row in 50, spread over every list: the probed lists hold far more codes than it
+    has rows, so its stored vectors are scanned instead (exact: the brute-force top k)."""
+    data, ids = clustered
+    index = vectors.build_faiss_index(data, ids, kind="ivfpq", nlist=16)
+    allowed_ids = ids[::50]
+    read = []
+
+    def stored(wanted):
+        read.append(len(wanted))
+        return data[(np.asarray(wanted) - 101) // 3]
+
+    allowed = vectors.Allowed(allowed_ids, stored=stored)
+    for query in data[:5]:
+        scores, found = vectors.search(index, query[None], 10, allowed)
+        assert list(found[0]) == list(exact_top(data, ids, query, 10, allowed_ids))
+        np.testing.assert_allclose(scores[0], np.sort(data[(found[0] - 101) // 3] @ query)[::-1], atol=1e-3)
+    assert sum(read) == len(allowed_ids)  # read once, kept for the next searches
+    coarse = vectors.Allowed(allowed_ids)  # no stored vectors: the lists' codes, still inside the filter
+    _, found = vectors.search(index, data[:5], 10, coarse)
+    assert np.isin(found, allowed_ids).all()

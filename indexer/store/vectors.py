@@ -66,6 +66,7 @@ ADD_CHUNK = 65_536          # vectors converted and added at a time while buildi
 FILTERED_ROWS_EXPONENT = 1 / 6  # filtered IVF: allowed rows scanned = unfiltered rows x fraction**this
 EXACT_SCAN_BYTES = 64 << 20     # a filter allowing at most this much float32 vectors may be scanned exactly
 OWN_LISTS_BYTES = 256 << 20     # a filter whose rows' codes fit this gets inverted lists of its own (a copy)
+STORED_SCAN_RATIO = 8           # IVF-PQ: scan a filter's stored vectors when the lists hold this many times its rows
 
 
 def ivf_lists(n: int) -> int:
@@ -258,6 +259,13 @@ def _filtered_ivf_search(index: faiss.Index, ivf: faiss.IndexIVF, queries: np.nd
         chosen[row, :probes] = lists[:probes]
         scores_of[row, :probes] = centroid_scores[row][nearest[row] >= 0][holding][:probes]
     probes = max(1, int((chosen >= 0).sum(axis=1).max()))
+    if index_kind(ivf) == "ivfpq" and allowed.stored is not None and held * ivf.d * 2 <= OWN_LISTS_BYTES:
+        # Fast-scan codes cost the same whether a row is allowed or not: when the probed lists hold many
+        # times the allowed rows (a 1% folder spread over every list), their stored vectors, scanned
+        # exactly, cost less (STORED_SCAN_RATIO: a float16 row against a 128-byte code).
+        scanned = _list_layout(index, ivf)[2][chosen[chosen >= 0]].sum() / len(queries)
+        if scanned > STORED_SCAN_RATIO * held:
+            return allowed.stored_exact(index).search(queries, k)
     chosen, scores_of = np.ascontiguousarray(chosen[:, :probes]), np.ascontiguousarray(scores_of[:, :probes])
     scores = np.empty((len(queries), k), dtype=np.float32)
     ids = np.empty((len(queries), k), dtype=np.int64)
@@ -284,8 +292,11 @@ class Allowed:
     does at every page and refinement) keeps one and pays neither again (retrieval.Searcher does,
     per generation). Each part is built once, under a lock: safe to share between threads."""
 
-    def __init__(self, ids: np.ndarray) -> None:
+    def __init__(self, ids: np.ndarray, stored=None) -> None:
+        """`stored`: ids -> their exact float32 vectors (indexer.store.vector_file.VectorFile.read), for
+        scanning a small filter's rows exactly under an IVF-PQ index (`stored_exact`)."""
         ids = np.ascontiguousarray(ids, dtype=np.int64)
+        self.stored = stored
         self._count = len(ids)
         self._bitmap: np.ndarray | None = None
         self._ids: np.ndarray | None = None
@@ -312,7 +323,8 @@ class Allowed:
         held = self._bitmap if self._bitmap is not None else self._ids
         with self._lock:
             return (int(held.nbytes) + sum(int(counts.nbytes) for counts in self._per_list.values())
-                    + sum(flat.ntotal * (flat.d * 4 + _ID_BYTES) for flat in self._exact.values())
+                    + sum(flat.ntotal * (faiss.downcast_index(flat.index).code_size + _ID_BYTES)
+                          for flat in self._exact.values())
                     + sum(own.ntotal * (own.code_size + _ID_BYTES) + own.nlist * own.d * 4
                           for own in self._own.values()))
 
@@ -340,6 +352,20 @@ class Allowed:
             counts[filled] = np.add.reduceat(self.contains(list_ids).astype(np.int64), starts[filled])
         self._per_list[index] = counts
         return counts
+
+    def stored_exact(self, index: faiss.Index) -> faiss.Index:
+        """A flat float16 index of the allowed rows' stored vectors (`stored`), built on the first search
+        under `index`: exact where an IVF-PQ index's codes are coarse, and half the bytes of float32."""
+        with self._lock:
+            if index not in self._exact:
+                ids = np.sort(self._ids) if self._bitmap is None else \
+                    np.flatnonzero(np.unpackbits(self._bitmap, bitorder="little"))
+                flat = faiss.IndexIDMap2(faiss.IndexScalarQuantizer(index.d, faiss.ScalarQuantizer.QT_fp16,
+                                                                    faiss.METRIC_INNER_PRODUCT))
+                for start in range(0, len(ids), ADD_CHUNK):
+                    flat.add_with_ids(self.stored(ids[start:start + ADD_CHUNK]), ids[start:start + ADD_CHUNK])
+                self._exact[index] = flat
+            return self._exact[index]
 
     def own_lists(self, index: faiss.Index, ivf: faiss.IndexIVF) -> faiss.Index:
         """An IVF index of the allowed rows of `ivf` (an IndexIVFScalarQuantizer) only: the same lists, each
