@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import sqlite3
+import weakref
 from pathlib import Path
 from typing import IO
 
@@ -98,6 +99,9 @@ def give_writer_cache(engine: Engine) -> None:
     engine.dispose()  # connections pooled before were opened without it
 
 
+_FOLDERS: weakref.WeakKeyDictionary[Engine, Path] = weakref.WeakKeyDictionary()  # open_engine's, for raw errors
+
+
 def fetch_raw(engine: Engine, query: str, params: dict | tuple = ()) -> list[tuple]:
     """The rows of one small read (`query` with sqlite3's `?` or `:name` params) through a pooled sqlite3
     connection, without SQLAlchemy's result machinery: a search makes several (its generation, its
@@ -106,9 +110,19 @@ def fetch_raw(engine: Engine, query: str, params: dict | tuple = ()) -> list[tup
     try:
         return connection.driver_connection.execute(query, params).fetchall()
     except sqlite3.Error as error:
-        raise storage_error(error, Path(engine.url.database).parent) from None
+        raise storage_error(error, _FOLDERS.get(engine, Path("."))) from None
     finally:
         connection.close()
+
+
+def execute_many_raw(conn: Connection, statement: str, rows: list[dict]) -> None:
+    """`statement` (sqlite3's `:name` params) once per row, through the sqlite3 connection beneath `conn`,
+    in its transaction: SQLAlchemy made each row's parameters at ~25 us a row (0.75 s of adding 10k
+    images, and of every 5,000-image batch a tenth)."""
+    try:
+        conn.connection.driver_connection.executemany(statement, rows)
+    except sqlite3.Error as error:
+        raise storage_error(error, _FOLDERS.get(conn.engine, Path("."))) from None
 
 
 def open_engine(folder: Path, *, create: bool, readonly: bool) -> Engine:
@@ -134,6 +148,7 @@ def open_engine(folder: Path, *, create: bool, readonly: bool) -> Engine:
                            poolclass=QueuePool)
     event.listen(engine, "connect", _connect_pragmas)
     event.listen(engine, "handle_error", lambda context: _raise_storage_error(context, folder))
+    _FOLDERS[engine] = folder
     try:
         with owner_only(), engine.begin() as conn:  # index.sqlite, -wal and -shm made 0600
             if not readonly:

@@ -12,15 +12,16 @@ import numpy as np
 from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
 
+from .database import execute_many_raw
 from .reads import METADATA_FIELDS
 from .series import refresh_series, series_at_paths, series_of_rows, series_where
 from .sql import at_or_under, db_path, py_path, rows_at_paths, set_meta
 from .vector_file import VectorFile, id_runs
 
 _IMAGE_COLUMNS = ("id", "path", "frame", "content_hash") + METADATA_FIELDS
-_INSERT_IMAGE = text(f"INSERT INTO images ({', '.join(_IMAGE_COLUMNS)}) "
+_INSERT_IMAGE = (f"INSERT INTO images ({', '.join(_IMAGE_COLUMNS)}) "
                      f"VALUES ({', '.join(':' + c for c in _IMAGE_COLUMNS)})")
-_UPSERT_FILE = text("INSERT OR REPLACE INTO files (path, size, mtime_ns, content_hash, error, indexed_at, retry) "
+_UPSERT_FILE = ("INSERT OR REPLACE INTO files (path, size, mtime_ns, content_hash, error, indexed_at, retry) "
                     "VALUES (:path, :size, :mtime_ns, :content_hash, :error, :now, :retry)")
 
 
@@ -58,12 +59,13 @@ class Writes:
                 conn.execute(text("DELETE FROM files WHERE path = :p"), {"p": db_path(path)})
             files = list(indexed) + list(skipped)
             if files:  # one statement each for the whole batch: per-file statements cost more than SQLite
-                conn.execute(text("DELETE FROM images WHERE path = :p"),
-                             [{"p": db_path(item["path"])} for item in files])
-                conn.execute(_UPSERT_FILE, [{"path": db_path(item["path"]), "size": item["size"],
-                                             "mtime_ns": item["mtime_ns"], "content_hash": item.get("content_hash"),
-                                             "error": item.get("error"), "now": now,
-                                             "retry": int(bool(item.get("retry")))} for item in files])
+                execute_many_raw(conn, "DELETE FROM images WHERE path = :p",
+                                 [{"p": db_path(item["path"])} for item in files])
+                execute_many_raw(conn, _UPSERT_FILE, [{"path": db_path(item["path"]), "size": item["size"],
+                                                       "mtime_ns": item["mtime_ns"],
+                                                       "content_hash": item.get("content_hash"),
+                                                       "error": item.get("error"), "now": now,
+                                                       "retry": int(bool(item.get("retry")))} for item in files])
             images = [(item, image) for item in indexed for image in item["images"]]
             first = _next_image_id(conn)
             image_rows = [
@@ -72,7 +74,7 @@ class Writes:
                 for n, (item, image) in enumerate(images)
             ]
             if image_rows:
-                conn.execute(_INSERT_IMAGE, image_rows)
+                execute_many_raw(conn, _INSERT_IMAGE, image_rows)
                 # on disk before the commit that makes the rows visible (indexer.store.vector_file)
                 self.vector_file.write(np.arange(first, first + len(images)),
                                        np.stack([np.asarray(image["embedding"], np.float32) for _, image in images]))
