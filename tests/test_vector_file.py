@@ -204,3 +204,18 @@ def test_a_long_run_of_rows_is_read_without_the_map_and_gives_the_same_vectors(t
         f.truncate(64 + 2500 * 64 * 2)
     with pytest.raises(IndexDamagedError):
         VectorFile(tmp_path).read(np.arange(1000, 2900))
+
+
+def test_reads_and_writes_beneath_sqlalchemy_fail_as_one_line_naming_the_index(tmp_path):
+    from indexer.errors import IndexReadOnlyError, StoreError
+    from indexer.store.database import execute_many_raw, fetch_raw
+
+    with IndexStore.open(tmp_path / "idx", create=True) as store:
+        store.commit(indexed=items("a", unit(np.random.default_rng(6).standard_normal((2, DIM)))))
+    with IndexStore.open(tmp_path / "idx", readonly=True) as store:
+        with pytest.raises(StoreError) as error:
+            fetch_raw(store.engine, "SELECT nothing FROM nowhere")
+        assert str(tmp_path / "idx") in one_line(error.value)
+        with store.engine.connect() as conn, pytest.raises(IndexReadOnlyError) as error:
+            execute_many_raw(conn, "INSERT INTO meta VALUES (:k, :v)", [{"k": "x", "v": "y"}])
+        assert str(tmp_path / "idx") in one_line(error.value) and "\n" not in one_line(error.value)
