@@ -13,7 +13,6 @@ import pytest
 from indexer.errors import IndexDamagedError, one_line
 from indexer.store import IndexStore
 from indexer.store import series as series_module
-from indexer.store import vector_file as vector_file_module
 from indexer.store.vector_file import FILE_NAME, STORED_ATOL, VectorFile, id_runs
 
 from old_index import as_schema_7
@@ -184,26 +183,31 @@ def test_mi_index_update_upgrades_an_index_of_the_older_schema(tmp_path):
         assert store.status()["schema_version"] == 8 and store.count() == 3
 
 
-def test_a_long_run_of_rows_is_read_without_the_map_and_gives_the_same_vectors(tmp_path):
-    """A FAISS build or a scan reads the file in order: one pread into memory of its own (pages of the
-    map would count in the process's RSS). Same rows, in the asked order, holes zero, as the gather."""
+def test_rows_are_read_in_any_order_near_or_scattered_and_a_cut_short_file_is_refused(tmp_path):
+    """A run of rows (a FAISS build, a scan) is one read; scattered ones (re-ranking, a training sample) a
+    read per run of neighbours: the same vectors either way, in the asked order, removed rows zero."""
     vectors = unit(np.random.default_rng(8).standard_normal((3000, 64)))
     stored = VectorFile(tmp_path)
     stored.write(np.arange(3000), vectors)
     stored.clear([(100, 199)])
-    ids = np.random.default_rng(9).permutation(np.arange(50, 2950))  # dense enough: one read
-    assert len(ids) >= 1024
-    read = stored.read(ids)
-    gathered = vector_file_module._unit(stored._rows(3000)[ids])
-    np.testing.assert_array_equal(read, gathered)
-    np.testing.assert_allclose(read[ids >= 200], vectors[ids[ids >= 200]], atol=STORED_ATOL)
-    assert not read[(ids >= 100) & (ids < 200)].any()
-    sparse = np.arange(0, 3000, 3)[:1000]  # span 3x the rows: the gather
-    np.testing.assert_allclose(stored.read(sparse)[sparse >= 200], vectors[sparse[sparse >= 200]], atol=STORED_ATOL)
+    on_disk = np.fromfile(stored.path, dtype="<f2", offset=64).reshape(-1, 64).astype(np.float32)
+    expected = on_disk / np.maximum(np.linalg.norm(on_disk, axis=1, keepdims=True), 1e-30)
+    rng = np.random.default_rng(9)
+    for ids in (rng.permutation(np.arange(50, 2950)),           # near one another: one read
+                rng.choice(3000, size=40, replace=False),        # scattered, unsorted
+                np.array([2999, 5, 5, 2999, 6]),                 # repeated, neighbours
+                np.arange(0, 3000, 97)):                         # evenly spread
+        read = stored.read(ids)
+        np.testing.assert_array_equal(read, expected[ids])
+        live = ids[(ids < 100) | (ids >= 200)]
+        np.testing.assert_allclose(stored.read(live), vectors[live], atol=STORED_ATOL)
+    assert not stored.read(np.arange(100, 200)).any()
+    assert stored.read([]).shape == (0, 64)
     with open(stored.path, "r+b") as f:
         f.truncate(64 + 2500 * 64 * 2)
-    with pytest.raises(IndexDamagedError):
-        VectorFile(tmp_path).read(np.arange(1000, 2900))
+    for ids in (np.arange(1000, 2900), np.array([3, 2600])):
+        with pytest.raises(IndexDamagedError, match="cut short"):
+            VectorFile(tmp_path).read(ids)
 
 
 def test_reads_and_writes_beneath_sqlalchemy_fail_as_one_line_naming_the_index(tmp_path):

@@ -1,5 +1,5 @@
 """The image vectors, one file beside SQLite (`embeddings.f16`): float16, row id `i`'s vector at a
-fixed offset (header + i * dim * 2), so that reading any set of rows is one memory-mapped gather.
+fixed offset (header + i * dim * 2), so that reading any set of rows is a pread per run of neighbouring rows.
 
 Why not SQLite row blobs: a float32 vector (4 KB) does not fit a 4 KB page, so every row took an
 overflow page, every count or filter scan read the vectors too, and `--remove` zeroed (secure_delete)
@@ -36,11 +36,8 @@ FILE_NAME = "embeddings.f16"
 _MAGIC = b"MIVECF16"
 _HEADER = 64                  # magic, dim (uint32), zero padding: row 0 starts page-aligned enough
 _DTYPE = np.dtype("<f2")
-# A read of at least this many rows spanning at most twice as many ids (a FAISS build or a scan
-# walking the file in order) is one pread, not a gather from the map: every mapped page a process
-# touches counts in its RSS until the kernel takes it back, so a scan through the map of a 20 GB
-# file (10M rows) showed a 20 GB peak; read into a buffer, the bytes stay in the page cache only.
-_PREAD_MIN_ROWS = 1024
+# Rows this close together are read in one pread (a few dead rows between them cost less than a call each).
+_SPAN_ROWS = 64
 _FALLOC_PUNCH_HOLE = 0x03     # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE (Linux)
 # How far a stored element may be from the float32 one it was made from: float16 keeps 11 bits
 # (half an ulp, 2^-12 of it, for elements of a unit vector below 1, so at most 2.5e-4), then the
@@ -55,57 +52,61 @@ class VectorFile:
 
     def __init__(self, folder: Path):
         self.path = Path(folder) / FILE_NAME
-        self._map: np.ndarray | None = None
 
     # ------------------------------------------------------------------ reading
     def dim(self) -> int | None:
         """The vectors' dimension, from the header; None when there is no file yet."""
         try:
-            with open(self.path, "rb") as f:
-                head = f.read(12)
+            with open(self.path, "rb", buffering=0) as f:
+                return _header_dim(self.path, os.pread(f.fileno(), 12, 0))
         except FileNotFoundError:
             return None
-        if len(head) < 12 or head[:8] != _MAGIC:
-            raise IndexDamagedError(f"{self.path} is not a vector file of this program: move the index away and "
-                                    f"run mi-index again to rebuild it")
-        return struct.unpack("<I", head[8:12])[0]
 
     def read(self, ids: np.ndarray | list[int]) -> np.ndarray:
-        """float32 (len(ids), dim) of rows SQLite holds, in the order of `ids`."""
+        """float32 (len(ids), dim) of rows SQLite holds, in the order of `ids`. Read into memory of its own,
+        not through a map: every mapped page a process touches counts in its RSS until the kernel takes it
+        back, so a FAISS build's training sample of a 20 GB file (10M rows) showed 7.4 GB, and a server
+        that re-ranks from the file at every query grew the same way."""
         ids = np.asarray(ids, dtype=np.int64)
-        rows = self._rows(int(ids.max()) + 1 if len(ids) else 0)
-        if len(ids) >= _PREAD_MIN_ROWS:
+        try:
+            f = open(self.path, "rb", buffering=0)
+        except FileNotFoundError:
+            if len(ids):
+                raise self._cut_short(0, int(ids.max()) + 1) from None
+            return np.zeros((0, 0), np.float32)
+        with f:
+            fd = f.fileno()
+            dim = _header_dim(self.path, os.pread(fd, 12, 0))
+            if not len(ids):
+                return np.zeros((0, dim), np.float32)
+            held = (os.fstat(fd).st_size - _HEADER) // (dim * _DTYPE.itemsize)
+            if int(ids.max()) >= held or int(ids.min()) < 0:
+                raise self._cut_short(held, int(ids.max()) + 1)
             first, last = int(ids.min()), int(ids.max())
-            if last + 1 - first <= 2 * len(ids):
-                return _unit(self._read_span(first, last + 1 - first, rows.shape[1])[ids - first])
-        return _unit(rows[ids])
+            if last + 1 - first <= max(2 * len(ids), _SPAN_ROWS):  # near one another: one read
+                return _unit(self._read_rows(fd, first, last + 1 - first, dim)[ids - first])
+            wanted = np.unique(ids)  # scattered: a read per run of consecutive rows
+            block = np.empty((len(wanted), dim), dtype=_DTYPE)
+            at = 0
+            for run_first, run_last in id_runs(wanted):
+                block[at:at + run_last + 1 - run_first] = self._read_rows(fd, run_first, run_last + 1 - run_first, dim)
+                at += run_last + 1 - run_first
+            return _unit(block[np.searchsorted(wanted, ids)])
 
-    def _read_span(self, first: int, count: int, dim: int) -> np.ndarray:
-        """Rows first..first+count-1 read into memory of their own (not mapped)."""
+    def _read_rows(self, fd: int, first: int, count: int, dim: int) -> np.ndarray:
+        """Rows first..first+count-1 (float16)."""
         block = np.empty((count, dim), dtype=_DTYPE)
-        with open(self.path, "rb", buffering=0) as f:
-            f.seek(_HEADER + first * dim * _DTYPE.itemsize)
-            view, done = memoryview(block).cast("B"), 0
-            while done < block.nbytes:
-                got = f.readinto(view[done:])
-                if not got:
-                    raise IndexDamagedError(f"{self.path} was cut short while it was read: run mi-index again")
-                done += got
+        view, done, offset = memoryview(block).cast("B"), 0, _HEADER + first * dim * _DTYPE.itemsize
+        while done < block.nbytes:
+            got = os.preadv(fd, [view[done:]], offset + done)
+            if not got:
+                raise self._cut_short(first + done // (dim * _DTYPE.itemsize), first + count)
+            done += got
         return block
 
-    def _rows(self, needed: int) -> np.ndarray:
-        """The float16 (rows, dim) map of the file, holding at least `needed` rows."""
-        current = self._map
-        if current is None or len(current) < needed:
-            dim = self.dim()
-            size = self.path.stat().st_size if dim else 0
-            count = (size - _HEADER) // (dim * _DTYPE.itemsize) if dim else 0
-            if count < needed:
-                raise IndexDamagedError(f"{self.path} holds vectors up to row {max(count, 0) - 1}, the index up to "
-                                        f"{needed - 1} (cut short): move the index away and run mi-index again")
-            current = np.memmap(self.path, dtype=_DTYPE, mode="r", offset=_HEADER, shape=(count, dim))
-            self._map = current
-        return current
+    def _cut_short(self, held: int, needed: int) -> IndexDamagedError:
+        return IndexDamagedError(f"{self.path} holds vectors up to row {held - 1}, the index up to {needed - 1} "
+                                 f"(cut short): move the index away and run mi-index again")
 
     # ------------------------------------------------------------------ writing (the one writer)
     def write(self, ids: np.ndarray | list[int], vectors: np.ndarray) -> None:
@@ -142,7 +143,6 @@ class VectorFile:
 
     def reset(self) -> None:
         """Remove the file (an index that holds no rows starts again with any dimension)."""
-        self._map = None
         self.path.unlink(missing_ok=True)
 
     def _open_for_writing(self, dim: int):
@@ -174,6 +174,13 @@ class StoredRows:
 
     def __getitem__(self, index) -> np.ndarray:
         return self.vector_file.read(self.ids[index])
+
+
+def _header_dim(path: Path, head: bytes) -> int:
+    if len(head) < 12 or head[:8] != _MAGIC:
+        raise IndexDamagedError(f"{path} is not a vector file of this program: move the index away and "
+                                f"run mi-index again to rebuild it")
+    return struct.unpack("<I", head[8:12])[0]
 
 
 def _unit(rows: np.ndarray) -> np.ndarray:
