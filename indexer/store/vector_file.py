@@ -48,7 +48,7 @@ STORED_ATOL = 5e-4
 
 class VectorFile:
     """`embeddings.f16` in an index folder: `write` before the commit, `read` after, `clear` for
-    removed rows. Reads map the file once and map it again when it has grown."""
+    removed rows."""
 
     def __init__(self, folder: Path):
         self.path = Path(folder) / FILE_NAME
@@ -80,9 +80,9 @@ class VectorFile:
             if not len(ids):
                 return np.zeros((0, dim), np.float32)
             held = (os.fstat(fd).st_size - _HEADER) // (dim * _DTYPE.itemsize)
-            if int(ids.max()) >= held or int(ids.min()) < 0:
-                raise self._cut_short(held, int(ids.max()) + 1)
             first, last = int(ids.min()), int(ids.max())
+            if first < 0 or last >= held:
+                raise self._cut_short(held, last + 1)
             if last + 1 - first <= max(2 * len(ids), _SPAN_ROWS):  # near one another: one read
                 return _unit(self._read_rows(fd, first, last + 1 - first, dim)[ids - first])
             wanted = np.unique(ids)  # scattered: a read per run of consecutive rows

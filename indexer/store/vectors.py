@@ -246,7 +246,8 @@ def _filtered_ivf_search(index: faiss.Index, ivf: faiss.IndexIVF, queries: np.nd
     per_list = allowed.per_list(index, ivf)
     held = int(per_list.sum())
     target = max(k, filtered_rows(nprobe, ivf.ntotal, ivf.nlist, held))  # k rows scanned: k hits when k pass
-    if target >= held and held * ivf.d * 4 <= EXACT_SCAN_BYTES and index_kind(ivf) != "ivfpq":
+    coarse = index_kind(ivf) == "ivfpq"
+    if target >= held and held * ivf.d * 4 <= EXACT_SCAN_BYTES and not coarse:
         # Every allowed row would be scanned: reading their vectors alone (decoded once per filter) beats
         # opening every list and testing each of its rows against the filter (1% at 1M: ~4x faster).
         return allowed.exact(index, ivf).search(queries, k)
@@ -262,7 +263,7 @@ def _filtered_ivf_search(index: faiss.Index, ivf: faiss.IndexIVF, queries: np.nd
         chosen[row, :probes] = lists[:probes]
         scores_of[row, :probes] = centroid_scores[row][nearest[row] >= 0][holding][:probes]
     probes = max(1, int((chosen >= 0).sum(axis=1).max()))
-    if index_kind(ivf) == "ivfpq" and allowed.stored is not None and held * ivf.d * 2 <= OWN_LISTS_BYTES:
+    if coarse and allowed.stored is not None and held * ivf.d * 2 <= OWN_LISTS_BYTES:
         # Fast-scan codes cost the same whether a row is allowed or not: when the probed lists hold many
         # times the allowed rows (a 1% folder spread over every list), their stored vectors, scanned
         # exactly, cost less (STORED_SCAN_RATIO: a float16 row against a 128-byte code).

@@ -135,11 +135,12 @@ class IndexReader:
     def batches(self, size: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(ids, float32 vectors) of every image in id order, `size` at a time, read by id
         range (no OFFSET scans), so memory holds one batch."""
+        from indexer.store.reads import raw_ids
+
         last = -1
         with self.store.engine.connect() as conn:
             while True:
-                ids = np.asarray(conn.execute(text("SELECT id FROM images WHERE id > :last ORDER BY id LIMIT :n"),
-                                              {"last": last, "n": int(size)}).scalars().all(), np.int64)
+                ids = raw_ids(conn, "SELECT id FROM images WHERE id > ? ORDER BY id LIMIT ?", (last, int(size)))
                 if not len(ids):
                     return
                 last = int(ids[-1])
