@@ -232,3 +232,60 @@ def test_a_small_filter_under_ivfpq_is_scanned_exactly_from_the_stored_vectors(c
     coarse = vectors.Allowed(allowed_ids)  # no stored vectors: the lists' codes, still inside the filter
     _, found = vectors.search(index, data[:5], 10, coarse)
     assert np.isin(found, allowed_ids).all()
+
+
+def test_fast_scan_codes_read_and_packed_as_faiss_packs_them(clustered):
+    """The fast-scan block layout read by hand agrees with FAISS's own code packer, row by row, and packing
+    the codes again gives FAISS's blocks byte for byte."""
+    data, ids = clustered
+    built = vectors.build_faiss_index(data, ids, kind="ivfpq", nlist=16)
+    index = vectors._as_ivf(built)  # a view: `built` owns it
+    packer, pairs = index.get_CodePacker(), index.M2 // 2
+    number = int(np.argmax([index.invlists.list_size(i) for i in range(index.nlist)]))
+    size = index.invlists.list_size(number)
+    assert size > 40  # more than one block
+    blocks = faiss.rev_swig_ptr(index.invlists.get_codes(number), -(-size // 32) * packer.block_size).copy()
+    rows = np.arange(size)
+    codes = vectors._codes_at(blocks, pairs, rows)
+    for row in rows.tolist():
+        flat = packer.unpack_1(blocks.reshape(-1, packer.block_size), row)  # two 4-bit codes a byte, low first
+        assert np.array_equal(codes[row], np.stack([flat & 15, flat >> 4], axis=1).reshape(-1)), row
+    assert np.array_equal(vectors._packed_codes(codes, pairs), blocks)
+    some = rows[::3]
+    assert np.array_equal(vectors._codes_at(vectors._packed_codes(codes[some], pairs), pairs,
+                                            np.arange(len(some))), codes[some])
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.05])
+def test_a_filter_under_ivfpq_gets_lists_of_its_own_that_answer_as_the_selector(clustered, monkeypatch, fraction):
+    """Under fast-scan IVF-PQ a filter gets a copy of its rows' codes: the same hits and scores as the selector
+    over the base index's lists, scanning only its rows."""
+    data, ids = clustered
+    index = vectors.build_faiss_index(data, ids, kind="ivfpq", nlist=16)
+    ivf = vectors._as_ivf(index)
+    allowed_ids = ids[np.random.default_rng(3).random(len(ids)) < fraction]
+    queries = data[:20]
+    own = vectors.Allowed(allowed_ids)
+    own_scores, own_ids = vectors.search(index, queries, 10, own)
+    assert index in own._own and own.own_lists(index, ivf).ntotal == len(allowed_ids)
+    assert np.isin(own_ids, allowed_ids).all()
+    monkeypatch.setattr(vectors, "OWN_LISTS_BYTES", 0)  # too big for lists of its own: the selector
+    selector = vectors.Allowed(allowed_ids)
+    sel_scores, sel_ids = vectors.search(index, queries, 10, selector)
+    assert index not in selector._own
+    assert np.array_equal(own_ids, sel_ids)
+    np.testing.assert_allclose(own_scores, sel_scores, atol=1e-5)
+
+
+def test_a_filtered_search_starts_from_more_lists_as_the_lists_grow():
+    """64 lists up to 1024 (1M images), growing faster than the lists beyond (512 of 4096 at 10M): a filter's
+    neighbours scatter over more of finer lists."""
+    assert [vectors.filtered_nprobe(n) for n in (256, 1024, 2048, 4096)] == [vectors.DEFAULT_NPROBE, 64, 181, 512]
+    rng = np.random.default_rng(7)
+    data = unit(rng.standard_normal((70_000, 16)))
+    index = vectors.build_faiss_index(data, np.arange(len(data)), kind="ivf", nlist=2048)
+    allowed = np.arange(0, len(data), 2)  # half: far more rows than one search scans (no exact scan)
+    faiss.cvar.indexIVF_stats.reset()
+    vectors.search(index, data[:1], 10, vectors.Allowed(allowed))
+    rows = faiss.cvar.indexIVF_stats.ndis  # allowed rows scanned by the one query
+    assert rows >= vectors.filtered_rows(181, len(data), 2048, len(allowed))
