@@ -193,15 +193,10 @@ def served_latencies(folder: Path, likes: np.ndarray, truths: list, cases: list,
     import http.client
     import json
     import urllib.parse
-    import urllib.request
 
     from bench_web import TINY, served
 
     with served(folder, str(TINY)) as url:
-        start = time.perf_counter()
-        while json.loads(urllib.request.urlopen(url + "/api/health", timeout=600).read()).get("warming"):
-            time.sleep(0.5)  # mi-serve reads the stored vectors into the page cache as it starts
-        print(f"mi-serve ready and warm after {time.perf_counter() - start:.1f} s more", flush=True)
         # one kept-alive connection, as a browser holds one: a new TCP connection per request (urllib)
         # added its own 1-2 ms to every figure
         connection = http.client.HTTPConnection(urllib.parse.urlsplit(url).netloc, timeout=600)
@@ -324,8 +319,6 @@ def main() -> None:
     parser.add_argument("--rebuild", action="store_true",
                         help="also time a FAISS rebuild from the stored vectors in a fresh process")
     parser.add_argument("--gc-torch", action="store_true", help="import torch first, as the server does")
-    parser.add_argument("--cold", action="store_true",
-                        help="search in process without reading the stored vectors into the page cache first")
     parser.add_argument("--walk-files", type=int, help="only time the planning of an unchanged re-run over so many files")
     parser.add_argument("--series", type=int, help="only measure series vectors over so many synthetic series")
     args = parser.parse_args()
@@ -340,7 +333,6 @@ def main() -> None:
 
     from indexer.filters import SearchFilters
     from indexer.store import IndexStore
-    from indexer.store.vector_file import VectorFile
     from retrieval.search import Searcher
 
     n = args.images
@@ -377,13 +369,6 @@ def main() -> None:
     truths = truth_of(archive, [mask for _, _, mask in cases],
                       np.vstack([queries, archive.rows(likes - 1)]) if args.server else queries, 10)
     print(f"brute-force truth: {time.perf_counter() - start:.0f} s", flush=True)
-    if args.cold:
-        print("stored vectors: as the page cache holds them (--cold)", flush=True)
-    else:  # as mi-serve does at its start (VectorFile.warm)
-        start = time.perf_counter()
-        done = VectorFile(folder).warm()
-        print(f"stored vectors read into the page cache: {done / 1e9:.1f} GB in {time.perf_counter() - start:.1f} s"
-              if done else "stored vectors: too big for the page cache beside the rest, not warmed", flush=True)
     with Searcher(folder, model=None) as searcher:
         for (label, filters, mask), truth in zip(cases, truths):
             times, found = timed(searcher, queries, filters)

@@ -368,8 +368,8 @@ class Searcher:
         holds: the FAISS file is a cache, and a damaged one (a flipped bit gave a "cosine" of
         1391.99) must never reach the user. A score that disagrees with SQLite's by more than
         fp16 storage explains means the cache is damaged: rebuild it from SQLite and search again.
-        An IVF-PQ index (a memory budget) is coarse by design: it proposes RERANK_FACTOR (filtered:
-        FILTERED_RERANK_FACTOR) times k candidates, and the exact scores rank them."""
+        An IVF-PQ index (a memory budget) is coarse by design: it proposes RERANK_FACTOR times k
+        candidates, and the exact scores rank them."""
         for attempt in range(2):
             scores, ids, coarse = self._vector_search(vector[None], k, allowed)
             found = [int(i) for i in ids[0] if i >= 0]
@@ -392,8 +392,8 @@ class Searcher:
         return [(float(np.clip(exact[j], -1.0, 1.0)), found[j]) for j in order]
 
     def _vector_search(self, queries: np.ndarray, k: int, allowed: Any) -> tuple[np.ndarray, np.ndarray, bool]:
-        """(scores, ids, coarse): the index's top k, or RERANK_FACTOR (filtered: FILTERED_RERANK_FACTOR)
-        times k candidates with approximate scores (coarse) from an IVF-PQ index."""
+        """(scores, ids, coarse): the index's top k, or RERANK_FACTOR times k candidates with
+        approximate scores (coarse) from an IVF-PQ index."""
         from indexer.store import vectors
 
         with self._faiss_lock:  # one reload at a time, however many threads search
@@ -412,8 +412,7 @@ class Searcher:
         if queries.shape[1] != live.base.d:
             raise QueryError(f"query vectors have {queries.shape[1]} dimensions, the index {live.base.d}")
         coarse = vectors.index_kind(live.base) == "ivfpq"
-        factor = (vectors.RERANK_FACTOR if allowed is None else vectors.FILTERED_RERANK_FACTOR) if coarse else 1
-        return (*live.search(queries, k, allowed, factor), coarse)
+        return (*live.search(queries, k, allowed, vectors.RERANK_FACTOR if coarse else 1), coarse)
 
     def _stored_vectors(self, ids: list[int]) -> np.ndarray:
         return self._store.vectors(ids)

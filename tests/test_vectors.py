@@ -281,6 +281,7 @@ def test_a_filtered_search_starts_from_more_lists_as_the_lists_grow():
     """64 lists up to 1024 (1M images), growing faster than the lists beyond (512 of 4096 at 10M): a filter's
     neighbours scatter over more of finer lists."""
     assert [vectors.filtered_nprobe(n) for n in (256, 1024, 2048, 4096)] == [vectors.DEFAULT_NPROBE, 64, 181, 512]
+    assert [vectors.unfiltered_nprobe(n) for n in (256, 1024, 2048, 4096)] == [vectors.DEFAULT_NPROBE, 96, 272, 768]
     rng = np.random.default_rng(7)
     data = unit(rng.standard_normal((70_000, 16)))
     index = vectors.build_faiss_index(data, np.arange(len(data)), kind="ivf", nlist=2048)

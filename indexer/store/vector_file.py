@@ -25,7 +25,6 @@ import ctypes
 import functools
 import os
 import struct
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +38,6 @@ _HEADER = 64                  # magic, dim (uint32), zero padding: row 0 starts 
 _DTYPE = np.dtype("<f2")
 # Rows this close together are read in one pread (a few dead rows between them cost less than a call each).
 _SPAN_ROWS = 64
-WARM_CHUNK = 8 << 20          # bytes read at a time when warming the page cache (`warm`)
-WARM_SPARE_BYTES = 1 << 30    # memory left to everything else: a file that does not fit beside it is not warmed
 _FALLOC_PUNCH_HOLE = 0x03     # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE (Linux)
 # How far a stored element may be from the float32 one it was made from: float16 keeps 11 bits
 # (half an ulp, 2^-12 of it, for elements of a unit vector below 1, so at most 2.5e-4), then the
@@ -95,28 +92,6 @@ class VectorFile:
                 block[at:at + run_last + 1 - run_first] = self._read_rows(fd, run_first, run_last + 1 - run_first, dim)
                 at += run_last + 1 - run_first
             return _unit(block[np.searchsorted(wanted, ids)])
-
-    def warm(self, stop: threading.Event | None = None, *, spare_bytes: int = WARM_SPARE_BYTES) -> int:
-        """Read the whole file once (WARM_CHUNK at a time into one buffer) so that the kernel's page cache holds
-        it, when it fits in the memory available less `spare_bytes`; stop early when `stop` is set. A re-ranking
-        query reads rows spread over the whole file: from disk here each took ~0.25 ms, 100 a query at 10M
-        images (25 of its 65 ms through mi-serve). The pages are the kernel's to drop, never this process's
-        memory. Returns the bytes read (0 when it does not fit or there is no file)."""
-        try:
-            f = open(self.path, "rb", buffering=0)
-        except FileNotFoundError:
-            return 0
-        with f:
-            size = os.fstat(f.fileno()).st_size
-            if size > _memory_available() - spare_bytes:
-                return 0
-            buffer, done = bytearray(WARM_CHUNK), 0
-            while done < size and not (stop is not None and stop.is_set()):
-                got = f.readinto(buffer)
-                if not got:
-                    break
-                done += got
-            return done
 
     def _read_rows(self, fd: int, first: int, count: int, dim: int) -> np.ndarray:
         """Rows first..first+count-1 (float16)."""
@@ -199,18 +174,6 @@ class StoredRows:
 
     def __getitem__(self, index) -> np.ndarray:
         return self.vector_file.read(self.ids[index])
-
-
-def _memory_available() -> int:
-    """Bytes of memory the kernel could give without swapping (MemAvailable), 0 where it does not say."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def _header_dim(path: Path, head: bytes) -> int:

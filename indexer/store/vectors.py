@@ -16,8 +16,7 @@ DEFAULT_MEMORY_BUDGET, 4 GB):
   Within the default budget up to ~1.9M vectors.
 - beyond: IVF-PQ with 4-bit codes scanned by SIMD table lookups (`IndexIVFPQFastScan`), m bytes per
   vector (2m sub-quantizers, the most that fit, at most D/4 of them: 128 bytes at D=1024, so 1.3 GB at
-  10M), trained on a sample. Its scores are coarse, so the Searcher fetches RERANK_FACTOR (a filtered search
-  FILTERED_RERANK_FACTOR: at 10M, 10% filters, recall@10 0.95 -> 0.96 with 20 instead of 10) times k
+  10M), trained on a sample. Its scores are coarse, so the Searcher fetches RERANK_FACTOR times k
   candidates and ranks them by the exact stored vectors. Measured on 200k clustered synthetic vectors,
   nprobe 32 of 512 lists, one thread: recall@10 1.000 after re-ranking 10 times k, 0.9 ms a query,
   trained in 9 s; 8-bit PQ of 256 bytes: the same recall, 4.7 ms, trained in 206 s (and on a loaded
@@ -67,7 +66,6 @@ FLAT_MAX_VECTORS = 50_000   # above this many rows, build an IVF (ANN) index
 DEFAULT_NPROBE = 64         # lists scanned per query in an IVF index (see bench_search.py)
 _BITMAP_MAX_ID = 1 << 30    # ids below this use a bitmap selector (O(1) membership, max_id/8 bytes)
 RERANK_FACTOR = 10          # IVF-PQ: candidates fetched per hit, then ranked by exact vectors
-FILTERED_RERANK_FACTOR = 20  # ... for a filtered search: its hits lie farther away, where codes rank worse
 _ID_BYTES = 8               # an int64 id per vector in the inverted lists
 DEFAULT_MEMORY_BUDGET = 4_000_000_000  # bytes of FAISS index without --faiss-memory: 10M fp16 would be 20 GB
 ADD_CHUNK = 65_536          # vectors converted and added at a time while building (256 MB float32 at D=1024)

@@ -74,16 +74,7 @@ def create_app(index_dir: str | os.PathLike, *, model: Any = None, device: str |
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    # The stored vectors into the page cache, beside the first requests: every IVF-PQ search re-ranks from rows
-    # spread over the whole file (indexer.store.vector_file.VectorFile.warm). /api/health says while it reads.
-    from indexer.store.vector_file import VectorFile
-
-    stop = threading.Event()
-    app.state.warming = threading.Thread(target=VectorFile(app.state.index_dir).warm, args=(stop,),
-                                         name="warm stored vectors", daemon=True)
-    app.state.warming.start()
     yield
-    stop.set()
     app.state.thumbnails.close()  # a thumbnail stuck on a slow PACS must not hold the exit
 
 

@@ -35,8 +35,7 @@ def page() -> str:
 @api.get("/health")
 def health(request: Request) -> dict[str, Any]:
     """Whether the index can be searched, and what it holds: images, model, generation,
-    when it was last indexed, images per modality, files skipped; `warming`: whether the server is
-    still reading the stored vectors into the page cache (searches answer meanwhile, slower)."""
+    when it was last indexed, images per modality, files skipped."""
     index_dir = str(request.app.state.index_dir)
     try:
         current = request.app.state.searcher()
@@ -45,13 +44,7 @@ def health(request: Request) -> dict[str, Any]:
     stats = current.stats()
     return {"ready": True, "index": index_dir, "images": stats["images"], "model": current.model_info,
             "generation": stats["generation"], "last_indexed": stats["last_run_at"],
-            "modalities": stats["modalities"], "skipped_files": sum(stats["skipped"].values()),
-            "warming": _warming(request)}
-
-
-def _warming(request: Request) -> bool:
-    warming = getattr(request.app.state, "warming", None)  # set by the app's lifespan
-    return warming is not None and warming.is_alive()
+            "modalities": stats["modalities"], "skipped_files": sum(stats["skipped"].values())}
 
 
 @api.get("/search", response_model=list[dict[str, Any]])
