@@ -197,11 +197,13 @@ def test_rows_are_read_in_any_order_near_or_scattered_and_a_cut_short_file_is_re
                 rng.choice(3000, size=40, replace=False),        # scattered, unsorted
                 np.array([2999, 5, 5, 2999, 6]),                 # repeated, neighbours
                 np.arange(0, 3000, 97)):                         # evenly spread
+        stored.prefetch(ids)  # the kernel asked to fetch them first (as re-ranking does): the same rows after
         read = stored.read(ids)
         np.testing.assert_array_equal(read, expected[ids])
         live = ids[(ids < 100) | (ids >= 200)]
         np.testing.assert_allclose(stored.read(live), vectors[live], atol=STORED_ATOL)
     assert not stored.read(np.arange(100, 200)).any()
+    VectorFile(tmp_path / "none").prefetch([1, 2])  # no file yet: nothing to fetch
     assert stored.read([]).shape == (0, 64)
     with open(stored.path, "r+b") as f:
         f.truncate(64 + 2500 * 64 * 2)

