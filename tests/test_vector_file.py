@@ -225,3 +225,8 @@ def test_reads_and_writes_beneath_sqlalchemy_fail_as_one_line_naming_the_index(t
         with store.engine.connect() as conn, pytest.raises(IndexReadOnlyError) as error:
             execute_many_raw(conn, "INSERT INTO meta VALUES (:k, :v)", [{"k": "x", "v": "y"}])
         assert str(tmp_path / "idx") in one_line(error.value) and "\n" not in one_line(error.value)
+        with pytest.raises(IndexReadOnlyError) as error:  # its first write is a raw DELETE ... RETURNING
+            store.remove_roots(["/data/a"])
+        assert str(tmp_path / "idx") in one_line(error.value)
+    with IndexStore.open(tmp_path / "idx", readonly=True) as store:
+        assert len(ids_under(store, "a")) == 2  # nothing removed

@@ -6,6 +6,8 @@ import errno
 import os
 import sqlite3
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
@@ -102,15 +104,24 @@ def give_writer_cache(engine: Engine) -> None:
 _FOLDERS: weakref.WeakKeyDictionary[Engine, Path] = weakref.WeakKeyDictionary()  # open_engine's, for raw errors
 
 
+@contextmanager
+def raw_errors(engine: Engine) -> Iterator[None]:
+    """sqlite3's own errors inside the block (statements run on the sqlite3 connection beneath SQLAlchemy,
+    which never sees them) as the store's one-line errors naming the index, as SQLAlchemy's are."""
+    try:
+        yield
+    except sqlite3.Error as error:
+        raise storage_error(error, _FOLDERS.get(engine, Path("."))) from None
+
+
 def fetch_raw(engine: Engine, query: str, params: dict | tuple = ()) -> list[tuple]:
     """The rows of one small read (`query` with sqlite3's `?` or `:name` params) through a pooled sqlite3
     connection, without SQLAlchemy's result machinery: a search makes several (its generation, its
     hits' rows and vectors), and each cost 0.12-0.3 ms through SQLAlchemy, 0.04 ms this way."""
     connection = engine.raw_connection()
     try:
-        return connection.driver_connection.execute(query, params).fetchall()
-    except sqlite3.Error as error:
-        raise storage_error(error, _FOLDERS.get(engine, Path("."))) from None
+        with raw_errors(engine):
+            return connection.driver_connection.execute(query, params).fetchall()
     finally:
         connection.close()
 
@@ -119,10 +130,8 @@ def execute_many_raw(conn: Connection, statement: str, rows: list[dict]) -> None
     """`statement` (sqlite3's `:name` params) once per row, through the sqlite3 connection beneath `conn`,
     in its transaction: SQLAlchemy made each row's parameters at ~25 us a row (0.75 s of adding 10k
     images: three statements of 10k rows each)."""
-    try:
+    with raw_errors(conn.engine):
         conn.connection.driver_connection.executemany(statement, rows)
-    except sqlite3.Error as error:
-        raise storage_error(error, _FOLDERS.get(conn.engine, Path("."))) from None
 
 
 def open_engine(folder: Path, *, create: bool, readonly: bool) -> Engine:

@@ -12,7 +12,7 @@ import numpy as np
 from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
 
-from .database import execute_many_raw
+from .database import execute_many_raw, raw_errors
 from .reads import METADATA_FIELDS
 from .series import refresh_series, series_at_paths, series_of_rows, series_where
 from .sql import at_or_under, db_path, py_path, rows_at_paths, set_meta
@@ -50,7 +50,7 @@ class Writes:
         if not (indexed or skipped or removed):
             return
         now = _now()
-        with self.engine.begin() as conn:
+        with raw_errors(self.engine), self.engine.begin() as conn:  # statements beneath SQLAlchemy too
             paths = [item["path"] for item in (*indexed, *skipped)] + list(removed)
             touched = series_at_paths(conn, [db_path(path) for path in paths])
             replaced = [row[0] for row in rows_at_paths(conn, "SELECT id FROM images WHERE path IN", paths)]
@@ -119,7 +119,7 @@ class Writes:
         # SQLite as Debian builds it zeroes every page it frees (secure_delete): a removed image's
         # vector and metadata do not stay in the file. It costs one page written per image (30k
         # removed at 300k: 46k WAL frames instead of 15k, 5.2 s instead of 4.1 with it off); kept.
-        with self.engine.begin() as conn:
+        with raw_errors(self.engine), self.engine.begin() as conn:  # its DELETE ... RETURNING runs beneath SQLAlchemy
             gone: list[int] = []
             removed = sum(_remove_one(conn, root, self.vector_file, gone) for root in roots)
             _mark_for_clearing(conn, gone)  # once for all the roots: the record is rewritten whole
