@@ -27,11 +27,11 @@ Filters are applied *inside* the scan through an IDSelector, never after the top
 `k` filtered hits come back whenever `k` rows pass the filter. A filter's ids become an `Allowed`
 (its bitmap selector, and per IVF index the allowed rows in each list), kept by the Searcher per
 generation. A filtered IVF search probes the closest lists *that hold allowed rows* until
-`filtered_rows` of them are scanned: the rows of `filtered_nprobe` lists (64 to 1024 lists, 512 of 4096)
-times fraction**(1/6). A filter's
-top 10 lie deeper in the unfiltered ranking (at 10% about its top 100), so it needs more lists than
-nprobe, but fewer than the 1/fraction times as many that the old rule probed (1M clustered, 10%:
-recall@10 0.986 there, ~0.96 with 2/3 of the rows; sqrt(1/fraction) lists fell to 0.91). When that
+`filtered_rows` of them are scanned: the rows of `filtered_nprobe` lists (64 up to 1024 lists, 512 of
+4096) times fraction**(1/6). A filter's top 10 lie deeper in the unfiltered ranking (at 10% about its
+top 100), so it needs more lists than nprobe, but fewer than the 1/fraction times as many that the old
+rule probed (1M clustered, 10%: recall@10 0.986 there, ~0.96 with 2/3 of the rows; sqrt(1/fraction)
+lists fell to 0.91). When that
 would scan every allowed row anyway (1% at 1M) and their vectors fit EXACT_SCAN_BYTES, the allowed
 rows are decoded once into a flat index and scanned exactly: testing each of a million list entries
 against the filter cost more than the ten thousand distances (23 ms -> 5 ms under load). Otherwise,
@@ -303,7 +303,8 @@ def _filtered_ivf_search(index: faiss.Index, ivf: faiss.IndexIVF, queries: np.nd
 def _own_lists_fit(ivf: faiss.IndexIVF, rows: int) -> bool:
     """Whether a filter allowing `rows` of `ivf` gets lists of its own (fp16 IVF or fast-scan IVF-PQ;
     within OWN_LISTS_BYTES)."""
-    return (type(ivf) in (faiss.IndexIVFScalarQuantizer, faiss.IndexIVFPQFastScan)
+    kinds = (faiss.IndexIVFScalarQuantizer, faiss.IndexIVFPQFastScan)
+    return (type(ivf) in kinds and getattr(ivf, "bbs", FAST_SCAN_BLOCK) == FAST_SCAN_BLOCK  # the layout read here
             and rows * (ivf.code_size + _ID_BYTES) <= OWN_LISTS_BYTES)
 
 
