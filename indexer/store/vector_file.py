@@ -38,6 +38,7 @@ _HEADER = 64                  # magic, dim (uint32), zero padding: row 0 starts 
 _DTYPE = np.dtype("<f2")
 # Rows this close together are read in one pread (a few dead rows between them cost less than a call each).
 _SPAN_ROWS = 64
+PREFETCH_MIN_RUNS = 32        # scattered reads of this many runs of rows ask the kernel for all of them first
 _FALLOC_PUNCH_HOLE = 0x03     # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE (Linux)
 # How far a stored element may be from the float32 one it was made from: float16 keeps 11 bits
 # (half an ulp, 2^-12 of it, for elements of a unit vector below 1, so at most 2.5e-4), then the
@@ -98,11 +99,11 @@ class VectorFile:
     def prefetch(self, ids: np.ndarray | list[int]) -> None:
         """Ask the kernel to start reading the rows of `ids` (scattered ones: a re-ranking's candidates), so that
         their reads overlap with other work and with one another; a no-op where the file or the call is missing."""
-        ids = np.asarray(ids, dtype=np.int64)
-        dim = self.dim() if len(ids) else None
+        runs = id_runs(np.unique(np.asarray(ids, dtype=np.int64)))
+        dim = self.dim() if len(runs) >= PREFETCH_MIN_RUNS else None
         if dim:
             with open(self.path, "rb", buffering=0) as f:
-                _prefetch(f.fileno(), id_runs(np.unique(ids)), dim)
+                _prefetch(f.fileno(), runs, dim)
 
     def _read_rows(self, fd: int, first: int, count: int, dim: int) -> np.ndarray:
         """Rows first..first+count-1 (float16)."""
@@ -188,9 +189,11 @@ class StoredRows:
 
 
 def _prefetch(fd: int, runs: list[tuple[int, int]], dim: int) -> None:
-    """posix_fadvise(WILLNEED) for each run of rows: the kernel reads them all at once, not one after another as
-    the preads would (100 scattered rows of a 20 GB file not in the page cache: 21-25 ms instead of 28-37)."""
-    if not hasattr(os, "posix_fadvise"):
+    """posix_fadvise(WILLNEED) for each run of rows, from PREFETCH_MIN_RUNS runs: the kernel reads them all at
+    once, not one after another as the preads would (100 scattered rows of a 20 GB file not in the page cache:
+    21-25 ms instead of 28-37). A few rows gain nothing: through mi-serve at 1M (10 rows a query, the file in
+    the page cache) asking cost 1-3 ms of 25."""
+    if not hasattr(os, "posix_fadvise") or len(runs) < PREFETCH_MIN_RUNS:
         return
     row = dim * _DTYPE.itemsize
     for run_first, run_last in runs:
