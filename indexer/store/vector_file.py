@@ -100,10 +100,14 @@ class VectorFile:
         """Ask the kernel to start reading the rows of `ids` (scattered ones: a re-ranking's candidates), so that
         their reads overlap with other work and with one another; a no-op where the file or the call is missing."""
         runs = id_runs(np.unique(np.asarray(ids, dtype=np.int64)))
-        dim = self.dim() if len(runs) >= PREFETCH_MIN_RUNS else None
-        if dim:
-            with open(self.path, "rb", buffering=0) as f:
-                _prefetch(f.fileno(), runs, dim)
+        if len(runs) < PREFETCH_MIN_RUNS:
+            return
+        try:
+            f = open(self.path, "rb", buffering=0)
+        except FileNotFoundError:
+            return
+        with f:  # one open for the header and the advice (dim() would open it again)
+            _prefetch(f.fileno(), runs, _header_dim(self.path, os.pread(f.fileno(), 12, 0)))
 
     def _read_rows(self, fd: int, first: int, count: int, dim: int) -> np.ndarray:
         """Rows first..first+count-1 (float16)."""
