@@ -31,16 +31,15 @@ generation. A filtered IVF search probes the closest lists *that hold allowed ro
 4096) times fraction**(1/6). A filter's top 10 lie deeper in the unfiltered ranking (at 10% about its
 top 100), so it needs more lists than nprobe, but fewer than the 1/fraction times as many that the old
 rule probed (1M clustered, 10%: recall@10 0.986 there, ~0.96 with 2/3 of the rows; sqrt(1/fraction)
-lists fell to 0.91). When that
-would scan every allowed row anyway (1% at 1M) and their vectors fit EXACT_SCAN_BYTES, the allowed
-rows are decoded once into a flat index and scanned exactly: testing each of a million list entries
-against the filter cost more than the ten thousand distances (23 ms -> 5 ms under load). Otherwise,
-when its rows' codes fit OWN_LISTS_BYTES, the filter gets inverted lists of its own (the same lists,
-holding a copy of its rows' codes only, built on its first search): the probed lists are read in
-order with no row tested against the filter (10% at 1M: 3-4x faster than the selector over the same
-lists; 205 MB). Fast-scan IVF-PQ codes are taken out of their blocks and packed again for it (10% of 10M:
-1.3-1.8 s once, 136 MB; at 200k such lists scanned 6x faster than the selector). Larger filters use the
-selector over the base index's lists. Under IVF-PQ (fast scan) a probed list costs the same however
+lists fell to 0.91). When that would scan every allowed row anyway (1% at 1M) and their vectors fit
+EXACT_SCAN_BYTES, the allowed rows are decoded once into a flat index and scanned exactly: testing each
+of a million list entries against the filter cost more than the ten thousand distances (23 ms -> 5 ms
+under load). Otherwise, when its rows' codes fit OWN_LISTS_BYTES, the filter gets inverted lists of its
+own (the same lists, holding a copy of its rows' codes only, built on its first search): the probed
+lists are read in order with no row tested against the filter (10% at 1M: 3-4x faster than the
+selector over the same lists; 205 MB). Fast-scan IVF-PQ codes are taken out of their blocks and packed
+again for it (10% of 10M: 1.3-1.8 s once, 136 MB; at 200k such lists scanned 6x faster than the
+selector). Larger filters use the selector over the base index's lists. Under IVF-PQ (fast scan) a probed list costs the same however
 few of its rows are allowed, so a filter whose probed lists hold over STORED_SCAN_RATIO times its rows
 (a 1% folder spread over every list) scans its rows' stored vectors exactly instead, as a float16 flat
 index kept with the filter (1M: 27 -> 8 ms).
@@ -447,6 +446,8 @@ class Allowed:
         list_ids, starts, sizes = _list_layout(index, ivf)
         own = _empty_twin(ivf)
         fast_scan = type(ivf) is faiss.IndexIVFPQFastScan
+        pairs = ivf.M2 // 2 if fast_scan else 0
+        block_bytes = pairs * 2 * 16  # a fast-scan block: 16 bytes a sub-quantizer
         allowed = self.contains(list_ids)  # one pass: 4096 small ones took 0.4 s at 10M
         for number in np.flatnonzero(self._count_per_list_unlocked(index, ivf)).tolist():
             size, first = int(sizes[number]), int(starts[number])
@@ -454,8 +455,7 @@ class Allowed:
             keep = np.flatnonzero(allowed[first:first + size])
             pointer = ivf.invlists.get_codes(number)
             if fast_scan:  # the allowed rows' codes taken out of the blocks and packed again
-                pairs = ivf.M2 // 2
-                blocks = faiss.rev_swig_ptr(pointer, -(-size // FAST_SCAN_BLOCK) * pairs * 32)
+                blocks = faiss.rev_swig_ptr(pointer, -(-size // FAST_SCAN_BLOCK) * block_bytes)
                 codes = _packed_codes(_codes_at(blocks, pairs, keep), pairs)
             else:
                 codes = np.ascontiguousarray(faiss.rev_swig_ptr(pointer, size * ivf.code_size)
