@@ -39,10 +39,10 @@ own (the same lists, holding a copy of its rows' codes only, built on its first 
 lists are read in order with no row tested against the filter (10% at 1M: 3-4x faster than the
 selector over the same lists; 205 MB). Fast-scan IVF-PQ codes are taken out of their blocks and packed
 again for it (10% of 10M: 1.3-1.8 s once, 136 MB; at 200k such lists scanned 6x faster than the
-selector). Larger filters use the selector over the base index's lists. Under IVF-PQ (fast scan) a probed list costs the same however
-few of its rows are allowed, so a filter whose probed lists hold over STORED_SCAN_RATIO times its rows
-(a 1% folder spread over every list) scans its rows' stored vectors exactly instead, as a float16 flat
-index kept with the filter (1M: 27 -> 8 ms).
+selector). Larger filters use the selector over the base index's lists. Under IVF-PQ (fast scan) a
+probed list costs the same however few of its rows are allowed, so a filter whose probed lists hold over
+STORED_SCAN_RATIO times its rows (a 1% folder spread over every list) scans its rows' stored vectors
+exactly instead, as a float16 flat index kept with the filter (1M: 27 -> 8 ms).
 
 GPU: `to_gpu(index)` clones the index onto the GPU when faiss was built with GPU support and a
 GPU is present; filtered searches stay on the CPU copy (GPU indexes take no IDSelector).
