@@ -290,3 +290,54 @@ def test_a_filtered_search_starts_from_more_lists_as_the_lists_grow():
     vectors.search(index, data[:1], 10, vectors.Allowed(allowed))
     rows = faiss.cvar.indexIVF_stats.ndis  # allowed rows scanned by the one query
     assert rows >= vectors.filtered_rows(181, len(data), 2048, len(allowed))
+
+
+@pytest.mark.parametrize("fraction", [None, 0.3])
+def test_one_query_split_between_idle_cores_answers_as_one_thread_does(clustered, monkeypatch, fraction):
+    """While a core is idle one query's lists are split between the cores (FAISS's parallel_mode 1), the
+    base index's or a filter's own lists; the hits are those one thread finds, and the threads are as before."""
+    data, ids = clustered
+    monkeypatch.setattr(vectors, "EXACT_SCAN_BYTES", 0)  # a filter too big to scan exactly: its own lists
+    index = vectors.build_faiss_index(data, ids, kind="ivf", nlist=32)
+    ivf = vectors._as_ivf(index)
+    allowed = None if fraction is None else vectors.Allowed(ids[np.random.default_rng(4).random(len(ids)) < fraction])
+    searched = ivf if allowed is None else allowed.own_lists(index, ivf)
+    threads = faiss.omp_get_max_threads()
+    answers = {}
+    for idle in (True, False):
+        monkeypatch.setattr(vectors, "_idle_core", lambda idle=idle: idle)
+        answers[idle] = [vectors.search(index, query[None], 10, allowed) for query in data[:20]]
+        assert searched.parallel_mode == (1 if idle else 0)
+        assert faiss.omp_get_max_threads() == threads
+    for (split_scores, split_ids), (one_scores, one_ids) in zip(answers[True], answers[False]):
+        assert np.array_equal(split_ids, one_ids)
+        np.testing.assert_allclose(split_scores, one_scores, atol=1e-6)
+    vectors.search(index, data[:20], 10, allowed)  # several queries: split by the queries
+    assert searched.parallel_mode == 0
+
+
+def test_an_idle_core_is_told_by_the_runnable_count(tmp_path, monkeypatch):
+    monkeypatch.setattr(vectors, "_CORES", 2)
+    loadavg = tmp_path / "loadavg"
+    for line, idle in (("0.52 0.61 0.84 1/120 1234", True), ("1.90 1.20 0.84 2/120 1234", False),
+                       ("3.00 2.00 1.00 5/120 1234", False), ("garbage", True)):
+        loadavg.write_text(line + "\n")
+        assert vectors._idle_core(str(loadavg)) is idle
+    assert vectors._idle_core(str(tmp_path / "missing")) is True  # no count (not Linux): split
+
+
+def test_importing_the_search_leaves_the_environment_as_it_was():
+    """FAISS's OpenMP is told to sleep when it waits only while it loads: torch, loaded later, keeps its own
+    default, and a policy the user chose is kept."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import os, indexer.store.vectors; print(os.environ.get('OMP_WAIT_POLICY'))"
+    for given, seen in ((None, "None"), ("ACTIVE", "ACTIVE")):
+        env = {key: value for key, value in os.environ.items() if key != "OMP_WAIT_POLICY"}
+        if given:
+            env["OMP_WAIT_POLICY"] = given
+        out = subprocess.run([sys.executable, "-c", code], env={**env, "PYTHONPATH": str(Path(__file__).parents[1])},
+                             capture_output=True, text=True, check=True).stdout.strip()
+        assert out == seen
