@@ -200,6 +200,7 @@ def test_rows_are_read_in_any_order_near_or_scattered_and_a_cut_short_file_is_re
         stored.prefetch(ids)  # the kernel asked to fetch them first (as re-ranking does): the same rows after
         read = stored.read(ids)
         np.testing.assert_array_equal(read, expected[ids])
+        np.testing.assert_array_equal(stored.read(ids, prefetched=True), read)  # not asked for again: the same
         live = ids[(ids < 100) | (ids >= 200)]
         np.testing.assert_allclose(stored.read(live), vectors[live], atol=STORED_ATOL)
     assert not stored.read(np.arange(100, 200)).any()

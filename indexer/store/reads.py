@@ -201,7 +201,7 @@ class Reads:
         missing = [i for i in ids if i not in found]
         if missing:
             raise KeyError(f"no images with ids {missing[:5]}")
-        return self.vector_file.read(ids)
+        return self.vector_file.read(ids, prefetched=True)
 
     def all_vectors(self, conn: Connection) -> tuple[np.ndarray, np.ndarray]:
         """(ids, vectors) of every image, in the order of id, as `conn` sees them."""

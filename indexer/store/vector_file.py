@@ -63,11 +63,12 @@ class VectorFile:
         except FileNotFoundError:
             return None
 
-    def read(self, ids: np.ndarray | list[int]) -> np.ndarray:
+    def read(self, ids: np.ndarray | list[int], *, prefetched: bool = False) -> np.ndarray:
         """float32 (len(ids), dim) of rows SQLite holds, in the order of `ids`. Read into memory of its own,
         not through a map: every mapped page a process touches counts in its RSS until the kernel takes it
         back, so a FAISS build's training sample of a 20 GB file (10M rows) showed 7.4 GB, and a server
-        that re-ranks from the file at every query grew the same way."""
+        that re-ranks from the file at every query grew the same way. `prefetched`: the caller has asked
+        the kernel for these rows already (`prefetch`), so scattered ones are not asked for again."""
         ids = np.asarray(ids, dtype=np.int64)
         try:
             f = open(self.path, "rb", buffering=0)
@@ -88,7 +89,8 @@ class VectorFile:
                 return _unit(self._read_rows(fd, first, last + 1 - first, dim)[ids - first])
             wanted = np.unique(ids)  # scattered: a read per run of consecutive rows
             runs = id_runs(wanted)
-            _prefetch(fd, runs, dim)
+            if not prefetched:
+                _prefetch(fd, runs, dim)
             block = np.empty((len(wanted), dim), dtype=_DTYPE)
             at = 0
             for run_first, run_last in runs:
