@@ -157,7 +157,7 @@ class FaissCache:
             return int(meta["generation"]), new_ids, new_vectors, kept
 
     def _write_atomically(self, index, target: Path) -> None:
-        import faiss
+        from .vectors import faiss  # loaded as vectors loads it (its OpenMP threads' wait policy)
 
         tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
         try:
@@ -179,10 +179,9 @@ class FaissCache:
         difference (row ids are never reused and rows never change, so ids say what to add and
         remove), or, when there is none or the collection changed too much, built from all
         vectors."""
-        import faiss
-
         from . import vectors as vector_index
         from .reads import raw_ids
+        from .vectors import faiss
         from .vector_file import StoredRows
 
         db_ids = raw_ids(conn, "SELECT id FROM images ORDER BY id")
@@ -236,7 +235,7 @@ def _memory_budget(meta: dict[str, str]) -> int | None:
 def _read_undamaged(path: Path, meta: dict[str, str]):
     """The FAISS file at `path` when it is not damaged since its writer recorded its digest (a
     flipped bit, a truncated copy), reads, and has the index's dimension; else None."""
-    import faiss
+    from .vectors import faiss
 
     recorded = meta.get("faiss_digest", "")
     try:
@@ -275,7 +274,7 @@ def _file_digest(path: Path, block: int = 1 << 20) -> str:
 
 def _faiss_ids(index) -> np.ndarray:
     """The ids held by a FAISS index: an IndexIDMap's map, or an IVF index's inverted lists."""
-    import faiss
+    from .vectors import faiss
 
     if hasattr(index, "id_map"):
         return faiss.vector_to_array(index.id_map).astype(np.int64)

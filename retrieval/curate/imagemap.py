@@ -170,7 +170,7 @@ def _new_point_affinities(base, reference: np.ndarray, perplexity: float, n_jobs
     openTSNE.affinity.PerplexityBasedNN: its `to_new` is used unchanged), over an exact FAISS
     kNN of the fitted points' PCA coordinates, without their own kNN graph (openTSNE's __init__
     would build it: the transform never reads it)."""
-    import faiss
+    from indexer.store.vectors import faiss  # loaded as the search loads it
     from openTSNE.nearest_neighbors import KNNIndex
     from scipy.sparse import csr_matrix
 
