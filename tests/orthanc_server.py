@@ -22,6 +22,8 @@ import pydicom
 
 from indexer.store import IndexStore
 
+from raw_sqlite import raw_db
+
 PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 ORTHANC = Path("/usr/sbin/Orthanc")
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
@@ -163,9 +165,9 @@ def stocked(orthanc: Orthanc, files: list[Path], folder: Path | None = None) -> 
 
 def rows(index_dir: Path) -> dict[str, dict]:
     """{sop_instance_uid: stored fields and embedding}, after checking there are no duplicates."""
-    db = sqlite3.connect(index_dir / "index.sqlite")
-    db.row_factory = sqlite3.Row
-    found = [dict(row) for row in db.execute("SELECT * FROM images")]
+    with raw_db(index_dir) as db:
+        db.row_factory = sqlite3.Row
+        found = [dict(row) for row in db.execute("SELECT * FROM images")]
     assert len({(row["path"], row["frame"]) for row in found}) == len(found), "duplicate images"
     with IndexStore.open(index_dir, readonly=True) as store:
         for row, vector in zip(found, store.vectors([row["id"] for row in found])):

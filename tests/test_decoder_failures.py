@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import sqlite3
 import warnings
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from indexer.store import IndexStore
 from retrieval import Searcher
 
 from made_images import make_images
+from raw_sqlite import fetch_rows
 
 FIXTURE = Path(__file__).parent / "fixtures" / "medimageinsight-tiny"
 PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
@@ -98,8 +98,7 @@ def test_fuzzed_dicom_files_are_indexed_or_skipped_with_a_reason(tmp_path, model
     skipped = {row["path"]: row["reason"] for row in summary["skipped_files"]}
     assert all(reason.strip() for reason in skipped.values())
     with IndexStore.open(tmp_path / "index", readonly=True) as store:
-        indexed = {path for path, in sqlite3.connect(store.folder / "index.sqlite").execute(
-            "SELECT DISTINCT path FROM images")}
+        indexed = {path for path, in fetch_rows(store.folder, "SELECT DISTINCT path FROM images")}
     assert indexed | set(skipped) == {str(p.resolve()) for p in data.iterdir()} and not indexed & set(skipped)
 
 

@@ -12,6 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from curate_synthetic import unit, write_index
+from raw_sqlite import fetch_rows
 
 MODALITIES = ("CT", "CR", "MR")
 BODY_PARTS = ("CHEST", "HEAD", "ABDOMEN", None)
@@ -137,9 +138,6 @@ def test_answers_are_cached_per_generation_and_filters_within_a_bound(tmp_path):
 @pytest.mark.parametrize("column", ["modality", "body_part", "view_position"])
 def test_an_unfiltered_facet_walks_an_index_not_the_rows(served, column):
     # each row carries its vector: a facet that scans the table reads the whole file (seconds at 1M)
-    import sqlite3
-
-    with sqlite3.connect(served["index"] / "index.sqlite") as conn:
-        plan = " ".join(str(row[-1]) for row in conn.execute(
-            f"EXPLAIN QUERY PLAN SELECT upper({column}), count(*) FROM images GROUP BY {column} COLLATE NOCASE"))
+    plan = " ".join(str(row[-1]) for row in fetch_rows(
+        served["index"], f"EXPLAIN QUERY PLAN SELECT upper({column}), count(*) FROM images GROUP BY {column} COLLATE NOCASE"))
     assert "COVERING INDEX" in plan, plan

@@ -11,7 +11,6 @@ import os
 import select
 import shutil
 import socket
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -28,6 +27,7 @@ from PIL import Image
 
 from retrieval.server import create_app
 
+from raw_sqlite import raw_db
 from servers import FIXTURE, build_archive, command_env, start_server, stop_server
 
 ODD_NAME = os.fsdecode(b"scan-\xff.png")  # a file name that is not UTF-8 (byte 0xff)
@@ -235,7 +235,7 @@ def test_a_slow_pacs_does_not_freeze_health_and_search(tmp_path, archive):
     threading.Thread(target=pacs.serve_forever, daemon=True).start()
     index = copy_of(archive["index"], tmp_path)
     root = f"dicomweb+http://127.0.0.1:{pacs.server_address[1]}/dicom-web"
-    with sqlite3.connect(index / "index.sqlite") as db:
+    with raw_db(index) as db:
         db.execute("UPDATE images SET path = ? || '/studies/1/series/2/instances/' || id", (root,))
         ids = [row[0] for row in db.execute("SELECT id FROM images")]
     served = start_server(index)

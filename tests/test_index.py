@@ -24,6 +24,8 @@ from indexer.cli import main as mi_index
 from indexer.store import IndexStore
 from indexer.store.vector_file import STORED_ATOL
 
+from raw_sqlite import fetch_rows
+
 FIXTURE = Path(__file__).parent / "fixtures" / "medimageinsight-tiny"
 PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 REPO = Path(__file__).parents[1]
@@ -48,8 +50,7 @@ def make_images(folder: Path, count: int, seed: int = 0, size: int = 96) -> list
 def index_state(index_dir: Path) -> dict[tuple[str, int], np.ndarray]:
     """{(path, frame): vector} from SQLite, after checking FAISS and SQLite agree."""
     with IndexStore.open(index_dir, readonly=True) as store:
-        db = sqlite3.connect(index_dir / "index.sqlite")
-        rows = db.execute("SELECT id, path, frame FROM images").fetchall()
+        rows = fetch_rows(index_dir, "SELECT id, path, frame FROM images")
         stored = store.vectors([row_id for row_id, *_ in rows])
         rows = [(*row, vector) for row, vector in zip(rows, stored)]
         assert len({(p, f) for _, p, f, _ in rows}) == len(rows), "duplicate images"
@@ -114,8 +115,7 @@ def test_migration_killed_halfway_leaves_nothing_behind(tmp_path, monkeypatch):
     monkeypatch.setattr(store_module, "SCHEMA_VERSION", 2)
     with pytest.raises(store_module.IndexFormatError):
         IndexStore.open(tmp_path / "index", create=True)
-    tables = sqlite3.connect(tmp_path / "index" / "index.sqlite").execute(
-        "SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+    tables = fetch_rows(tmp_path / "index", "SELECT name FROM sqlite_master WHERE type = 'table'")
     assert tables == []  # rolled back: the next open starts from scratch
     monkeypatch.undo()
     with IndexStore.open(tmp_path / "index", create=True) as store:
@@ -143,7 +143,7 @@ def test_faiss_cache_is_brought_up_to_date_from_sqlite(tmp_path, monkeypatch, fl
         index = store.load_faiss_with_generation()[0]  # the older file plus the difference, not a rebuild
         second = store.write_faiss()
         assert second != first and not first.exists() and builds == []
-        row_ids = [row_id for row_id, in sqlite3.connect(tmp_path / "index" / "index.sqlite").execute("SELECT id FROM images")]
+        row_ids = [row_id for row_id, in fetch_rows(tmp_path / "index", "SELECT id FROM images")]
         stored = dict(zip(row_ids, store.vectors(row_ids)))
         for loaded in (index, faiss.read_index(str(second))):
             assert loaded.ntotal == len(stored) == 140
@@ -286,8 +286,7 @@ def start_indexer(data: Path, index_dir: Path, *extra: str) -> subprocess.Popen:
 
 def committed_files(index_dir: Path) -> int:
     try:
-        db = sqlite3.connect(f"file:{index_dir / 'index.sqlite'}?mode=ro", uri=True, timeout=5)
-        return db.execute("SELECT count(*) FROM files").fetchone()[0]
+        return fetch_rows(index_dir, "SELECT count(*) FROM files", readonly=True)[0][0]
     except sqlite3.Error:
         return 0
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sqlite3
 import stat
 from pathlib import Path
 
@@ -17,6 +16,8 @@ from click.testing import CliRunner
 import indexer
 from encoders import load_model
 from indexer.store import IndexStore
+
+from raw_sqlite import fetch_rows
 
 FIXTURE = Path(__file__).parent / "fixtures" / "medimageinsight-tiny"
 PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
@@ -59,11 +60,10 @@ def test_a_migrated_image_and_a_new_image_of_one_patient_share_a_pseudonym(tmp_p
     data.mkdir()
     shutil.copy(ct, data / "new.dcm")
     indexer.index_paths([data], index_dir, model=model, workers=0)  # migrates, then adds the new image
-    db = sqlite3.connect(index_dir / "index.sqlite")
-    pseudonyms = dict(db.execute("SELECT path, patient_hash FROM images"))
+    pseudonyms = dict(fetch_rows(index_dir, "SELECT path, patient_hash FROM images"))
     assert len(pseudonyms) == 2 and None not in pseudonyms.values()
     assert pseudonyms["/archive/old.dcm"] == pseudonyms[str((data / "new.dcm").resolve())]
-    meta = dict(db.execute("SELECT key, value FROM meta"))
+    meta = dict(fetch_rows(index_dir, "SELECT key, value FROM meta"))
     assert "patient_salt" not in meta and salt not in " ".join(meta.values())   # kept sealed only
     # the query (not indexed: a changed copy) excludes both images of its patient, the migrated one too
     query = tmp_path / "query.dcm"

@@ -3,7 +3,6 @@ collated as uint8 and normalised where the model runs; the tensors and embedding
 those of `preprocess()`."""
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,8 @@ from PIL import Image
 from encoders import load_model
 from indexer.store import IndexStore
 from indexer.store.vector_file import STORED_ATOL
+
+from raw_sqlite import raw_db
 
 FIXTURE = Path(__file__).parent / "fixtures" / "medimageinsight-tiny"
 
@@ -175,7 +176,7 @@ def test_the_next_batch_starts_before_the_previous_one_is_committed(model, tmp_p
     assert summary["encoded"] == 10
     assert events == [("start", 0), ("start", 1), ("result", 0), ("commit", 4),
                       ("start", 2), ("result", 1), ("commit", 4), ("result", 2), ("commit", 2)]
-    with sqlite3.connect(tmp_path / "index" / "index.sqlite") as db, \
+    with raw_db(tmp_path / "index") as db, \
             IndexStore.open(tmp_path / "index", readonly=True) as store:
         by_name = {Path(path).name: store.vectors([row_id])[0]
                    for row_id, path in db.execute("SELECT id, path FROM images")}

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import shutil
-import sqlite3
 from pathlib import Path
 
 import pydicom
@@ -13,6 +12,7 @@ from encoders import load_model
 from indexer.store import IndexStore
 
 from cli_checks import one_line_failure
+from raw_sqlite import fetch_rows
 
 FIXTURE = Path(__file__).parent / "fixtures" / "medimageinsight-tiny"
 PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
@@ -37,11 +37,10 @@ def test_patient_pseudonyms_are_keyed_with_a_key_outside_the_index(tmp_path, mod
     monkeypatch.setenv("MI_PATIENT_KEY_FILE", str(key_file))
     index_dir = tmp_path / "index"
     indexer.index_paths([data], index_dir, model=model, workers=0)
-    db = sqlite3.connect(index_dir / "index.sqlite")
-    meta = dict(db.execute("SELECT key, value FROM meta"))
+    meta = dict(fetch_rows(index_dir, "SELECT key, value FROM meta"))
     assert "patient_salt" not in meta
     patient_id = str(pydicom.dcmread(data / "CT_small.dcm", stop_before_pixels=True).PatientID)
-    (stored,) = db.execute("SELECT patient_hash FROM images").fetchone()
+    ((stored,), *_) = fetch_rows(index_dir, "SELECT patient_hash FROM images")
     assert stored == pseudonym(patient_id, key_file.read_bytes().strip())
     assert key_file.read_bytes().strip() not in (index_dir / "index.sqlite").read_bytes()
 
@@ -73,5 +72,5 @@ def test_an_index_with_salted_hashes_is_migrated_to_keyed_pseudonyms(tmp_path):
     engine.dispose()
     with IndexStore.open(index_dir, create=True) as store:
         assert store.rows([1])[1]["patient_hash"] == pseudonym("salted-hash-of-patient-1", patient_key())
-    meta = dict(sqlite3.connect(index_dir / "index.sqlite").execute("SELECT key, value FROM meta"))
+    meta = dict(fetch_rows(index_dir, "SELECT key, value FROM meta"))
     assert "patient_salt" not in meta and meta["schema_version"] == str(store_module.SCHEMA_VERSION)

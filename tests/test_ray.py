@@ -18,6 +18,7 @@ from PIL import Image
 import indexer
 from indexer.store import IndexStore
 from indexer.store.vector_file import STORED_ATOL
+from raw_sqlite import fetch_rows, raw_db
 from servers import DICOM_NAMES, FIXTURE, PYDICOM_FILES, command_env
 
 ray = pytest.importorskip("ray", reason='Ray is not installed (pip install ".[ray]")')
@@ -45,7 +46,7 @@ def make_archive(folder: Path, count: int = 12) -> Path:
 
 
 def rows(index: Path) -> dict[str, tuple]:
-    with sqlite3.connect(index / "index.sqlite") as db, IndexStore.open(index, readonly=True) as store:
+    with raw_db(index) as db, IndexStore.open(index, readonly=True) as store:
         found = {}
         for row_id, path, frame, modality, content_hash in db.execute(
                 "SELECT id, path, frame, modality, content_hash FROM images"):
@@ -84,7 +85,7 @@ def test_a_killed_driver_resumes_without_duplicates(cluster, tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline and process.poll() is None:
         if (index / "index.sqlite").exists():
-            with sqlite3.connect(index / "index.sqlite", timeout=30) as db:
+            with raw_db(index, timeout=30) as db:
                 try:
                     committed = db.execute("SELECT count(*) FROM images").fetchone()[0]
                 except sqlite3.OperationalError:  # the schema is not there yet
@@ -96,13 +97,11 @@ def test_a_killed_driver_resumes_without_duplicates(cluster, tmp_path):
     os.killpg(process.pid, signal.SIGKILL)  # the driver (and anything it started)
     process.wait()
     process.stderr.close()
-    with sqlite3.connect(index / "index.sqlite") as db:
-        partial = db.execute("SELECT count(*) FROM images").fetchone()[0]
+    ((partial,),) = fetch_rows(index, "SELECT count(*) FROM images")
     assert 6 <= partial < 24
     resumed = subprocess.run(command + ["--json"], env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
-    with sqlite3.connect(index / "index.sqlite") as db:
-        paths = [path for (path,) in db.execute("SELECT path FROM images")]
+    paths = [path for (path,) in fetch_rows(index, "SELECT path FROM images")]
     assert len(paths) == len(set(paths)) == 24  # 3 + 1 copy + 20 PNGs; the broken file skipped
 
 

@@ -28,6 +28,8 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from raw_sqlite import fetch_rows
+
 REPO = Path(__file__).parents[1]
 FIXTURE = REPO / "tests" / "fixtures" / "medimageinsight-tiny"
 DATA_STORE = Path(data_store.__file__).parent / "data"
@@ -128,11 +130,7 @@ def kept_at(store: Path, path: Path) -> Path:
 
 def indexed_uids(index: Path) -> set[str]:
     try:
-        db = sqlite3.connect(f"file:{index / 'index.sqlite'}?mode=ro", uri=True)
-        try:
-            return {row[0] for row in db.execute("SELECT sop_instance_uid FROM images")}
-        finally:
-            db.close()
+        return {row[0] for row in fetch_rows(index, "SELECT sop_instance_uid FROM images", readonly=True)}
     except sqlite3.Error:
         return set()
 

@@ -13,6 +13,7 @@ import urllib.request
 
 import pytest
 
+from raw_sqlite import fetch_rows
 from servers import FIXTURE, command_env, start_server, stop_server
 
 # mi-search in a fresh process; afterwards it writes which heavy modules it imported.
@@ -228,9 +229,7 @@ def test_eight_clients_while_mi_index_adds_files(archive, tmp_path):
             thread.join(timeout=120)
         stop_server(served.process)
     assert errors == []
-    import sqlite3
-    with sqlite3.connect(index / "index.sqlite") as db:
-        rows = dict(db.execute("SELECT id, path FROM images"))
+    rows = dict(fetch_rows(index, "SELECT id, path FROM images"))
     assert len(rows) == 7 + 15
     for per_client in answers:
         assert per_client, "a client got no answer"

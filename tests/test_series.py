@@ -5,7 +5,6 @@ image-level. With the tiny test model this checks the mechanics, not retrieval q
 from __future__ import annotations
 
 import json
-import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from retrieval import QueryError, Searcher
 from retrieval.request import SearchRequest
 
 from old_index import as_schema_7
+from raw_sqlite import fetch_rows, raw_db
 
 FIXTURE = Path(__file__).parent / "fixtures" / "medimageinsight-tiny"
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
@@ -63,8 +63,7 @@ def archive(tmp_path_factory):
 
 
 def stored(index: Path, query: str, *params):
-    with sqlite3.connect(index / "index.sqlite") as conn:
-        return conn.execute(query, params).fetchall()
+    return fetch_rows(index, query, params)
 
 
 def vectors_of(index: Path, ids) -> np.ndarray:
@@ -143,7 +142,7 @@ def test_an_older_index_gets_its_series_on_migration(archive, tmp_path):
     index = tmp_path / "index"
     shutil.copytree(root / "index", index)
     as_schema_7(index)
-    with sqlite3.connect(index / "index.sqlite") as conn:  # as schema 5 left it
+    with raw_db(index) as conn:  # as schema 5 left it
         conn.execute("DROP TABLE series")
         conn.execute("DROP INDEX images_by_series")
         conn.execute("DROP INDEX images_by_body_part")  # migration 7's

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sqlite3
 import subprocess
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from indexer.store import IndexStore
 
 from cli_checks import one_line_failure
 from made_images import make_images
+from raw_sqlite import fetch_rows
 
 FIXTURE = Path(__file__).parent / "fixtures" / "medimageinsight-tiny"
 
@@ -71,7 +71,7 @@ def test_a_damaged_database_page_is_one_line(tmp_path):
     args = [str(data), "--index", str(index_dir), "--model", str(FIXTURE), "--workers", "0"]
     assert CliRunner().invoke(mi_index, args).exit_code == 0
     db = index_dir / "index.sqlite"
-    sqlite3.connect(db).execute("PRAGMA wal_checkpoint(TRUNCATE)").close()  # every page in the file itself
+    fetch_rows(db, "PRAGMA wal_checkpoint(TRUNCATE)")  # every page in the file itself
     raw = bytearray(db.read_bytes())
     page = 4096
     for offset in range(page, len(raw), page):  # every page but the first: headers and cells
@@ -114,7 +114,7 @@ def test_a_read_only_index_is_searched_and_writing_is_refused_in_one_line(tmp_pa
     make_images(data, 5)
     assert CliRunner().invoke(mi_index, [str(data), "--index", str(index_dir), "--model", str(FIXTURE),
                                          "--workers", "0"]).exit_code == 0
-    sqlite3.connect(index_dir / "index.sqlite").execute("PRAGMA wal_checkpoint(TRUNCATE)").close()
+    fetch_rows(index_dir, "PRAGMA wal_checkpoint(TRUNCATE)")
     for leftover in index_dir.glob("index.sqlite-*"):  # as a copied or archived index has no -wal/-shm
         leftover.unlink()
     read_only = read_only_view(index_dir)

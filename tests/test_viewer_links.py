@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 
 from indexer.viewer_links import ViewerTemplateError, checked_template, viewer_url
 from orthanc_server import Orthanc, dicom_files, stocked
+from raw_sqlite import fetch_rows
 from servers import FIXTURE, PYDICOM_FILES, REPO, command_env
 
 KEY = "dicomweb+http://pacs:8042/dicom-web/studies/1.2.3/series/1.2.3.4/instances/1.2.3.4.5"
@@ -96,8 +96,7 @@ def mi(command: str, *args: str) -> subprocess.CompletedProcess:
 
 
 def meta(index: Path) -> dict[str, str]:
-    with sqlite3.connect(f"file:{index / 'index.sqlite'}?mode=ro", uri=True) as conn:
-        return dict(conn.execute("SELECT key, value FROM meta"))
+    return dict(fetch_rows(index, "SELECT key, value FROM meta", readonly=True))
 
 
 def test_the_template_is_an_index_setting_every_front_end_fills(pacs_index, model):

@@ -9,7 +9,6 @@ import os
 import queue
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -20,6 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from raw_sqlite import fetch_rows
 from servers import FIXTURE, PYDICOM_FILES, command_env
 
 pytest.importorskip("watchfiles")
@@ -67,8 +67,7 @@ class Watcher:
 
 def rows(index: Path) -> dict[str, str]:
     """path -> content hash of the index's image rows, read as any other reader would."""
-    with sqlite3.connect(f"file:{index / 'index.sqlite'}?mode=ro", uri=True) as conn:
-        return dict(conn.execute("SELECT path, content_hash FROM images"))
+    return dict(fetch_rows(index, "SELECT path, content_hash FROM images", readonly=True))
 
 
 def until(condition, what: str, watcher: Watcher) -> None:

@@ -186,7 +186,11 @@ def _vacuum_after_migration(engine: Engine, folder: Path) -> None:
             return
     try:
         with owner_only(), engine.connect() as conn:
-            conn.connection.driver_connection.execute("VACUUM")
+            raw = conn.connection.driver_connection
+            raw.execute("VACUUM")
+            # VACUUM in WAL mode writes the whole new file into the WAL: fold it in and truncate
+            # it now, not at the last connection's close, which another open one would put off.
+            raw.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         with engine.begin() as conn:
             conn.execute(text("DELETE FROM meta WHERE key = 'vacuum_after_migration'"))
     except (DatabaseError, OperationalError, sqlite3.Error) as e:
