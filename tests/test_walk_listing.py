@@ -2,18 +2,22 @@
 unchanged re-run's planning finds: links resolved, hidden and odd entries left out, changes found."""
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
+
 from made_images import make_images
 from other_model import FIXTURE, model_with_other_weights
 
 from indexer.run.pipeline import Summary
-from indexer.run.plan import plan
-from indexer.sources import FolderSource
+from indexer.run.plan import _compare, _compare_unique, plan
+from indexer.sources import FolderSource, Item, folders
 from indexer.store import IndexStore
 
 
@@ -114,3 +118,90 @@ def test_an_unchanged_run_with_a_named_model_does_not_import_pytorch(tmp_path):
     other = subprocess.run([*args[:-1], str(model_with_other_weights(tmp_path))], capture_output=True, text=True,
                            env=env)
     assert other.returncode != 0 and "ModelMismatchError" in other.stderr  # another model is still refused
+
+
+def _noted(child, pids):
+    """A child walk, its pid noted in `pids` (not the walk itself: it would keep it alive)."""
+    pids.append(child.pid)
+    return child
+
+
+def _walk_both_ways(source_args, monkeypatch):
+    """(items, refused, unreadable) of FolderSource(*source_args), walked in a child process and here."""
+    found = []
+    for in_child in (True, False):
+        monkeypatch.setattr(folders, "_CHILD_WALK", in_child)
+        source = FolderSource(*source_args)
+        found.append((list(source.items()), source.refused, source._unreadable))
+    return found
+
+
+def test_a_walk_in_a_child_process_lists_what_one_here_does(tmp_path, monkeypatch, caplog):
+    data, _, via = _tree(tmp_path)
+    started = []
+    real_start = folders._ChildWalk.start
+    monkeypatch.setattr(folders._ChildWalk, "start", lambda *a: _noted(real_start(*a), started))
+    in_child, here = _walk_both_ways(([via, data / "pipe.dcm"],), monkeypatch)
+    assert in_child == here and len(in_child[0]) == 6 and in_child[1] and started
+    real_open = os.open
+
+    def refused(path, *args, **kwargs):  # as in the test above: an unlistable folder, in the child too
+        if isinstance(path, str) and path.endswith("/deep"):
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, *args, **kwargs)
+    monkeypatch.setattr(os, "open", refused)
+    caplog.clear()
+    in_child, here = _walk_both_ways(([data],), monkeypatch)
+    assert in_child == here and in_child[2] == [str(data.resolve() / "a" / "deep")]
+    # the child logs nothing (a lock held at the fork would hang it): its warning is made here, once per walk
+    assert sum("cannot read folder" in record.getMessage() for record in caplog.records) == 2
+    for pid in started:
+        with pytest.raises(ChildProcessError):  # each child reaped: no zombie left behind
+            os.waitpid(pid, os.WNOHANG)
+
+
+def test_a_failed_or_abandoned_child_walk_leaves_the_walk_to_this_process(tmp_path, monkeypatch):
+    data, _, _ = _tree(tmp_path)
+    expected = list(FolderSource([data]).items())
+
+    def dies(*args):  # in the child: it ends without sending anything, as a killed one would
+        raise MemoryError
+    monkeypatch.setattr(folders, "_send_walk", dies)
+    assert list(FolderSource([data]).items()) == expected
+    monkeypatch.undo()
+    started = []
+    real_start = folders._ChildWalk.start
+    monkeypatch.setattr(folders._ChildWalk, "start", lambda *a: _noted(real_start(*a), started))
+    listing = FolderSource([data]).items()
+    del listing  # dropped unread: its child is stopped and reaped, not left waiting to write
+    gc.collect()
+    with pytest.raises(ChildProcessError):
+        os.waitpid(started[0], os.WNOHANG)
+
+
+class _ImagesOnly:
+    def accepts(self, item):
+        return item.key.endswith(".dcm")
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_quick_comparison_of_a_listing_without_repeats_agrees_with_the_loop(seed):
+    rng = np.random.default_rng(seed)
+    listed, known = [], {}
+    for i in range(400):
+        key = f"/data/{i}.{'dcm' if rng.random() < 0.9 else 'txt'}"
+        size, mtime = int(rng.integers(1, 4)), int(rng.integers(1, 4))
+        kind = rng.choice(["unchanged", "changed", "new", "gone", "skipped", "retry"], p=[.5, .1, .1, .1, .1, .1])
+        if kind != "gone":
+            listed.append(Item(key, size, mtime))
+        if kind != "new":
+            known[key] = (size if kind != "changed" else size + 1, mtime, "bad" if kind in ("skipped", "retry") else None,
+                          kind == "retry")
+    if seed == 0:  # nothing gone: the quick one says so without the set of keys
+        known = {key: record for key, record in known.items() if key in {item.key for item in listed}}
+    quick, loop = Summary(), Summary()
+    todo, keep, unchanged, still = _compare_unique(listed, {item.key for item in listed}, known, _ImagesOnly(), quick)
+    todo_l, keep_l, unchanged_l, still_l = _compare(listed, known, _ImagesOnly(), loop)
+    assert (todo, unchanged, still, quick) == (todo_l, unchanged_l, still_l, loop)
+    assert (known.keys() - keep if keep is not None else set()) == known.keys() - keep_l
+    assert (keep is None) == (seed == 0 and not known.keys() - keep_l)

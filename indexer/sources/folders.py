@@ -4,8 +4,13 @@ from __future__ import annotations
 import logging
 import operator
 import os
+import pickle
+import signal
 import stat
-from collections.abc import Iterator, Sequence
+import sys
+import weakref
+from array import array
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -44,18 +49,33 @@ class FolderSource:
         return ", ".join(map(str, self.roots))
 
     def items(self) -> Iterator[Item]:
+        """Every file under the roots. On Linux the walk starts at once, in a child process, so that
+        the caller can read the index's records meanwhile (`indexer.run.plan`): an unchanged re-run's
+        planning over 100k files took 1.46 s walking first, 1.13-1.23 s with the child."""
         self._unreadable.clear()
-        not_files: list[str] = []
+        return self._collect(_ChildWalk.start(self.roots, self.skip) if _CHILD_WALK else None)
+
+    def _collect(self, child: _ChildWalk | None) -> Iterator[Item]:
         make = tuple.__new__  # Item(...) through its keyword-checking __new__ cost twice as much, per file
-        for batch in _folder_batches(self.roots, self.skip, self._unreadable, not_files):
-            # A folder's items made in one comprehension: a yield per file through two generators cost more
-            yield from [make(Item, (path, st.st_size, st.st_mtime_ns)) for path, st in batch]
+        walked = child.result() if child is not None else None
+        if walked is None:  # walked here: no child, or it failed (the error, if any, comes again here)
+            not_files: list[str] = []
+            for batch in _folder_batches(self.roots, self.skip, self._unreadable, not_files):
+                # A folder's items made in one comprehension: a yield per file through two generators cost more
+                yield from [make(Item, (path, st.st_size, st.st_mtime_ns)) for path, st in batch]
+        else:
+            paths, sizes, mtimes, unreadable, not_files = walked
+            self._unreadable.extend(unreadable)
+            yield from [make(Item, item) for item in zip(paths, sizes, mtimes)]
         self.refused.extend((path, "not a regular file (a FIFO, device or socket)") for path in not_files)
 
     def known(self, store: IndexStore, listed: Sequence[str]) -> dict[str, tuple]:
-        known = store.files_under([Path(os.path.realpath(root)) for root in self.roots])
+        roots = [os.path.realpath(root) for root in self.roots]
+        known = store.files_under([Path(root) for root in roots])
         # files reached through a symlinked folder live outside the roots: look them up one by one
-        known.update(store.files_at(sorted(set(listed) - known.keys())))
+        inside = tuple(root.rstrip(os.sep) + os.sep for root in roots)
+        elsewhere = {key for key in listed if not key.startswith(inside)}
+        known.update(store.files_at(sorted(elsewhere - known.keys())))
         return known
 
     def accepts(self, item: Item) -> bool:
@@ -87,9 +107,15 @@ _BY_DESCRIPTOR = os.scandir in os.supports_fd and hasattr(os, "O_DIRECTORY")
 _FOLDER_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)  # O_DIRECTORY: a FIFO put there is refused, not opened
 
 
+def _warn_unreadable(folder: str, why: str) -> None:
+    log.warning("cannot read folder %s: %s", folder, why)
+
+
 def _folder_batches(roots: Sequence[Path], skip: Path | None, unreadable: list[str] | None,
-                    not_files: list[str] | None) -> Iterator[list[tuple[str, os.stat_result]]]:
-    """`walk`'s files, a list per folder (a root that is a file: a list of one)."""
+                    not_files: list[str] | None, warn: Callable[[str, str], None] = _warn_unreadable,
+                    ) -> Iterator[list[tuple[str, os.stat_result]]]:
+    """`walk`'s files, a list per folder (a root that is a file: a list of one); `warn(folder,
+    reason)` for each folder that cannot be read."""
     seen_dirs: set[tuple[int, int]] = set()
     for root in roots:
         root = Path(root).expanduser()
@@ -119,7 +145,7 @@ def _folder_batches(roots: Sequence[Path], skip: Path | None, unreadable: list[s
                 entries = sorted(os.scandir(folder if fd is None else fd), key=_name, reverse=True)
                 files = _listed(folder, resolved, entries, stack)  # while fd is open: the stat calls are relative to it
             except OSError as e:
-                log.warning("cannot read folder %s: %s", folder, e.strerror)
+                warn(folder, e.strerror)
                 if unreadable is not None:
                     unreadable.append(resolved)
                 continue
@@ -153,3 +179,93 @@ def _listed(folder: str, resolved: str, entries: list[os.DirEntry], stack: list[
         except OSError:
             continue  # a dangling link or a file gone meanwhile
     return files
+
+
+# A fork is cheap on Linux (the pages are shared until written); macOS forbids much in a forked child
+# of a process with threads.
+_CHILD_WALK = sys.platform.startswith("linux")
+
+
+class _ChildWalk:
+    """`_folder_batches` run in a forked child process, its result sent back whole through a pipe:
+    the paths as one NUL-separated string, sizes and times as int64 arrays (2 ms to take back per
+    100k files). The child only lists and stats: it logs nothing (a logging lock another thread held
+    at the fork would never be let go there), and ends with os._exit. Whatever goes wrong with it
+    (it cannot start, it fails, it is killed) leaves `result()` None: the caller walks itself."""
+
+    def __init__(self, pid: int, pipe: int):
+        self.pid, self.pipe = pid, pipe
+        # a walk never taken (the listing dropped unread) must not leave its child waiting to write
+        self._stop = weakref.finalize(self, _stop_child, pid, pipe)
+
+    @classmethod
+    def start(cls, roots: Sequence[Path], skip: Path | None) -> _ChildWalk | None:
+        read_end, write_end = os.pipe()
+        try:
+            pid = os.fork()
+        except OSError:  # no memory or processes left for it
+            os.close(read_end)
+            os.close(write_end)
+            return None
+        if pid == 0:  # the child
+            try:
+                os.close(read_end)
+                try:  # Ctrl-C ends it at once, not through a handler of the parent's
+                    signal.signal(signal.SIGINT, signal.SIG_DFL)
+                except ValueError:
+                    pass
+                _send_walk(write_end, roots, skip)
+            finally:
+                os._exit(0)
+        os.close(write_end)
+        return cls(pid, read_end)
+
+    def result(self) -> tuple[list[str], array, array, list[str], list[str]] | None:
+        """(paths, sizes, mtimes, unreadable folders, roots that are not files), once the child is done."""
+        self._stop.detach()
+        chunks = []
+        try:
+            with open(self.pipe, "rb") as pipe:
+                while chunk := pipe.read(1 << 20):
+                    chunks.append(chunk)
+        except BaseException:  # interrupted while the child walks
+            _stop_child(self.pid, None)
+            raise
+        os.waitpid(self.pid, 0)  # it has closed its end: done, or dead
+        try:
+            paths, sizes, mtimes, unreadable, not_files, warnings = pickle.loads(b"".join(chunks))
+        except Exception:  # nothing or part of it came: the child failed or was killed
+            return None
+        for folder, why in warnings:
+            _warn_unreadable(folder, why)
+        sizes_of, mtimes_of = array("q"), array("q")
+        sizes_of.frombytes(sizes)
+        mtimes_of.frombytes(mtimes)
+        return (paths.split("\0") if paths else []), sizes_of, mtimes_of, unreadable, not_files
+
+
+def _stop_child(pid: int, pipe: int | None) -> None:
+    if pipe is not None:
+        os.close(pipe)
+    try:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass
+
+
+def _send_walk(pipe: int, roots: Sequence[Path], skip: Path | None) -> None:
+    paths: list[str] = []
+    sizes, mtimes = array("q"), array("q")
+    unreadable: list[str] = []
+    not_files: list[str] = []
+    warnings: list[tuple[str, str]] = []
+    for batch in _folder_batches(roots, skip, unreadable, not_files, lambda folder, why: warnings.append((folder, why))):
+        for path, st in batch:
+            paths.append(path)
+            sizes.append(st.st_size)
+            mtimes.append(st.st_mtime_ns)
+    message = pickle.dumps(("\0".join(paths), sizes.tobytes(), mtimes.tobytes(), unreadable, not_files, warnings),
+                           protocol=pickle.HIGHEST_PROTOCOL)
+    with open(pipe, "wb") as f:
+        f.write(message)
