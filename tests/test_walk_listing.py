@@ -141,8 +141,9 @@ def test_a_walk_in_a_child_process_lists_what_one_here_does(tmp_path, monkeypatc
     started = []
     real_start = folders._ChildWalk.start
     monkeypatch.setattr(folders._ChildWalk, "start", lambda *a: _noted(real_start(*a), started))
+    (data / os.fsdecode(b"not-utf8-\xff.dcm")).write_bytes(b"7")  # a name that is no UTF-8 crosses the pipe too
     in_child, here = _walk_both_ways(([via, data / "pipe.dcm"],), monkeypatch)
-    assert in_child == here and len(in_child[0]) == 6 and in_child[1] and started
+    assert in_child == here and len(in_child[0]) == 7 and in_child[1] and started
     real_open = os.open
 
     def refused(path, *args, **kwargs):  # as in the test above: an unlistable folder, in the child too
