@@ -393,7 +393,7 @@ class Searcher:
 
     def _vector_search(self, queries: np.ndarray, k: int, allowed: Any) -> tuple[np.ndarray, np.ndarray, bool]:
         """(scores, ids, coarse): the index's top k, or RERANK_FACTOR times k candidates with
-        approximate scores (coarse) from an IVF-PQ index."""
+        approximate scores (coarse) from an IVF-PQ index (FILTERED_RERANK_FACTOR times under a filter)."""
         from indexer.store import vectors
 
         with self._faiss_lock:  # one reload at a time, however many threads search
@@ -412,7 +412,8 @@ class Searcher:
         if queries.shape[1] != live.base.d:
             raise QueryError(f"query vectors have {queries.shape[1]} dimensions, the index {live.base.d}")
         coarse = vectors.index_kind(live.base) == "ivfpq"
-        return (*live.search(queries, k, allowed, vectors.RERANK_FACTOR if coarse else 1), coarse)
+        factor = (vectors.RERANK_FACTOR if allowed is None else vectors.FILTERED_RERANK_FACTOR) if coarse else 1
+        return (*live.search(queries, k, allowed, factor), coarse)
 
     def _stored_vectors(self, ids: list[int]) -> np.ndarray:
         return self._store.vectors(ids)

@@ -156,11 +156,12 @@ def test_an_ivfpq_index_fits_its_budget_and_finds_each_vector_after_reranking(tm
     assert firsts == list(range(50))
 
 
-def test_mi_index_faiss_memory_builds_pq_and_searches_exactly(tmp_path):
+def test_mi_index_faiss_memory_builds_pq_and_searches_exactly(tmp_path, monkeypatch):
     from PIL import Image
 
     import indexer
     from retrieval import Searcher
+    from retrieval.live_index import LiveIndex
 
     FIXTURE = Path(__file__).parent / "fixtures" / "medimageinsight-tiny"
     folder = tmp_path / "images"
@@ -174,8 +175,17 @@ def test_mi_index_faiss_memory_builds_pq_and_searches_exactly(tmp_path):
     indexer.index_paths([folder], index_dir, model=str(FIXTURE), workers=0, faiss_memory=100 * 30 / 1e9)
     with Searcher(index_dir, model=str(FIXTURE)) as searcher:
         assert vectors.index_kind(searcher._store.load_faiss_with_generation()[0]) == "ivfpq"
+        fetched = []
+        real_search = LiveIndex.search
+        monkeypatch.setattr(LiveIndex, "search", lambda live, queries, k, allowed, factor:
+                            fetched.append(factor) or real_search(live, queries, k, allowed, factor))
         pq_hits = searcher.search(image=folder / "007.png", k=5)
         assert pq_hits[0].path.endswith("007.png") and pq_hits[0].score == pytest.approx(1.0, abs=1e-5)
+        under = searcher.search(image=folder / "007.png", k=5, under=str(folder.resolve()))
+        assert [h.id for h in under] == [h.id for h in pq_hits]  # every image is under it
+        # a filter's top k lie where the codes' scores crowd: more candidates re-ranked (recall at 10M)
+        assert fetched == [vectors.RERANK_FACTOR, vectors.FILTERED_RERANK_FACTOR]
+        monkeypatch.undo()
     indexer.index_paths([folder], index_dir, model=str(FIXTURE), workers=0, faiss_memory=0)  # no budget: exact
     with Searcher(index_dir, model=str(FIXTURE)) as searcher:
         assert vectors.index_kind(searcher._store.load_faiss_with_generation()[0]) == "flat"
