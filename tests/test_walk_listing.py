@@ -120,10 +120,10 @@ def test_an_unchanged_run_with_a_named_model_does_not_import_pytorch(tmp_path):
     assert other.returncode != 0 and "ModelMismatchError" in other.stderr  # another model is still refused
 
 
-def _noted(child, pids):
-    """A child walk, its pid noted in `pids` (not the walk itself: it would keep it alive)."""
-    pids.append(child.pid)
-    return child
+def _noted(walk, pids):
+    """A child walk, its children's pids noted in `pids` (not the walk itself: it would keep it alive)."""
+    pids.extend(walk.pids)
+    return walk
 
 
 def _walk_both_ways(source_args, monkeypatch):
@@ -206,3 +206,28 @@ def test_the_quick_comparison_of_a_listing_without_repeats_agrees_with_the_loop(
     assert (todo, unchanged, still, quick) == (todo_l, unchanged_l, still_l, loop)
     assert (known.keys() - keep if keep is not None else set()) == known.keys() - keep_l
     assert (keep is None) == (seed == 0 and not known.keys() - keep_l)
+
+
+@pytest.mark.parametrize("walks", [2, 3])
+def test_walks_split_between_children_give_one_walks_listing_in_its_order(tmp_path, monkeypatch, walks):
+    """Children take a root's subfolders by name; their listings merge into exactly what one walk here gives,
+    in its order, a folder linked from another child's part listed once, where that walk lists it."""
+    rng = np.random.default_rng(walks)
+    data = tmp_path / "data"
+    for top in range(12):
+        for sub in range(3):
+            folder = data / f"p{top:02d}" / f"s{sub}"
+            folder.mkdir(parents=True)
+            for i in range(int(rng.integers(0, 4))):
+                (folder / f"{i}.dcm").write_bytes(b"x" * i)
+    (data / "root-file.dcm").write_bytes(b"r")
+    (data / "p00" / "to-p07").symlink_to(data / "p07" / "s1", target_is_directory=True)   # across the parts
+    (data / "p09" / "s2" / "to-p03").symlink_to(data / "p03", target_is_directory=True)
+    (data / "p05" / "s0" / "loop").symlink_to(data, target_is_directory=True)
+    lone = tmp_path / "lone.dcm"
+    lone.write_bytes(b"l")
+    roots = ([data, lone, data / "p04"],)  # p04 again: listed once, as one walk does
+    monkeypatch.setattr(folders, "_WALKS", walks)
+    in_child, here = _walk_both_ways(roots, monkeypatch)
+    assert in_child == here and len(here[0]) > 50
+    assert {folders._part_of(f"p{top:02d}", walks) for top in range(12)} == set(range(walks))  # each child has some
