@@ -113,7 +113,7 @@ def _compare_unique(listed: list[Item], keys: set[str], known: dict[str, tuple],
 class _Listing(Sequence[str]):
     """A source's listing, the keys of which `Source.known` gets: taken in full only when they are
     first asked for, so that a source can read the index's records while its listing goes on (a
-    folder source walks in a child process meanwhile). Keys under `excluded` are left out."""
+    folder source walks in child processes meanwhile). Keys under `excluded` are left out."""
 
     def __init__(self, pending: Iterator[Item], excluded: tuple[str, ...]):
         self._pending, self._excluded = pending, excluded
