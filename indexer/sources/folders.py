@@ -241,8 +241,8 @@ class _ChildWalk:
         self._stop = weakref.finalize(self, _stop_children, list(children))
 
     @classmethod
-    def start(cls, roots: Sequence[Path], skip: Path | None, parts: int | None = None) -> _ChildWalk | None:
-        parts = parts or _WALKS
+    def start(cls, roots: Sequence[Path], skip: Path | None) -> _ChildWalk | None:
+        parts = _WALKS
         children: list[tuple[int, int]] = []
         for index in range(parts):
             read_end, write_end = os.pipe()
@@ -302,14 +302,14 @@ def _merged(parts: list[tuple]) -> tuple[list[str], array, array, list[str], lis
     for number, (_paths, _sizes, _mtimes, batches, *_rest) in enumerate(parts):
         offset = 0
         for order, (segment, folder, count) in enumerate(batches):
-            pieces.append((segment[0], segment[1] != "", segment[1], number, order, folder, offset, count))
+            pieces.append((segment, number, order, folder, offset, count))  # "", a root's own, sorts first
             offset += count
-    pieces.sort(key=lambda piece: piece[:5])
+    pieces.sort(key=lambda piece: piece[:3])
     columns = [(paths.split("\0") if paths else [], sizes, mtimes) for paths, sizes, mtimes, *_ in parts]
     keys: list[str] = []
     sizes_of, mtimes_of = array("q"), array("q")
     seen: set[tuple[int, int]] = set()
-    for *_, number, _order, folder, offset, count in pieces:
+    for _segment, number, _order, folder, offset, count in pieces:
         if folder is not None:
             if folder in seen:
                 continue

@@ -17,11 +17,11 @@ DEFAULT_MEMORY_BUDGET, 4 GB):
 - beyond: IVF-PQ with 4-bit codes scanned by SIMD table lookups (`IndexIVFPQFastScan`), m bytes per
   vector (2m sub-quantizers, the most that fit, at most D/4 of them: 128 bytes at D=1024, so 1.3 GB at
   10M), trained on a sample. Its scores are coarse, so the Searcher fetches RERANK_FACTOR times k
-  candidates (FILTERED_RERANK_FACTOR under a filter) and ranks them by the exact stored vectors. Measured on 200k clustered synthetic vectors,
-  nprobe 32 of 512 lists, one thread: recall@10 1.000 after re-ranking 10 times k, 0.9 ms a query,
-  trained in 9 s; 8-bit PQ of 256 bytes: the same recall, 4.7 ms, trained in 206 s (and on a loaded
-  machine earlier: 8-bit PQ-256 0.54 from the codes alone, 0.96 after re-ranking 4 times k; IVF fp16
-  over the same lists 0.97 alone, 51-97 ms).
+  candidates (FILTERED_RERANK_FACTOR under a filter) and ranks them by the exact stored vectors.
+  Measured on 200k clustered synthetic vectors, nprobe 32 of 512 lists, one thread: recall@10 1.000
+  after re-ranking 10 times k, 0.9 ms a query, trained in 9 s; 8-bit PQ of 256 bytes: the same recall,
+  4.7 ms, trained in 206 s (and on a loaded machine earlier: 8-bit PQ-256 0.54 from the codes alone,
+  0.96 after re-ranking 4 times k; IVF fp16 over the same lists 0.97 alone, 51-97 ms).
 
 Filters are applied *inside* the scan through an IDSelector, never after the top-k cut, so
 `k` filtered hits come back whenever `k` rows pass the filter. A filter's ids become an `Allowed`
