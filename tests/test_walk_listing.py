@@ -2,9 +2,9 @@
 unchanged re-run's planning finds: links resolved, hidden and odd entries left out, changes found."""
 from __future__ import annotations
 
-import gc
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +16,10 @@ from made_images import make_images
 from other_model import FIXTURE, model_with_other_weights
 
 from indexer.run.pipeline import Summary
-from indexer.run.plan import _compare, _compare_unique, plan
-from indexer.sources import FolderSource, Item, folders
+from indexer.run.plan import Comparison, _compare, _compare_unique, compare, plan
+from indexer.sources import FolderSource, Item, child_walks
+from indexer.sources.child_walks import ChildWalks
+from indexer.sources.folder_walk import WalkNotes, shares, tagged_batches
 from indexer.store import IndexStore
 
 
@@ -120,64 +122,173 @@ def test_an_unchanged_run_with_a_named_model_does_not_import_pytorch(tmp_path):
     assert other.returncode != 0 and "ModelMismatchError" in other.stderr  # another model is still refused
 
 
-def _noted(walk, pids):
-    """A child walk, its children's pids noted in `pids` (not the walk itself: it would keep it alive)."""
-    pids.extend(walk.pids)
-    return walk
+def _archive(tmp_path, links: bool = False):
+    """data/ as an archive on disk: 12 top folders of 3 subfolders, a few files each, files in the root
+    too, a name that is no UTF-8 and a text file (not ours); with `links`, folders linked across the
+    shares and a loop."""
+    rng = np.random.default_rng(7)
+    data = tmp_path / "data"
+    for top in range(12):
+        for sub in range(3):
+            folder = data / f"p{top:02d}" / f"s{sub}"
+            folder.mkdir(parents=True)
+            for i in range(int(rng.integers(0, 4))):
+                (folder / f"{i}.dcm").write_bytes(b"x" * i)
+    for name in ("root-a.dcm", "root-z.dcm", "notes.txt", os.fsdecode(b"not-utf8-\xff.dcm")):
+        (data / name).write_bytes(b"r")
+    (data / "p03" / os.fsdecode(b"\xfe-odd")).mkdir()
+    (data / "p03" / os.fsdecode(b"\xfe-odd") / "7.dcm").write_bytes(b"7")
+    if links:
+        (data / "p00" / "to-p07").symlink_to(data / "p07" / "s1", target_is_directory=True)
+        (data / "p09" / "s2" / "to-p03").symlink_to(data / "p03", target_is_directory=True)
+        (data / "p05" / "s0" / "loop").symlink_to(data, target_is_directory=True)
+    return data
 
 
-def _walk_both_ways(source_args, monkeypatch):
-    """(items, refused, unreadable) of FolderSource(*source_args), walked in a child process and here."""
+def _indexed_then_changed(tmp_path, data):
+    """An index that knows every file under `data` (as skipped, one to retry), then on disk: a file
+    touched, one grown, one new, one deleted, a whole folder deleted and the text file changed (not ours:
+    gone from the index)."""
+    store = IndexStore.open(tmp_path / "index", create=True)
+    listed = list(FolderSource([data]).items())
+    retried = str(data.resolve() / "root-a.dcm")
+    store.commit(skipped=[{"path": item.key, "size": item.size, "mtime_ns": item.mtime_ns, "content_hash": None,
+                           "error": "not an image", "retry": item.key == retried} for item in listed])
+    st = os.stat(data / "p01" / "s1" / "1.dcm")
+    os.utime(data / "p01" / "s1" / "1.dcm", ns=(st.st_atime_ns, st.st_mtime_ns + 1000))
+    (data / "p10" / "s0" / "grown.dcm").write_bytes(b"g")
+    store.commit(skipped=[{"path": str(data.resolve() / "p10" / "s0" / "grown.dcm"), "size": 0, "mtime_ns": 1,
+                           "content_hash": None, "error": "not an image"}])
+    (data / "p06" / "s2" / "new.dcm").write_bytes(b"n")
+    (data / "p02" / "s0" / "gone.dcm").write_bytes(b"g")
+    store.commit(skipped=[{"path": str(data.resolve() / "p02" / "s0" / "gone.dcm"), "size": 1, "mtime_ns": 1,
+                           "content_hash": None, "error": "not an image"}])
+    (data / "p02" / "s0" / "gone.dcm").unlink()
+    shutil.rmtree(data / "p08")
+    (data / "notes.txt").write_bytes(b"longer now")
+    return store
+
+
+def _plan_both_ways(roots, store, monkeypatch, in_order: bool):
+    """What planning finds over `roots`, compared in child processes and here: (todo, removed, summary,
+    refused, which of the removed are sweepable). `in_order`: the to-do list in its order (the children
+    sent their listings and one walk's order was rebuilt), else sorted (comparisons joined share by share)."""
     found = []
-    for in_child in (True, False):
-        monkeypatch.setattr(folders, "_CHILD_WALK", in_child)
-        source = FolderSource(*source_args)
-        found.append((list(source.items()), source.refused, source._unreadable))
+    for in_children in (True, False):
+        monkeypatch.setattr(child_walks, "CHILD_WALKS", in_children)
+        monkeypatch.setattr(child_walks, "WALKS", 3)
+        source = FolderSource(roots)
+        todo, removed = plan(source, store, summary := Summary())
+        keys = list(todo) if in_order else sorted(todo)
+        found.append((keys, sorted(removed), summary, source.refused, source._unreadable))  # removed: in no set order
     return found
 
 
-def test_a_walk_in_a_child_process_lists_what_one_here_does(tmp_path, monkeypatch, caplog):
-    data, _, via = _tree(tmp_path)
-    started = []
-    real_start = folders._ChildWalk.start
-    monkeypatch.setattr(folders._ChildWalk, "start", lambda *a: _noted(real_start(*a), started))
-    (data / os.fsdecode(b"not-utf8-\xff.dcm")).write_bytes(b"7")  # a name that is no UTF-8 crosses the pipe too
-    in_child, here = _walk_both_ways(([via, data / "pipe.dcm"],), monkeypatch)
-    assert in_child == here and len(in_child[0]) == 7 and in_child[1] and started
-    real_open = os.open
+def _spied(monkeypatch):
+    """The children started (their pids) and whether they were asked for their listings."""
+    seen = {"pids": [], "listings": 0}
+    real_start, real_listings = ChildWalks.start, ChildWalks.listings
 
-    def refused(path, *args, **kwargs):  # as in the test above: an unlistable folder, in the child too
-        if isinstance(path, str) and path.endswith("/deep"):
-            raise PermissionError(13, "Permission denied")
-        return real_open(path, *args, **kwargs)
-    monkeypatch.setattr(os, "open", refused)
-    caplog.clear()
-    in_child, here = _walk_both_ways(([data],), monkeypatch)
-    assert in_child == here and in_child[2] == [str(data.resolve() / "a" / "deep")]
-    # the child logs nothing (a lock held at the fork would hang it): its warning is made here, once per walk
-    assert sum("cannot read folder" in record.getMessage() for record in caplog.records) == 2
-    for pid in started:
+    def start(*args):
+        walks = real_start(*args)
+        seen["pids"].extend(walks.pids)
+        return walks
+
+    def listings(self):
+        seen["listings"] += 1
+        return real_listings(self)
+    monkeypatch.setattr(ChildWalks, "start", start)
+    monkeypatch.setattr(ChildWalks, "listings", listings)
+    return seen
+
+
+def _reaped(pids):
+    for pid in pids:
         with pytest.raises(ChildProcessError):  # each child reaped: no zombie left behind
             os.waitpid(pid, os.WNOHANG)
+    return True
 
 
-def test_a_failed_or_abandoned_child_walk_leaves_the_walk_to_this_process(tmp_path, monkeypatch):
-    data, _, _ = _tree(tmp_path)
-    expected = list(FolderSource([data]).items())
+def test_planning_compared_in_child_processes_finds_what_planning_here_does(tmp_path, monkeypatch, caplog):
+    data = _archive(tmp_path)
+    store = _indexed_then_changed(tmp_path, data)
+    real = data.resolve()
+    os.mkfifo(tmp_path / "pipe.dcm")
+    seen = _spied(monkeypatch)
+    in_children, here = _plan_both_ways([data, tmp_path / "pipe.dcm"], store, monkeypatch, in_order=False)
+    assert in_children == here
+    todo, removed, summary, refused, _ = here
+    assert [item.key for item in todo] == sorted(str(real / name) for name in (
+        "root-a.dcm", "p01/s1/1.dcm", "p10/s0/grown.dcm", "p06/s2/new.dcm"))
+    assert str(real / "p02" / "s0" / "gone.dcm") in removed and any("/p08/" in key for key in removed)
+    assert str(real / "notes.txt") in removed and not [key for key in removed if "/p08/" not in key and not
+                                                         key.endswith(("gone.dcm", "notes.txt"))]
+    assert (summary.new, summary.updated) == (1, 3) and summary.unchanged == summary.still_skipped > 40
+    assert refused == [(str(tmp_path / "pipe.dcm"), "not a regular file (a FIFO, device or socket)")]
+    assert len(seen["pids"]) == 3 and seen["listings"] == 0 and _reaped(seen["pids"])  # compared in each share
+
+    # a folder that cannot be read (in the children too: they are forked with the patch) and one --remove took out
+    real_open = os.open
+
+    def refused_open(path, *args, **kwargs):  # root opens everything: the folder's permission error is simulated
+        if isinstance(path, str) and path.endswith("/p04/s1"):
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, *args, **kwargs)
+    monkeypatch.setattr(os, "open", refused_open)
+    monkeypatch.setattr(store, "excluded", lambda: [str(real / "p05")])
+    caplog.clear()
+    in_children, here = _plan_both_ways([data], store, monkeypatch, in_order=False)
+    assert in_children == here and here[4] == [str(real / "p04" / "s1")]
+    assert not any("/p04/s1/" in key for key in here[1]) and any("/p05/" in key for key in here[1])
+    # the children log nothing (a lock held at the fork would hang them): the warning is made here, once a planning
+    assert sum("cannot read folder" in record.getMessage() for record in caplog.records) == 2
+    store.close()
+
+
+@pytest.mark.parametrize("roots", ["linked", "nested"])
+def test_links_or_nested_roots_bring_the_listings_back_in_one_walks_order(tmp_path, monkeypatch, roots):
+    """A child that met a symlink, or roots under one another, may list files of another share: then the
+    listings come back and are merged into exactly what one walk here lists, in its order (a folder linked
+    from another share listed once, where that walk lists it)."""
+    data = _archive(tmp_path, links=roots == "linked")
+    lone = tmp_path / "lone.dcm"
+    lone.write_bytes(b"l")
+    store = IndexStore.open(tmp_path / "index", create=True)  # empty: every file listed is to do, in listing order
+    seen = _spied(monkeypatch)
+    given = [data, lone] if roots == "linked" else [data, lone, data / "p04"]  # p04 again: listed once
+    in_children, here = _plan_both_ways(given, store, monkeypatch, in_order=True)
+    assert in_children == here and len(here[0]) > 50 and seen["listings"] == 1 and _reaped(seen["pids"])
+    assert here[0][-1].key == str(lone.resolve())
+    store.close()
+
+
+def test_a_failed_child_leaves_the_planning_to_this_process(tmp_path, monkeypatch):
+    data = _archive(tmp_path)
+    store = _indexed_then_changed(tmp_path, data)
+    seen = _spied(monkeypatch)
 
     def dies(*args):  # in the child: it ends without sending anything, as a killed one would
         raise MemoryError
-    monkeypatch.setattr(folders, "_send_walk", dies)
-    assert list(FolderSource([data]).items()) == expected
-    monkeypatch.undo()
-    started = []
-    real_start = folders._ChildWalk.start
-    monkeypatch.setattr(folders._ChildWalk, "start", lambda *a: _noted(real_start(*a), started))
-    listing = FolderSource([data]).items()
-    del listing  # dropped unread: its child is stopped and reaped, not left waiting to write
-    gc.collect()
-    with pytest.raises(ChildProcessError):
-        os.waitpid(started[0], os.WNOHANG)
+    monkeypatch.setattr(child_walks, "_child", dies)
+    in_children, here = _plan_both_ways([data], store, monkeypatch, in_order=True)  # in order: planned here
+    assert in_children == here and here[0] and seen["pids"] and _reaped(seen["pids"])
+    store.close()
+
+
+@pytest.mark.parametrize("parts", [2, 3, 4])
+def test_shares_take_every_entry_of_a_root_once_and_the_index_range_of_each_holds_its_files(tmp_path, parts):
+    data = _archive(tmp_path)
+    for i in range(40):  # a flat part of the root: its files are shared out too
+        (data / f"flat-{i:02d}.dcm").write_bytes(b"f")
+    everything = sorted(item.key for item in FolderSource([data]).items())
+    listed = []
+    for share in shares([data], parts):
+        notes = WalkNotes()
+        mine = [path for _, _, batch in tagged_batches([data], None, notes, share) for path, _ in batch]
+        low, high = share.ranges[0]
+        assert mine and all(low <= os.fsencode(path) < high for path in mine)  # each share has some, in its range
+        listed.extend(mine)
+    assert sorted(listed) == everything  # all of them, none twice
 
 
 class _ImagesOnly:
@@ -198,36 +309,15 @@ def test_the_quick_comparison_of_a_listing_without_repeats_agrees_with_the_loop(
         if kind != "new":
             known[key] = (size if kind != "changed" else size + 1, mtime, "bad" if kind in ("skipped", "retry") else None,
                           kind == "retry")
-    if seed == 0:  # nothing gone: the quick one says so without the set of keys
+    if seed == 0:  # none gone from disk: only the changed text files are (not ours), found without the set of keys
         known = {key: record for key, record in known.items() if key in {item.key for item in listed}}
-    quick, loop = Summary(), Summary()
-    todo, keep, unchanged, still = _compare_unique(listed, {item.key for item in listed}, known, _ImagesOnly(), quick)
-    todo_l, keep_l, unchanged_l, still_l = _compare(listed, known, _ImagesOnly(), loop)
-    assert (todo, unchanged, still, quick) == (todo_l, unchanged_l, still_l, loop)
-    assert (known.keys() - keep if keep is not None else set()) == known.keys() - keep_l
-    assert (keep is None) == (seed == 0 and not known.keys() - keep_l)
-
-
-@pytest.mark.parametrize("walks", [2, 3])
-def test_walks_split_between_children_give_one_walks_listing_in_its_order(tmp_path, monkeypatch, walks):
-    """Children take a root's subfolders by name; their listings merge into exactly what one walk here gives,
-    in its order, a folder linked from another child's part listed once, where that walk lists it."""
-    rng = np.random.default_rng(walks)
-    data = tmp_path / "data"
-    for top in range(12):
-        for sub in range(3):
-            folder = data / f"p{top:02d}" / f"s{sub}"
-            folder.mkdir(parents=True)
-            for i in range(int(rng.integers(0, 4))):
-                (folder / f"{i}.dcm").write_bytes(b"x" * i)
-    (data / "root-file.dcm").write_bytes(b"r")
-    (data / "p00" / "to-p07").symlink_to(data / "p07" / "s1", target_is_directory=True)   # across the parts
-    (data / "p09" / "s2" / "to-p03").symlink_to(data / "p03", target_is_directory=True)
-    (data / "p05" / "s0" / "loop").symlink_to(data, target_is_directory=True)
-    lone = tmp_path / "lone.dcm"
-    lone.write_bytes(b"l")
-    roots = ([data, lone, data / "p04"],)  # p04 again: listed once, as one walk does
-    monkeypatch.setattr(folders, "_WALKS", walks)
-    in_child, here = _walk_both_ways(roots, monkeypatch)
-    assert in_child == here and len(here[0]) > 50
-    assert {folders._part_of(f"p{top:02d}", walks) for top in range(12)} == set(range(walks))  # each child has some
+    quick = _compare_unique(listed, {item.key for item in listed}, known, _ImagesOnly())
+    loop = _compare(listed, known, _ImagesOnly())
+    assert quick == loop and quick.todo and quick.gone
+    if seed == 0:
+        assert all(key.endswith(".txt") for key in quick.gone)
+    halves = [compare([item for item in listed if (item.key < "/data/2") == low],
+                      {key: record for key, record in known.items() if (key < "/data/2") == low}, _ImagesOnly())
+              for low in (True, False)]
+    assert Comparison.joined(halves)._replace(todo=sorted(quick.todo), gone=sorted(quick.gone)) == \
+        quick._replace(todo=sorted(quick.todo), gone=sorted(quick.gone))  # disjoint keys add up

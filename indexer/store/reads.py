@@ -15,7 +15,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from .database import fetch_raw
 from .identity import read_meta
-from .sql import at_or_under, py_path, rows_at_paths
+from .sql import at_or_under, between, py_path, rows_at_paths
 from .vector_file import VectorFile
 
 if TYPE_CHECKING:
@@ -100,6 +100,18 @@ class Reads:
             raw = conn.connection.driver_connection  # SQLAlchemy rows cost more than the lookup (100k files)
             for root in roots:
                 where, params = at_or_under(root)
+                rows = raw.execute(f"SELECT path, size, mtime_ns, error, retry FROM files WHERE {where}", params)
+                found.update({(path if isinstance(path, str) else py_path(path)): (size, mtime, error, bool(retry))
+                              for path, size, mtime, error, retry in rows})
+        return found
+
+    def files_between(self, ranges: Sequence[tuple[bytes, bytes]]) -> dict[str, FileRecord]:
+        """`files_under`'s records of the paths whose bytes lie in one of `ranges` ([low, high))."""
+        found: dict[str, FileRecord] = {}
+        with self.engine.connect() as conn:
+            raw = conn.connection.driver_connection
+            for low, high in ranges:
+                where, params = between(low, high)
                 rows = raw.execute(f"SELECT path, size, mtime_ns, error, retry FROM files WHERE {where}", params)
                 found.update({(path if isinstance(path, str) else py_path(path)): (size, mtime, error, bool(retry))
                               for path, size, mtime, error, retry in rows})

@@ -35,22 +35,28 @@ def _db_prefix(folder: str | os.PathLike) -> bytes:
 
 def at_or_under(root: str | os.PathLike) -> tuple[str, dict[str, Any]]:
     """A WHERE clause and its parameters: `path` is `root` (a file, a folder, a PACS service) or
-    lies under it. "Under" is a range, `prefix <= path < prefix with its last byte + 1`, which the
-    index on path answers (a substr() of every path scanned the whole index): SQLite compares
-    text by its UTF-8 bytes and BLOBs by their bytes, and sorts every TEXT before every BLOB, so
-    one range over text and one over BLOBs (names that are not UTF-8) find exactly the paths that
-    start with the prefix's bytes; '%' and '_' mean nothing in a comparison, and `data2/` is not
-    under `data/` because the prefix ends in the separator."""
+    lies under it. "Under" is a range, `prefix <= path < prefix with its last byte + 1`
+    (`between`), and `data2/` is not under `data/` because the prefix ends in the separator."""
     prefix = _db_prefix(root)
     upper = prefix[:-1] + bytes([prefix[-1] + 1])  # the separator is '/' (0x2f): never 0xff
-    params: dict[str, Any] = {"root": db_path(root), "blob_low": prefix, "blob_high": upper}
-    clause = "path = :root OR (path >= :blob_low AND path < :blob_high)"
+    clause, params = between(prefix, upper)
+    return f"(path = :root OR {clause})", {"root": db_path(root), **params}
+
+
+def between(low: bytes, high: bytes, name: str = "") -> tuple[str, dict[str, Any]]:
+    """A WHERE clause and its parameters: the bytes of `path` lie in [low, high). The index on path
+    answers it (a substr() of every path scanned the whole index): SQLite compares text by its UTF-8
+    bytes and BLOBs by their bytes, and sorts every TEXT before every BLOB, so one range over text
+    and one over BLOBs (names that are not UTF-8) find exactly the paths in the range; '%' and '_'
+    mean nothing in a comparison. `name` tells the parameters of several such clauses apart."""
+    params: dict[str, Any] = {f"blob_low{name}": low, f"blob_high{name}": high}
+    clause = f"(path >= :blob_low{name} AND path < :blob_high{name})"
     try:
-        params.update(text_low=prefix.decode("utf-8"), text_high=upper.decode("utf-8"))
-        clause += " OR (path >= :text_low AND path < :text_high)"
+        params.update({f"text_low{name}": low.decode("utf-8"), f"text_high{name}": high.decode("utf-8")})
+        clause += f" OR (path >= :text_low{name} AND path < :text_high{name})"
     except UnicodeDecodeError:  # a folder whose name is not UTF-8: everything under it is a BLOB
         pass
-    return f"({clause})", params
+    return clause, params
 
 
 def set_meta(conn: Connection, values: Mapping[str, str]) -> None:
