@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -184,10 +185,19 @@ def _plan_both_ways(roots, store, monkeypatch, in_order: bool):
     return found
 
 
-def _spied(monkeypatch):
-    """The children started (their pids) and whether they were asked for their listings."""
-    seen = {"pids": [], "listings": 0}
-    real_start, real_listings = ChildWalks.start, ChildWalks.listings
+def _spied(monkeypatch, store, alone: bool = True):
+    """The children started (their pids), whether they were asked for their listings and whether this
+    process read the index's records of the roots. `alone`: taken for the only thread of this process
+    (another test's server may have left one behind), as mi-index is when it plans."""
+    seen = {"pids": [], "listings": 0, "read here": 0}
+    real_start, real_listings, real_under = ChildWalks.start, ChildWalks.listings, store.files_under
+    if alone:
+        monkeypatch.setattr(threading, "active_count", lambda: 1)
+
+    def files_under(*args):
+        seen["read here"] += 1
+        return real_under(*args)
+    monkeypatch.setattr(store, "files_under", files_under)
 
     def start(*args):
         walks = real_start(*args)
@@ -214,7 +224,7 @@ def test_planning_compared_in_child_processes_finds_what_planning_here_does(tmp_
     store = _indexed_then_changed(tmp_path, data)
     real = data.resolve()
     os.mkfifo(tmp_path / "pipe.dcm")
-    seen = _spied(monkeypatch)
+    seen = _spied(monkeypatch, store)
     in_children, here = _plan_both_ways([data, tmp_path / "pipe.dcm"], store, monkeypatch, in_order=False)
     assert in_children == here
     todo, removed, summary, refused, _ = here
@@ -226,6 +236,7 @@ def test_planning_compared_in_child_processes_finds_what_planning_here_does(tmp_
     assert (summary.new, summary.updated) == (1, 3) and summary.unchanged == summary.still_skipped > 40
     assert refused == [(str(tmp_path / "pipe.dcm"), "not a regular file (a FIFO, device or socket)")]
     assert len(seen["pids"]) == 3 and seen["listings"] == 0 and _reaped(seen["pids"])  # compared in each share
+    assert seen["read here"] == 1  # by the planning done here only
 
     # a folder that cannot be read (in the children too: they are forked with the patch) and one --remove took out
     real_open = os.open
@@ -254,7 +265,7 @@ def test_links_or_nested_roots_bring_the_listings_back_in_one_walks_order(tmp_pa
     lone = tmp_path / "lone.dcm"
     lone.write_bytes(b"l")
     store = IndexStore.open(tmp_path / "index", create=True)  # empty: every file listed is to do, in listing order
-    seen = _spied(monkeypatch)
+    seen = _spied(monkeypatch, store)
     given = [data, lone] if roots == "linked" else [data, lone, data / "p04"]  # p04 again: listed once
     in_children, here = _plan_both_ways(given, store, monkeypatch, in_order=True)
     assert in_children == here and len(here[0]) > 50 and seen["listings"] == 1 and _reaped(seen["pids"])
@@ -262,10 +273,28 @@ def test_links_or_nested_roots_bring_the_listings_back_in_one_walks_order(tmp_pa
     store.close()
 
 
+def test_with_another_thread_running_the_children_only_walk_and_the_index_is_read_here(tmp_path, monkeypatch):
+    """A forked child would hold a copy of any lock the other thread held at the fork (SQLite's, its pool's)."""
+    data = _archive(tmp_path)
+    store = _indexed_then_changed(tmp_path, data)
+    seen = _spied(monkeypatch, store, alone=False)
+    done = threading.Event()
+    other = threading.Thread(target=done.wait)
+    other.start()
+    try:
+        in_children, here = _plan_both_ways([data], store, monkeypatch, in_order=True)  # in order: one walk's
+    finally:
+        done.set()
+        other.join()
+    assert in_children == here and len(here[0]) == 4 and seen["listings"] == 1 and _reaped(seen["pids"])
+    assert seen["read here"] == 2  # while the children walked, and by the planning done here
+    store.close()
+
+
 def test_a_failed_child_leaves_the_planning_to_this_process(tmp_path, monkeypatch):
     data = _archive(tmp_path)
     store = _indexed_then_changed(tmp_path, data)
-    seen = _spied(monkeypatch)
+    seen = _spied(monkeypatch, store)
 
     def dies(*args):  # in the child: it ends without sending anything, as a killed one would
         raise MemoryError

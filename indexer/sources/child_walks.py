@@ -35,9 +35,9 @@ _SEND_LISTING = b"L"
 
 @dataclass
 class Job:
-    """What each child does: walk `roots` (its share), read `store`'s records of the share, and
-    (unless `general`, or it met a link) `compare(items, records, source)` with the items under
-    `excluded` left out."""
+    """What each child does: walk `roots` (its share), read `store`'s records of the share (if
+    `read_index`), and (unless `general`, or it met a link) `compare(items, records, source)` with
+    the items under `excluded` left out."""
 
     roots: Sequence[Path]
     skip: Path | None
@@ -46,7 +46,8 @@ class Job:
     excluded: tuple[str, ...]
     compare: Callable[[list[Item], dict[str, tuple], Any], Any]
     source: Any
-    general: bool                  # roots that overlap: every child sends its listing
+    general: bool                  # every child sends its listing (roots that overlap; the index read elsewhere)
+    read_index: bool               # False: the children only walk (the parent reads the records)
 
 
 @dataclass
@@ -217,12 +218,14 @@ def _child(share: Share, job: Job, pipe: int, told: int) -> None:
             paths.append(path)
             sizes.append(st.st_size)
             mtimes.append(st.st_mtime_ns)
-    # The parent's pooled connections are left alone here (SQLAlchemy's way after a fork): this
-    # child reads through a connection of its own, the parent holding no lock meanwhile.
-    job.store.engine.dispose(close=False)
-    records = job.store.files_between([bounds for bounds in share.ranges if bounds is not None])
-    if share.number == 0:  # a root that is a file, or a folder that was one
-        records.update(job.store.files_at(job.root_keys))
+    records: dict[str, tuple] = {}
+    if job.read_index:
+        # The parent's pooled connections are left alone here (SQLAlchemy's way after a fork): this
+        # child reads through a connection of its own, the parent holding no lock meanwhile.
+        job.store.engine.dispose(close=False)
+        records = job.store.files_between([bounds for bounds in share.ranges if bounds is not None])
+        if share.number == 0:  # a root that is a file, or a folder that was one
+            records.update(job.store.files_at(job.root_keys))
     noted = (notes.unreadable, notes.not_files, notes.warnings)
     if not (job.general or notes.linked):
         make, excluded = tuple.__new__, job.excluded  # Item(...) through its keyword-checking __new__ cost twice as much

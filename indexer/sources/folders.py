@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,11 +61,17 @@ class FolderSource:
             return None
         self._unreadable.clear()
         resolved = [os.path.realpath(root) for root in self.roots]
-        job = Job(self.roots, self.skip, store, resolved, excluded, compare, self, general=_nested(resolved))
+        # A forked child holds a copy of every lock another thread held at the fork (SQLite's, its
+        # connection pool's), never let go there: with other threads running, the children only walk
+        # and the index is read here meanwhile.
+        alone = threading.active_count() == 1
+        job = Job(self.roots, self.skip, store, resolved, excluded, compare, self,
+                  general=not alone or _nested(resolved), read_index=alone)
         walks = ChildWalks.start(shares(self.roots, child_walks.WALKS), job)
         if walks is None:
             return None
         try:
+            known = None if alone else store.files_under([Path(root) for root in resolved])
             parts = walks.compared()
             if parts is None:
                 return None
@@ -75,9 +82,10 @@ class FolderSource:
                 if listings is None:
                     return None
                 keys, sizes, mtimes = merged(listings)
-                known: dict[str, tuple] = {}
-                for listing in listings:
-                    known.update(listing.records)
+                if known is None:
+                    known = {}
+                    for listing in listings:
+                        known.update(listing.records)
                 self._add_elsewhere(store, resolved, keys, known)
                 make = tuple.__new__
                 items = [make(Item, item) for item in zip(keys, sizes, mtimes)
