@@ -301,6 +301,20 @@ def test_a_failed_child_leaves_the_planning_to_this_process(tmp_path, monkeypatc
     monkeypatch.setattr(child_walks, "_child", dies)
     in_children, here = _plan_both_ways([data], store, monkeypatch, in_order=True)  # in order: planned here
     assert in_children == here and here[0] and seen["pids"] and _reaped(seen["pids"])
+    monkeypatch.undo()
+
+    # one child met a link and sent its listing; those that compared end before they are asked for theirs
+    (data / "p00" / "to-p07").symlink_to(data / "p07" / "s1", target_is_directory=True)
+    seen = _spied(monkeypatch, store)
+    real_send = child_walks._send
+
+    def send_then_end(pipe, message):
+        real_send(pipe, message)
+        if message[0] == "compared":
+            os._exit(0)
+    monkeypatch.setattr(child_walks, "_send", send_then_end)
+    in_children, here = _plan_both_ways([data], store, monkeypatch, in_order=True)
+    assert in_children == here and here[0] and seen["listings"] == 1 and _reaped(seen["pids"])
     store.close()
 
 

@@ -127,7 +127,10 @@ class ChildWalks:
         assert self._first is not None
         for (_, _, tell), message in zip(self.children, self._first):
             if message[0] == "compared":
-                os.write(tell, _SEND_LISTING)
+                try:
+                    os.write(tell, _SEND_LISTING)
+                except OSError:  # it is gone
+                    return None
         found = []
         for number, message in enumerate(self._first):
             if message[0] == "compared":
