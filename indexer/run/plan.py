@@ -37,10 +37,12 @@ def _plan(source: Source, store: IndexStore, summary: Summary) -> tuple[list[Ite
     excluded = tuple(folder.rstrip("/") + "/" for folder in store.excluded()
                      if not any(under_or_at(root, folder) for root in named))
     # A source may compare in its own way (a folder source: in child processes, each walking and
-    # reading its share of the index); None: listed here, then compared.
+    # reading its share of the index, their comparisons joined); None: listed here, then compared.
     compared_there = getattr(source, "compared", None)
-    found = compared_there(store, excluded, compare) if compared_there is not None else None
-    if found is None:
+    parts = compared_there(store, excluded, compare) if compared_there is not None else None
+    if parts is not None:
+        found = Comparison.joined(parts)
+    else:
         listed = [item for item in source.items() if not item[0].startswith(excluded)] if excluded \
             else list(source.items())
         found = compare(listed, source.known(store, [item[0] for item in listed]), source)

@@ -35,8 +35,8 @@ class Source(Protocol):
     """What the pipeline needs of a source. `read` runs in decoding worker processes, so a
     source must pickle (hold names and settings, not open connections). A source may also have
     `compared(store, excluded, compare)`: planning's comparison of its listing with the index
-    done its own way (a folder source: in child processes, a share of the roots each), or None
-    to have it listed and compared by the planner."""
+    done its own way (a folder source: in child processes, a share of the roots each), as
+    comparisons of disjoint parts, or None to have it listed and compared by the planner."""
 
     name: str                          # for messages: the folders, the server
     refused: list[tuple[str, str]]     # (key, reason) met while listing: reported, never stored
