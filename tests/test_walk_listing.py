@@ -172,7 +172,7 @@ def _indexed_then_changed(tmp_path, data):
 
 def _plan_both_ways(roots, store, monkeypatch, in_order: bool):
     """What planning finds over `roots`, compared in child processes and here: (todo, removed, summary,
-    refused, which of the removed are sweepable). `in_order`: the to-do list in its order (the children
+    refused, the folders that could not be read). `in_order`: the to-do list in its order (the children
     sent their listings and one walk's order was rebuilt), else sorted (comparisons joined share by share)."""
     found = []
     for in_children in (True, False):
