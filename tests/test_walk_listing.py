@@ -318,20 +318,55 @@ def test_a_failed_child_leaves_the_planning_to_this_process(tmp_path, monkeypatc
     store.close()
 
 
+def _few_folders(tmp_path):
+    """An archive of three top folders of unequal size (CR/ the most), a file beside them."""
+    data = tmp_path / "data"
+    for modality, studies in (("CR", 30), ("CT", 6), ("MR", 2)):
+        for study in range(studies):
+            folder = data / modality / f"study-{study:02d}"
+            folder.mkdir(parents=True)
+            for i in range(3):
+                (folder / f"{i}.dcm").write_bytes(b"x" * (i + 1))
+        (data / modality / "index.txt").write_bytes(b"i")
+    (data / "README.dcm").write_bytes(b"r")
+    return data
+
+
 @pytest.mark.parametrize("parts", [2, 3, 4])
-def test_shares_take_every_entry_of_a_root_once_and_the_index_range_of_each_holds_its_files(tmp_path, parts):
-    data = _archive(tmp_path)
-    for i in range(40):  # a flat part of the root: its files are shared out too
-        (data / f"flat-{i:02d}.dcm").write_bytes(b"f")
+@pytest.mark.parametrize("layout", ["many folders and files", "few folders"])
+def test_shares_take_every_entry_of_a_root_once_and_the_index_range_of_each_holds_its_files(tmp_path, parts, layout):
+    if layout == "few folders":  # cut by the folders' own entries: CR/ is split between shares
+        data = _few_folders(tmp_path)
+    else:
+        data = _archive(tmp_path)
+        for i in range(40):  # a flat part of the root: its files are shared out too
+            (data / f"flat-{i:02d}.dcm").write_bytes(b"f")
     everything = sorted(item.key for item in FolderSource([data]).items())
     listed = []
     for share in shares([data], parts):
         notes = WalkNotes()
         mine = [path for _, _, batch in tagged_batches([data], None, notes, share) for path, _ in batch]
         low, high = share.ranges[0]
-        assert mine and all(low <= os.fsencode(path) < high for path in mine)  # each share has some, in its range
+        assert len(mine) >= len(everything) // (3 * parts)  # each share has a fair part of them
+        assert all(low <= os.fsencode(path) < high for path in mine)  # in its range
         listed.extend(mine)
     assert sorted(listed) == everything  # all of them, none twice
+
+
+def test_planning_over_few_big_folders_is_shared_and_finds_what_planning_here_does(tmp_path, monkeypatch):
+    data = _few_folders(tmp_path)
+    store = IndexStore.open(tmp_path / "index", create=True)
+    listed = list(FolderSource([data]).items())
+    store.commit(skipped=[{"path": item.key, "size": item.size, "mtime_ns": item.mtime_ns, "content_hash": None,
+                           "error": "not an image"} for item in listed])
+    shutil.rmtree(data / "CR" / "study-07")  # gone, in the folder the shares split
+    (data / "CR" / "study-21" / "new.dcm").write_bytes(b"n")
+    seen = _spied(monkeypatch, store)
+    in_children, here = _plan_both_ways([data], store, monkeypatch, in_order=False)
+    assert in_children == here and seen["listings"] == 0 and _reaped(seen["pids"])
+    assert [item.key for item in here[0]] == [str(data.resolve() / "CR" / "study-21" / "new.dcm")]
+    assert len(here[1]) == 3 and all("/CR/study-07/" in key for key in here[1])
+    store.close()
 
 
 class _ImagesOnly:

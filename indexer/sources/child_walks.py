@@ -187,7 +187,8 @@ def merged(listings: Sequence[Listing]) -> tuple[list[str], array, array]:
     """The children's listings as one walk here gives them: segments in its order (root by root, the
     root's own files, then its subfolders by name), a folder listed in two segments kept in the first.
     A root's own files come from several shares, the later share's first: a walk lists a folder's
-    files in reverse name order."""
+    files in reverse name order. (A subfolder two shares split, when a root has few entries, comes
+    share by share: its files and subfolders in a walk's order within each.)"""
     pieces = []
     for number, listing in enumerate(listings):
         offset = 0
