@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -169,6 +170,23 @@ def brute(archive: Archive, masks: list, queries: np.ndarray, k: int) -> list[li
                 cut = np.argpartition(-top, k)[:k] if len(top) > k else slice(None)
                 kept[q] = (top_ids[cut], top[cut])
     return [[{int(i) + 1 for i in ids} for ids, _ in kept] for kept in best]
+
+
+def search_cases(n: int, root: str = "/archive/data") -> list[tuple[str, Any, np.ndarray | None]]:
+    """(label, SearchFilters, mask of the archive's rows it keeps) of the benchmark's four searches."""
+    from indexer.filters import SearchFilters
+
+    positions = np.arange(n, dtype=np.int64)
+    modality = positions % 10 == 0  # MODALITIES[0]: 10%
+    in_folder = positions % FOLDERS == 7  # f007: 1%
+    day0 = dt.date(2015, 1, 1)
+    days = (positions * 7919) % 3650
+    since, until = dt.date(2019, 1, 1), dt.date(2019, 12, 31)
+    in_dates = (days >= (since - day0).days) & (days <= (until - day0).days)
+    return [("unfiltered", None, None),
+            ("10% modality", SearchFilters.make(modality=MODALITIES[0]), modality),
+            ("1% folder", SearchFilters(under=f"{root}/f007"), in_folder),
+            (f"{in_dates.mean():.0%} date range", SearchFilters.make(since=since, until=until), in_dates)]
 
 
 def truth_of(archive: Archive, masks: list, queries: np.ndarray, k: int) -> list[list[set[int]]]:
@@ -338,7 +356,6 @@ def main() -> None:
     if args.gc_torch:
         import torch  # noqa: F401
 
-    from indexer.filters import SearchFilters
     from indexer.store import IndexStore
     from retrieval.search import Searcher
 
@@ -361,17 +378,7 @@ def main() -> None:
     store.close()
     storage(folder, n, rebuild=args.rebuild or (not built and not args.search_only))
 
-    positions = np.arange(n, dtype=np.int64)
-    modality = positions % 10 == 0  # MODALITIES[0]: 10%
-    in_folder = positions % FOLDERS == 7  # f007: 1%
-    day0 = dt.date(2015, 1, 1)
-    days = (positions * 7919) % 3650
-    since, until = dt.date(2019, 1, 1), dt.date(2019, 12, 31)
-    in_dates = (days >= (since - day0).days) & (days <= (until - day0).days)
-    cases = [("unfiltered", None, None),
-             ("10% modality", SearchFilters.make(modality=MODALITIES[0]), modality),
-             ("1% folder", SearchFilters(under=f"{root}/f007"), in_folder),
-             (f"{in_dates.mean():.0%} date range", SearchFilters.make(since=since, until=until), in_dates)]
+    cases = search_cases(n, root)
     start = time.perf_counter()
     truths = truth_of(archive, [mask for _, _, mask in cases],
                       np.vstack([queries, archive.rows(likes - 1)]) if args.server else queries, 10)
