@@ -35,9 +35,9 @@ _SEND_LISTING = b"L"
 
 @dataclass
 class Job:
-    """What each child does: walk `roots` (its share), read `store`'s records of the share (if
-    `read_index`), and (unless `general`, or it met a link) `compare(items, records, source)` with
-    the items under `excluded` left out."""
+    """What each child does: walk `roots` (its share), and if `read_index`, read `store`'s records of
+    the share and (unless the roots are `nested` or it met a link) `compare(items, records, source)`
+    with the items under `excluded` left out; else send its listing."""
 
     roots: Sequence[Path]
     skip: Path | None
@@ -46,7 +46,7 @@ class Job:
     excluded: tuple[str, ...]
     compare: Callable[[list[Item], dict[str, tuple], Any], Any]
     source: Any
-    general: bool                  # every child sends its listing (roots that overlap; the index read elsewhere)
+    nested: bool                   # roots at or under one another: two shares may list the same files
     read_index: bool               # False: the children only walk (the parent reads the records)
 
 
@@ -211,6 +211,15 @@ def merged(listings: Sequence[Listing]) -> tuple[list[str], array, array]:
     return keys, sizes_of, mtimes_of
 
 
+def listed_items(paths: Sequence[str], sizes: Sequence[int], mtimes: Sequence[int], excluded: tuple[str, ...]
+                 ) -> list[Item]:
+    """A listing's columns as items, those under `excluded` (folders --remove took out) left out."""
+    make = tuple.__new__  # Item(...) through its keyword-checking __new__ cost twice as much
+    items = zip(paths, sizes, mtimes)
+    return [make(Item, item) for item in items if not item[0].startswith(excluded)] if excluded else \
+        [make(Item, item) for item in items]
+
+
 def _child(share: Share, job: Job, pipe: int, told: int) -> None:
     notes = WalkNotes(warn=None)
     paths: list[str] = []
@@ -231,9 +240,8 @@ def _child(share: Share, job: Job, pipe: int, told: int) -> None:
         if share.number == 0:  # a root that is a file, or a folder that was one
             records.update(job.store.files_at(job.root_keys))
     noted = (notes.unreadable, notes.not_files, notes.warnings)
-    if not (job.general or notes.linked):
-        make, excluded = tuple.__new__, job.excluded  # Item(...) through its keyword-checking __new__ cost twice as much
-        items = [make(Item, item) for item in zip(paths, sizes, mtimes) if not excluded or not item[0].startswith(excluded)]
+    if job.read_index and not (job.nested or notes.linked):
+        items = listed_items(paths, sizes, mtimes, job.excluded)
         _send(pipe, ("compared", job.compare(items, records, job.source), noted))
         if os.read(told, 1) != _SEND_LISTING:  # the parent is done with this child
             return

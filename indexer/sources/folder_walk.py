@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import PathNotFoundError
+from ..path_ranges import path_prefix, prefix_end
 
 log = logging.getLogger(__name__)
 _name = operator.attrgetter("name")
@@ -71,17 +72,13 @@ class Share:
                 if low <= key < high:
                     taken.append(entry)
                 continue
-            start, end = key + b"/", key + b"0"  # '0' follows '/': the end of everything under it
+            start = key + b"/"
+            end = prefix_end(start)
             if start < high and end > low:
                 taken.append(entry)
                 if start < low or end > high:
                     partly.add(entry.name)
         return taken, partly
-
-
-def prefix_of(root: str) -> bytes:
-    """The bytes every resolved path under the folder `root` (resolved) starts with."""
-    return os.fsencode(root.rstrip(os.sep) + os.sep)
 
 
 def shares(roots: Sequence[Path], parts: int) -> list[Share]:
@@ -94,7 +91,7 @@ def shares(roots: Sequence[Path], parts: int) -> list[Share]:
         if not root.is_dir():
             cuts.append(None)
             continue
-        prefix = prefix_of(os.path.realpath(root))
+        prefix = path_prefix(os.path.realpath(root))
         keys = _entry_keys(root, prefix)
         if len(keys) < 4 * parts:
             keys = sorted(finer for key in keys for finer in (
@@ -102,7 +99,7 @@ def shares(roots: Sequence[Path], parts: int) -> list[Share]:
         # bounds among the keys that are UTF-8: a text path is compared with a bound as text
         bounds = [key for key in keys if _is_utf8(key)]
         inner = [bounds[len(bounds) * number // parts] if bounds else prefix for number in range(1, parts)]
-        cuts.append((prefix, *inner, prefix[:-1] + b"0"))  # '0' follows '/': the end of everything under it
+        cuts.append((prefix, *inner, prefix_end(prefix)))
     return [Share(number, tuple(None if cut is None else (cut[number], cut[number + 1]) for cut in cuts))
             for number in range(parts)]
 
@@ -164,7 +161,7 @@ def tagged_batches(roots: Sequence[Path], skip: Path | None, notes: WalkNotes, s
                 entries = sorted(os.scandir(folder if fd is None else fd), key=_name, reverse=True)
                 partly: set[str] = set()
                 if in_part:  # the root, or a folder the share's range cuts through: only the share's entries
-                    entries, partly = share.entries(position, prefix_of(resolved), entries)
+                    entries, partly = share.entries(position, path_prefix(resolved), entries)
                 pushed = len(stack)
                 # while fd is open: the stat calls are relative to it
                 files = _listed(folder, resolved, entries, stack, notes)

@@ -12,7 +12,7 @@ from ..decode import sniff_kind
 from ..errors import PathNotFoundError
 from . import child_walks
 from .base import Item
-from .child_walks import ChildWalks, Job, merged
+from .child_walks import ChildWalks, Job, listed_items, merged
 from .folder_walk import WalkNotes, shares, tagged_batches
 
 if TYPE_CHECKING:
@@ -66,8 +66,8 @@ class FolderSource:
         # connection pool's), never let go there: with other threads running, the children only walk
         # and the index is read here meanwhile.
         alone = threading.active_count() == 1
-        job = Job(self.roots, self.skip, store, resolved, excluded, compare, self,
-                  general=not alone or _nested(resolved), read_index=alone)
+        job = Job(self.roots, self.skip, store, resolved, excluded, compare, self, nested=_nested(resolved),
+                  read_index=alone)
         walks = ChildWalks.start(shares(self.roots, child_walks.WALKS), job)
         if walks is None:
             return None
@@ -86,10 +86,7 @@ class FolderSource:
                     for listing in listings:
                         known.update(listing.records)
                 self._add_elsewhere(store, resolved, keys, known)
-                make = tuple.__new__
-                items = [make(Item, item) for item in zip(keys, sizes, mtimes)
-                         if not excluded or not item[0].startswith(excluded)]
-                parts = [compare(items, known, self)]
+                parts = [compare(listed_items(keys, sizes, mtimes, excluded), known, self)]
         finally:
             walks.stop()
         self._unreadable.extend(walks.notes.unreadable)

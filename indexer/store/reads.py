@@ -95,23 +95,17 @@ class Reads:
 
     def files_under(self, roots: Sequence[Path | str]) -> dict[str, FileRecord]:
         """{path: (size, mtime_ns, error, retry)} of the known files under the given folders or files."""
-        found: dict[str, FileRecord] = {}
-        with self.engine.connect() as conn:
-            raw = conn.connection.driver_connection  # SQLAlchemy rows cost more than the lookup (100k files)
-            for root in roots:
-                where, params = at_or_under(root)
-                rows = raw.execute(f"SELECT path, size, mtime_ns, error, retry FROM files WHERE {where}", params)
-                found.update({(path if isinstance(path, str) else py_path(path)): (size, mtime, error, bool(retry))
-                              for path, size, mtime, error, retry in rows})
-        return found
+        return self._file_records([at_or_under(root) for root in roots])
 
     def files_between(self, ranges: Sequence[tuple[bytes, bytes]]) -> dict[str, FileRecord]:
         """`files_under`'s records of the paths whose bytes lie in one of `ranges` ([low, high))."""
+        return self._file_records([between(low, high) for low, high in ranges])
+
+    def _file_records(self, clauses: Sequence[tuple[str, dict[str, Any]]]) -> dict[str, FileRecord]:
         found: dict[str, FileRecord] = {}
         with self.engine.connect() as conn:
-            raw = conn.connection.driver_connection
-            for low, high in ranges:
-                where, params = between(low, high)
+            raw = conn.connection.driver_connection  # SQLAlchemy rows cost more than the lookup (100k files)
+            for where, params in clauses:
                 rows = raw.execute(f"SELECT path, size, mtime_ns, error, retry FROM files WHERE {where}", params)
                 found.update({(path if isinstance(path, str) else py_path(path)): (size, mtime, error, bool(retry))
                               for path, size, mtime, error, retry in rows})

@@ -9,6 +9,8 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
+from ..path_ranges import path_prefix, prefix_end
+
 IN_CHUNK = 500  # paths per IN (...) list: far below SQLite's limit of bound parameters
 
 
@@ -28,32 +30,26 @@ def py_path(value: str | bytes) -> str:
     return os.fsdecode(value) if isinstance(value, bytes) else value
 
 
-def _db_prefix(folder: str | os.PathLike) -> bytes:
-    """`folder/` as bytes: the bytes every path under it starts with, text or BLOB alike."""
-    return os.fsencode(os.fspath(folder).rstrip(os.sep) + os.sep)
-
-
 def at_or_under(root: str | os.PathLike) -> tuple[str, dict[str, Any]]:
     """A WHERE clause and its parameters: `path` is `root` (a file, a folder, a PACS service) or
-    lies under it. "Under" is a range, `prefix <= path < prefix with its last byte + 1`
-    (`between`), and `data2/` is not under `data/` because the prefix ends in the separator."""
-    prefix = _db_prefix(root)
-    upper = prefix[:-1] + bytes([prefix[-1] + 1])  # the separator is '/' (0x2f): never 0xff
-    clause, params = between(prefix, upper)
+    lies under it. "Under" is a range, `path_prefix <= path < prefix_end` (`between`), and `data2/`
+    is not under `data/` because the prefix ends in the separator."""
+    prefix = path_prefix(root)
+    clause, params = between(prefix, prefix_end(prefix))
     return f"(path = :root OR {clause})", {"root": db_path(root), **params}
 
 
-def between(low: bytes, high: bytes, name: str = "") -> tuple[str, dict[str, Any]]:
+def between(low: bytes, high: bytes) -> tuple[str, dict[str, Any]]:
     """A WHERE clause and its parameters: the bytes of `path` lie in [low, high). The index on path
     answers it (a substr() of every path scanned the whole index): SQLite compares text by its UTF-8
     bytes and BLOBs by their bytes, and sorts every TEXT before every BLOB, so one range over text
     and one over BLOBs (names that are not UTF-8) find exactly the paths in the range; '%' and '_'
-    mean nothing in a comparison. `name` tells the parameters of several such clauses apart."""
-    params: dict[str, Any] = {f"blob_low{name}": low, f"blob_high{name}": high}
-    clause = f"(path >= :blob_low{name} AND path < :blob_high{name})"
+    mean nothing in a comparison."""
+    params: dict[str, Any] = {"blob_low": low, "blob_high": high}
+    clause = "(path >= :blob_low AND path < :blob_high)"
     try:
-        params.update({f"text_low{name}": low.decode("utf-8"), f"text_high{name}": high.decode("utf-8")})
-        clause += f" OR (path >= :text_low{name} AND path < :text_high{name})"
+        params.update(text_low=low.decode("utf-8"), text_high=high.decode("utf-8"))
+        clause += " OR (path >= :text_low AND path < :text_high)"
     except UnicodeDecodeError:  # a folder whose name is not UTF-8: everything under it is a BLOB
         pass
     return clause, params
